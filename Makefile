@@ -1,0 +1,23 @@
+# One-command entry points. Both work on a fresh machine with Python 3.11 and no GPU:
+#   make demo   - the main job: GRPO on the embedded tiny model (CPU, local Ray)
+#   make test   - the CPU test suite (GPU tests are skipped without CUDA)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-gpu
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/bitmamba demo --output-dir runs/demo
+
+test: install
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests

@@ -1,0 +1,60 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from model.errors import ConfigError
+from model.typed import load_config
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    kind: Literal["adamw", "muon"] = "adamw"
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    steps: int = 10
+    optim: Inner = field(default_factory=Inner)
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ConfigError("steps: must be >= 0")
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_loads_nested_and_overrides(tmp_path):
+    p = write(tmp_path, "steps: 5\noptim:\n  lr: 0.1\n")
+    cfg = load_config(Outer, p, overrides=["optim.kind=muon", "tags=[a, b]"])
+    assert cfg.steps == 5 and cfg.optim.lr == 0.1 and cfg.optim.kind == "muon" and cfg.tags == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("stepz: 5\n", "stepz"),
+        ("steps: five\n", "steps"),
+        ("optim:\n  lr: [1]\n", "optim.lr"),
+        ("optim:\n  kind: sgd\n", "optim.kind"),
+        ("steps: -1\n", "steps"),
+        ("steps: 5\n  bad: [\n", "line"),
+    ],
+)
+def test_errors_name_key_and_file(tmp_path, text, needle):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, p)
+    assert needle in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
