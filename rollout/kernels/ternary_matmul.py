@@ -1,0 +1,264 @@
+"""Ternary (1.58-bit) matmul over packed 2-bit weights: the decode-time BitLinear.
+
+    y = ternary_matmul(x_q, s_x, codes, scale, group_size)          # int8 activations (W1.58A8)
+    y = ternary_matmul(x_n, None, codes, scale, group_size)         # 16/32-bit activations (W1.58A16)
+
+Shapes: x [M, K] (int8, or fp32/bf16), s_x fp32 [M] (int8 case), codes uint8 [N, K // 4]
+(code = w + 1 in {0, 1, 2}; four per byte c0 | c1<<2 | c2<<4 | c3<<6, row-major along K),
+scale fp32 [N, K // group_size] (grouped) or [1, 1] (per tensor; group_size == K), y [M, N].
+
+Math (exactly the BitLinear eval formula, DESIGN.md):
+    y[m, n] = (sum_g (sum_{k in g} x[m, k] * W_t[n, k]) / scale[n, g]) / s_x[m]
+With int8 activations the inner sums are exact int32; per tensor there is one fp32 division per output.
+
+GPU kernels (Triton), picked by M:
+  * M <= GEMV_MAX_M: `_tmm_gemv_kernel`, no tensor cores; each program owns BLOCK_N weight rows, unpacks
+    the 2-bit codes in registers and reduces with int32 multiply-add (decode at small batch is purely
+    a matter of streaming the 2-bit weights once);
+  * larger M: `_tmm_dot_kernel`, int8 x int8 -> int32 `tl.dot` (bf16/fp32 dot for A16), the ternary
+    tile unpacked in registers as four strided K/4 slices (no reshape).
+`residual` (optional [M, N]) is added in the epilogue (saves the residual-add launch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rollout.kernels._dispatch import FastPathUnavailable, interpreting, next_pow2, resolve
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+GEMV_MAX_M = 8
+_MIN_GROUP = 128  # the Triton path needs group_size % 128 == 0 (K tiles never straddle a group)
+
+
+def unpack_codes(codes: torch.Tensor, in_features: int) -> torch.Tensor:
+    """uint8 [N, K//4] -> int8 ternary weights [N, K] in {-1, 0, 1}."""
+    c = codes.to(torch.int16)
+    parts = [((c >> (2 * j)) & 3) for j in range(4)]
+    w = torch.stack(parts, dim=-1).reshape(codes.shape[0], -1)[:, :in_features]
+    return (w - 1).to(torch.int8)
+
+
+def ternary_matmul_ref(
+    x: torch.Tensor,
+    s_x: torch.Tensor | None,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    *,
+    out_dtype: torch.dtype = torch.float32,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-torch oracle, fp32 throughout (int8 partial sums are exact in fp32 up to 2^24)."""
+    M, K = x.shape
+    N = codes.shape[0]
+    w = unpack_codes(codes, K).float()                    # [N, K]
+    xf = x.float()
+    if scale.numel() == 1:
+        y = (xf @ w.t()) / scale.reshape(()).float()
+    else:
+        G = K // group_size
+        part = torch.einsum("mgk,ngk->mng", xf.view(M, G, group_size), w.view(N, G, group_size))
+        y = (part / scale.float()[None]).sum(-1)          # [M, N]
+    if s_x is not None:
+        y = y / s_x.float()[:, None]
+    if residual is not None:
+        y = residual.float() + y
+    return y.to(out_dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tmm_dot_kernel(
+        x_ptr, sx_ptr, c_ptr, sc_ptr, y_ptr, r_ptr,
+        M, N, K, GS, NG,
+        stride_xm, stride_cn, stride_sn, stride_ym, stride_rm,
+        ACT_INT8: tl.constexpr, IEEE: tl.constexpr, HAS_RES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        BK4: tl.constexpr = BLOCK_K // 4
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k4 = tl.arange(0, BK4)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        K4 = K // 4
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in range(NG):
+            if ACT_INT8:
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            else:
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for kb in range(0, GS, BLOCK_K):
+                kk4 = (g * GS + kb) // 4 + offs_k4                       # byte index along K
+                mask_k = kk4 < K4
+                c = tl.load(c_ptr + offs_n[None, :] * stride_cn + kk4[:, None],
+                            mask=mask_k[:, None] & mask_n[None, :], other=1)   # [BK4, BN] uint8
+                for j in tl.static_range(4):
+                    xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kk4 * 4 + j)[None, :],
+                                 mask=mask_m[:, None] & mask_k[None, :], other=0)   # [BM, BK4]
+                    if ACT_INT8:
+                        w = (((c >> (2 * j)) & 3).to(tl.int8) - 1).to(tl.int8)
+                        part += tl.dot(xj, w, out_dtype=tl.int32)
+                    else:
+                        w = (((c >> (2 * j)) & 3).to(tl.float32) - 1.0).to(xj.dtype)
+                        if IEEE:
+                            part += tl.dot(xj, w, input_precision="ieee")
+                        else:
+                            part += tl.dot(xj, w)
+            sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
+            acc += part.to(tl.float32) / sc[None, :]
+        if ACT_INT8:
+            sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=1.0)
+            acc = acc / sx[:, None]
+        mask = mask_m[:, None] & mask_n[None, :]
+        if HAS_RES:
+            acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _tmm_gemv_kernel(
+        x_ptr, sx_ptr, c_ptr, sc_ptr, y_ptr, r_ptr,
+        M, N, K, GS, NG,
+        stride_xm, stride_cn, stride_sn, stride_ym, stride_rm,
+        ACT_INT8: tl.constexpr, HAS_RES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        BK4: tl.constexpr = BLOCK_K // 4
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k4 = tl.arange(0, BK4)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        K4 = K // 4
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in range(NG):
+            if ACT_INT8:
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            else:
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for kb in range(0, GS, BLOCK_K):
+                kk4 = (g * GS + kb) // 4 + offs_k4
+                mask_k = kk4 < K4
+                c = tl.load(c_ptr + offs_n[:, None] * stride_cn + kk4[None, :],
+                            mask=mask_n[:, None] & mask_k[None, :], other=1)    # [BN, BK4] uint8
+                for j in tl.static_range(4):
+                    xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kk4 * 4 + j)[None, :],
+                                 mask=mask_m[:, None] & mask_k[None, :], other=0)   # [BM, BK4]
+                    if ACT_INT8:
+                        w = ((c >> (2 * j)) & 3).to(tl.int32) - 1
+                        part += tl.sum(xj.to(tl.int32)[:, None, :] * w[None, :, :], axis=2)
+                    else:
+                        w = ((c >> (2 * j)) & 3).to(tl.float32) - 1.0
+                        part += tl.sum(xj.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+            sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
+            acc += part.to(tl.float32) / sc[None, :]
+        if ACT_INT8:
+            sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=1.0)
+            acc = acc / sx[:, None]
+        mask = mask_m[:, None] & mask_n[None, :]
+        if HAS_RES:
+            acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    def _prune(configs, named_args, **kwargs):
+        gs = named_args["GS"]
+        ng = named_args["NG"]
+        keep = [c for c in configs if ng == 1 or gs % c.kwargs["BLOCK_K"] == 0]
+        return keep or configs[:1]
+
+    if interpreting():
+        _dot = _tmm_dot_kernel
+        _gemv = _tmm_gemv_kernel
+    else:
+        _dot = triton.autotune(
+            configs=[
+                triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+                triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+                triton.Config({"BLOCK_N": 128, "BLOCK_K": 256}, num_warps=8, num_stages=3),
+                triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4, num_stages=4),
+            ],
+            key=["N", "K", "NG", "BLOCK_M"],
+            prune_configs_by={"early_config_prune": _prune},
+        )(_tmm_dot_kernel)
+        _gemv = triton.autotune(
+            configs=[
+                triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
+                triton.Config({"BLOCK_N": 8, "BLOCK_K": 512}, num_warps=4, num_stages=3),
+                triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+                triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=2, num_stages=4),
+            ],
+            key=["N", "K", "NG", "BLOCK_M"],
+            prune_configs_by={"early_config_prune": _prune},
+        )(_tmm_gemv_kernel)
+
+
+def ternary_matmul(
+    x: torch.Tensor,
+    s_x: torch.Tensor | None,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    *,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    residual: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """y [M, N] = ternary BitLinear of x; s_x None means x is already 16/32-bit (A16). See module doc."""
+    if x.dim() != 2 or codes.dim() != 2:
+        raise ValueError(f"ternary_matmul: x [M,K] and codes [N,K/4] expected, got {tuple(x.shape)}, {tuple(codes.shape)}")
+    M, K = x.shape
+    N = codes.shape[0]
+    if codes.shape[1] * 4 != K:
+        raise ValueError(f"ternary_matmul: codes {tuple(codes.shape)} do not match K={K} (need [N, K//4])")
+    per_tensor = scale.numel() == 1
+    if not per_tensor and tuple(scale.shape) != (N, K // group_size):
+        raise ValueError(f"ternary_matmul: scale {tuple(scale.shape)} != [{N}, {K // group_size}]")
+    act_int8 = x.dtype == torch.int8
+    if act_int8 != (s_x is not None):
+        raise ValueError("ternary_matmul: s_x is required with int8 x and must be None otherwise")
+    if resolve("ternary_matmul", x.device, impl) == "ref":
+        y = ternary_matmul_ref(x, s_x, codes, scale, group_size, out_dtype=out.dtype if out is not None else out_dtype,
+                               residual=residual)
+        if out is not None:
+            out.copy_(y)
+            return out
+        return y
+    if not per_tensor and group_size % _MIN_GROUP:
+        raise FastPathUnavailable(f"ternary_matmul: Triton path needs group_size % {_MIN_GROUP} == 0, got {group_size}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    codes = codes.contiguous()
+    scale = scale.float().contiguous()
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=out_dtype)
+    gs, ng, stride_sn = (K, 1, 0) if per_tensor else (group_size, K // group_size, scale.stride(0))
+    res = residual if residual is not None else out
+    sx = s_x if s_x is not None else scale
+    common = (x, sx, codes, scale, out, res, M, N, K, gs, ng,
+              x.stride(0), codes.stride(0), stride_sn, out.stride(0), res.stride(0))
+    if M <= GEMV_MAX_M:
+        bm = next_pow2(M)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))  # noqa: E731
+        extra = {} if not interpreting() else {"BLOCK_N": 16, "BLOCK_K": 128}
+        _gemv[grid](*common, ACT_INT8=act_int8, HAS_RES=residual is not None, BLOCK_M=bm, **extra)
+    else:
+        bm = min(128, max(16, next_pow2(M)))
+        if bm == 128 and M < 256:
+            bm = 64
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))  # noqa: E731
+        extra = {} if not interpreting() else {"BLOCK_N": 32, "BLOCK_K": 128}
+        _dot[grid](*common, ACT_INT8=act_int8, IEEE=x.dtype == torch.float32, HAS_RES=residual is not None,
+                   BLOCK_M=bm, **extra)
+    return out
