@@ -1,0 +1,233 @@
+"""BitLinear: ternary (1.58-bit) linear layer with quantization-aware training (BitNet b1.58).
+
+Formulas (docs/DESIGN.md, ANCHORS §1), all computed in fp32 (also under autocast):
+    weights   s   = 1 / max(mean|W|, 1e-5)         per tensor, or per (row, group of group_size inputs)
+              W_t = clip(round_half_away(W * s), -1, 1);  effective W_t / s
+    acts      s_x = 127 / (max|x| + 1e-5)           per token (row of x)
+              x_q = clip(round_half_away(x * s_x), -128, 127);  effective x_q / s_x
+Training (module.training): straight-through estimator, y = x_eff @ W_eff^T, with
+`w + (q(w) - w).detach()` so d loss / d W = d loss / d W_eff.
+Eval: exactly what the packed path computes, in fp32:
+    y = (x_q @ W_t^T) / (s_x * s)        grouped: sum_g (x_q[:, g] @ W_t[:, g]^T) / s[:, g] / s_x
+An optional own RMSNorm (`norm=True`) acts on the input before quantization.
+`quant.ternary=False` makes it a plain linear layer (still with the optional norm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import QuantConfig
+from model.errors import ConfigError
+from model.norm import RMSNorm, rms_norm
+
+
+def round_half_away(x: Tensor) -> Tensor:
+    """sign(x) * floor(|x| + 0.5) (the engine's rounding; torch.round rounds half to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def weight_quant(w: Tensor, group_size: int | None) -> tuple[Tensor, Tensor]:
+    """Absmean ternary quantization of w [out, in] (any dtype; computed in fp32).
+
+    Returns codes (fp32 values in {-1, 0, 1}) [out, in] and scale s fp32: [1, 1] per tensor
+    (group_size None) or [out, in // group_size].
+    """
+    wf = w.float()
+    if group_size is None:
+        s = 1.0 / wf.abs().mean().clamp(min=1e-5).reshape(1, 1)
+        codes = round_half_away(wf * s).clamp(-1, 1)
+        return codes, s
+    out_f, in_f = wf.shape
+    wg = wf.reshape(out_f, in_f // group_size, group_size)
+    s = 1.0 / wg.abs().mean(-1).clamp(min=1e-5)  # [out, G]
+    codes = round_half_away(wg * s[..., None]).clamp(-1, 1).reshape(out_f, in_f)
+    return codes, s
+
+
+def expand_scale(s: Tensor, in_features: int) -> Tensor:
+    """Scale [out, G] or [1, 1] -> broadcastable to [out, in]."""
+    if s.shape == (1, 1):
+        return s
+    return s.repeat_interleave(in_features // s.shape[1], dim=1)
+
+
+def act_quant(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token int8 absmax: x [..., in] -> (x_q fp32 integer values [..., in], s_x fp32 [..., 1])."""
+    xf = x.float()
+    s_x = 127.0 / (xf.abs().amax(-1, keepdim=True) + 1e-5)
+    x_q = round_half_away(xf * s_x).clamp(-128, 127)
+    return x_q, s_x
+
+
+def pack_ternary(codes: Tensor) -> Tensor:
+    """Ternary codes [out, in] (values -1/0/1, any dtype) -> uint8 [out, in // 4].
+
+    code = w + 1 in {0, 1, 2}; byte = c0 | c1 << 2 | c2 << 4 | c3 << 6 (the .bin layout).
+    """
+    if codes.dim() != 2 or codes.shape[1] % 4:
+        raise ValueError(f"pack_ternary: need [out, in] with in % 4 == 0, got {tuple(codes.shape)}")
+    c = (codes.to(torch.int16) + 1).to(torch.uint8).reshape(codes.shape[0], -1, 4)
+    if (c > 2).any():
+        raise ValueError("pack_ternary: codes must be in {-1, 0, 1}")
+    return c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)
+
+
+def unpack_ternary(packed: Tensor, in_features: int | None = None) -> Tensor:
+    """uint8 [out, in // 4] -> int8 codes in {-1, 0, 1} [out, in]. Inverse of pack_ternary."""
+    p = packed.to(torch.uint8)
+    parts = [((p >> (2 * k)) & 3) for k in range(4)]
+    codes = torch.stack(parts, dim=-1).reshape(p.shape[0], -1).to(torch.int8) - 1
+    if in_features is not None and codes.shape[1] != in_features:
+        raise ValueError(f"unpack_ternary: packed width {p.shape[1]} does not give {in_features} inputs")
+    if (codes > 1).any():
+        raise ValueError("unpack_ternary: invalid code 3 in packed data")
+    return codes
+
+
+@dataclass
+class PackedTernary:
+    """A BitLinear exported for inference (see docs/DESIGN.md)."""
+
+    codes: Tensor  # uint8 [out, in // 4]
+    scale: Tensor  # fp32 [out, n_groups] or [1, 1]: s = 1 / mean|W|
+    in_features: int
+    out_features: int
+    group_size: int  # == in_features for per-tensor
+    norm_weight: Tensor | None  # fp32 [in] or None
+    norm_eps: float
+    act_quant: bool
+
+    def unpack(self) -> Tensor:
+        """int8 codes [out, in]."""
+        return unpack_ternary(self.codes, self.in_features)
+
+
+def packed_linear_ref(x: Tensor, p: PackedTernary) -> Tensor:
+    """Pure-torch inference of a PackedTernary on x [..., in] -> fp32 [..., out] (the eval formula)."""
+    if p.norm_weight is not None:
+        x = rms_norm(x.float(), p.norm_weight, p.norm_eps)
+    codes = p.unpack().float()
+    return _exact_ternary_matmul(x, codes, p.scale, p.act_quant)
+
+
+def _exact_ternary_matmul(x: Tensor, codes: Tensor, s: Tensor, quant_act: bool) -> Tensor:
+    """(x_q @ codes^T) / (s_x * s) in fp32, grouped by the shape of s. x [..., in] -> [..., out]."""
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, x.shape[-1]).float()
+    if quant_act:
+        xq, s_x = act_quant(xf)
+    else:
+        xq, s_x = xf, None
+    if s.shape == (1, 1):
+        y = (xq @ codes.t()) / s.reshape(())
+    else:
+        n_groups = s.shape[1]
+        gs = codes.shape[1] // n_groups
+        y = torch.zeros(xq.shape[0], codes.shape[0], dtype=torch.float32, device=x.device)
+        for g in range(n_groups):
+            sl = slice(g * gs, (g + 1) * gs)
+            y = y + (xq[:, sl] @ codes[:, sl].t()) / s[:, g]
+    if s_x is not None:
+        y = y / s_x
+    return y.reshape(*lead, codes.shape[0])
+
+
+class BitLinear(nn.Module):
+    """Linear layer with ternary weights and int8 activations (QAT via STE). No bias.
+
+    x [..., in] -> y [..., out]. Parameters: `weight` [out, in] (latent, high precision) and
+    `norm.weight` [in] if `norm`. The scale is always recomputed from the latent weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, quant: QuantConfig | None = None,
+                 norm: bool = False, norm_eps: float = 1e-5, name: str = "BitLinear"):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quant = quant or QuantConfig()
+        self.name = name
+        if self.quant.ternary:
+            if in_features % 4:
+                raise ConfigError(f"{name}: in_features = {in_features} must be a multiple of 4 for ternary packing")
+            if self.quant.weight_scale == "group" and in_features % self.quant.group_size:
+                raise ConfigError(f"{name}: quant.group_size = {self.quant.group_size} does not divide "
+                                  f"in_features = {in_features}")
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.norm = RMSNorm(in_features, norm_eps) if norm else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear's default
+
+    @property
+    def ternary(self) -> bool:
+        return self.quant.ternary
+
+    @property
+    def group_size(self) -> int | None:
+        """Input columns per scale, or None for a per-tensor scale."""
+        return self.quant.group_size if self.quant.weight_scale == "group" else None
+
+    @property
+    def act_quant(self) -> bool:
+        return self.quant.ternary and self.quant.activation == "int8"
+
+    def effective_weight(self) -> Tensor:
+        """Weight used in training: STE `w + (codes/s - w).detach()` (fp32); plain weight if not ternary."""
+        if not self.ternary:
+            return self.weight
+        codes, s = weight_quant(self.weight.detach(), self.group_size)
+        w_eff = codes / expand_scale(s, self.in_features)
+        w = self.weight.float()
+        return w + (w_eff - w).detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_weight(x, None)
+
+    def forward_with_weight(self, x: Tensor, w_eff: Tensor | None) -> Tensor:
+        """Forward with a precomputed `effective_weight()` (lets chunked heads quantize W once)."""
+        if self.norm is not None:
+            x = self.norm(x)
+        if not self.ternary:
+            return F.linear(x, self.weight if w_eff is None else w_eff)
+        if not self.training and not torch.is_grad_enabled():
+            codes, s = weight_quant(self.weight.detach(), self.group_size)
+            return _exact_ternary_matmul(x, codes, s, self.act_quant).to(x.dtype)
+        if w_eff is None:
+            w_eff = self.effective_weight()
+        if self.act_quant:
+            x_q, s_x = act_quant(x)
+            xf = x.float()
+            x = (xf + (x_q / s_x - xf).detach()).to(x.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, w_eff)
+        return F.linear(x.to(w_eff.dtype), w_eff).to(x.dtype)
+
+    @torch.no_grad()
+    def pack(self) -> PackedTernary:
+        if not self.ternary:
+            raise ValueError(f"{self.name}: pack() needs a ternary layer (quant.ternary is False)")
+        codes, s = weight_quant(self.weight, self.group_size)
+        return PackedTernary(
+            codes=pack_ternary(codes.to(torch.int8)).cpu(), scale=s.float().cpu(),
+            in_features=self.in_features, out_features=self.out_features,
+            group_size=self.group_size or self.in_features,
+            norm_weight=None if self.norm is None else self.norm.weight.detach().float().cpu(),
+            norm_eps=self.norm.eps if self.norm is not None else 0.0, act_quant=self.act_quant)
+
+    @torch.no_grad()
+    def zero_ratio(self) -> float:
+        """Share of ternary codes equal to 0 (watch for zero-ratio collapse)."""
+        codes, _ = weight_quant(self.weight, self.group_size)
+        return float((codes == 0).float().mean())
+
+    def extra_repr(self) -> str:
+        q = self.quant
+        kind = (f"ternary, scale={q.weight_scale}" + (f"/{q.group_size}" if q.weight_scale == "group" else "")
+                + f", act={q.activation}") if q.ternary else "fp"
+        return f"{self.in_features} -> {self.out_features}, {kind}, norm={self.norm is not None}"

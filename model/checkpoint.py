@@ -1,0 +1,139 @@
+"""Model checkpoints: `config.json` + `model.safetensors` in one directory (never pickle).
+
+    save_pretrained(model, "out/step100")          # atomic: temp dir in the same parent, then rename
+    model = from_pretrained(BitMambaLM, "out/step100", device="cuda", dtype=torch.bfloat16)
+
+config.json holds the full BitMambaConfig plus "format": "bitmamba-rl" and "format_version".
+With tie_embeddings the tied `lm_head.weight` is not stored (it is `embedding.weight`).
+Every problem raises CheckpointError naming the file and the key / tensor / shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import BitMambaConfig
+from model.errors import CheckpointError, ConfigError
+
+FORMAT = "bitmamba-rl"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TIED_KEY = "lm_head.weight"
+
+
+def _tensors_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd.pop(TIED_KEY, None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """Write config.json + model.safetensors into `directory` atomically (replacing an old one)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {directory}: it exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, **model.config.to_dict()}
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        save_file(_tensors_to_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.rename(directory, old / "ckpt")
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load_config(directory: str | os.PathLike) -> BitMambaConfig:
+    """Read and validate `directory/config.json`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"missing {CONFIG_NAME} in checkpoint directory {directory}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level")
+    fmt = data.pop("format", None)
+    version = data.pop("format_version", None)
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path}: \"format\" is {fmt!r}, expected {FORMAT!r} (not a bitmamba-rl checkpoint; "
+                              f"import foreign models with `bitmamba convert`)")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported format_version {version!r} (this code reads {FORMAT_VERSION})")
+    try:
+        return BitMambaConfig.from_dict(data)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"missing {path.name} in checkpoint directory {path.parent}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises SafetensorError / OSError / ValueError on bad files
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({type(e).__name__}: {e})") from None
+
+
+def check_tensors(expected: dict[str, torch.Size], got: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise CheckpointError naming missing / unexpected tensors and shape mismatches."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
+                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(unexpected[:5])}"
+                              + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+    for name, shape in expected.items():
+        if tuple(got[name].shape) != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(got[name].shape)}, "
+                                  f"the config expects {tuple(shape)}")
+
+
+def from_pretrained(cls, directory: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
+    """Build `cls(config)` from a checkpoint directory; floating tensors cast to `dtype` if given.
+    The model is returned in eval mode."""
+    directory = Path(directory)
+    config = load_config(directory)
+    path = directory / WEIGHTS_NAME
+    tensors = load_tensors(path)
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop(TIED_KEY, None)
+    check_tensors(expected, tensors, path)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    if config.tie_embeddings:
+        tensors[TIED_KEY] = tensors["embedding.weight"]
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embedding.weight
+    if device is not None:
+        model = model.to(device)
+    return model.eval()

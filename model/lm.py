@@ -1,0 +1,211 @@
+"""BitMambaLM: embedding -> residual blocks (Mamba-2 or GQA attention) -> norm_f -> head.
+
+Labels convention: `labels[b, t]` is the target of the logits at position t (no shift inside; build
+labels as input_ids shifted left by one, with -100 where there is no target). Same for
+`token_logprobs(input_ids, targets)`.
+
+Loss: chunked cross-entropy over 1024-token chunks; with grad enabled each chunk's head + CE runs under
+`torch.utils.checkpoint`, so the fp32 logits of one chunk at most are alive at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from model import checkpoint as ckpt_io
+from model.attention import Attention
+from model.bitlinear import BitLinear
+from model.config import BitMambaConfig, QuantConfig
+from model.mamba2 import Mamba2Mixer
+from model.norm import RMSNorm
+from model.state import ModelState
+
+CE_CHUNK = 1024
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor | None  # [B, T, V]
+    loss: Tensor | None  # scalar: loss_sum / n_tokens
+    loss_sum: Tensor | None  # scalar fp32
+    n_tokens: Tensor | None  # scalar int64: valid target tokens
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)); norm only if config.block_prenorm (BitMamba-2: in_proj.norm is the prenorm)."""
+
+    def __init__(self, config: BitMambaConfig, layer_idx: int):
+        super().__init__()
+        self.is_attention = layer_idx in config.attention_layer_indices
+        self.norm = RMSNorm(config.d_model, config.norm_eps) if config.block_prenorm else None
+        self.mixer = Attention(config, layer_idx) if self.is_attention else Mamba2Mixer(config, layer_idx)
+
+    def _n(self, x: Tensor) -> Tensor:
+        return x if self.norm is None else self.norm(x)
+
+    def forward(self, x: Tensor, seq_idx: Tensor | None = None, state=None, pos: Tensor | None = None) -> Tensor:
+        return x + self.mixer(self._n(x), seq_idx=seq_idx, state=state, pos=pos)
+
+    def step(self, x: Tensor, state, pos: Tensor) -> Tensor:
+        return x + self.mixer.step(self._n(x), state, pos)
+
+
+class BitMambaLM(nn.Module):
+    def __init__(self, config: BitMambaConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embedding = nn.Embedding(c.vocab_size, c.d_model)
+        self.layers = nn.ModuleList([Block(c, i) for i in range(c.n_layers)])
+        self.norm_f = RMSNorm(c.d_model, c.norm_eps)
+        head_quant = c.quant if c.ternary_head else QuantConfig(ternary=False)
+        self.lm_head = BitLinear(c.d_model, c.vocab_size, head_quant, norm=c.bitlinear_norm, norm_eps=c.norm_eps,
+                                 name="lm_head")
+        self.gradient_checkpointing = False
+        self._init_weights()
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """Embedding N(0, 0.02); BitLinears nn.Linear default; residual outputs (out_proj, o_proj)
+        scaled by 1/sqrt(n_layers) (mamba-ssm's rescale_prenorm_residual); Mamba dt/A/D in the mixer."""
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        for name, m in self.bitlinears():
+            if name.endswith(("out_proj", "o_proj")):
+                m.weight.div_(math.sqrt(self.config.n_layers))
+
+    # ---- trunk ----
+    def hidden_states(self, input_ids: Tensor, *, seq_idx: Tensor | None = None,
+                      state: ModelState | None = None) -> Tensor:
+        """input_ids [B, T] -> final-normed hidden states [B, T, d] (input of the head).
+        With `state`, continues from it, updates it in place and advances state.pos by T."""
+        x = self.embedding(input_ids)
+        use_gc = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and state is None
+        for i, layer in enumerate(self.layers):
+            if use_gc:
+                x = checkpoint(layer, x, seq_idx, use_reentrant=False)
+            elif state is None:
+                x = layer(x, seq_idx)
+            else:
+                x = layer(x, seq_idx, state.layers[i], state.pos)
+        if state is not None:
+            state.pos += input_ids.shape[1]
+        return self.norm_f(x)
+
+    def _head_weight(self) -> Tensor | None:
+        """Quantize the head weight once per call (STE graph kept) when grad is on; None otherwise."""
+        if torch.is_grad_enabled() and self.lm_head.ternary:
+            return self.lm_head.effective_weight()
+        return None
+
+    def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None, labels: Tensor | None = None,
+                loss_mask: Tensor | None = None, state: ModelState | None = None,
+                return_logits: bool = True) -> LMOutput:
+        """input_ids [B, T] (int64); seq_idx [B, T] int32; labels [B, T] (-100 ignored; target of position t);
+        loss_mask [B, T] (0 = ignore). Returns LMOutput (logits [B, T, V] if return_logits)."""
+        h = self.hidden_states(input_ids, seq_idx=seq_idx, state=state)
+        logits = self.lm_head(h) if return_logits else None
+        loss = loss_sum = n_tokens = None
+        if labels is not None:
+            loss_sum, n_tokens = self.chunked_ce(h, labels, loss_mask)
+            loss = loss_sum / n_tokens.clamp(min=1)
+        return LMOutput(logits=logits, loss=loss, loss_sum=loss_sum, n_tokens=n_tokens)
+
+    def chunked_ce(self, h: Tensor, labels: Tensor, loss_mask: Tensor | None = None,
+                   chunk: int = CE_CHUNK) -> tuple[Tensor, Tensor]:
+        """Sum of token CE (fp32) and valid-token count over h [B, T, d] and labels [B, T]."""
+        valid = labels != -100
+        if loss_mask is not None:
+            valid = valid & loss_mask.bool()
+        hf = h.reshape(-1, h.shape[-1])
+        lab = labels.reshape(-1).clamp(min=0)
+        val = valid.reshape(-1)
+        w = self._head_weight()
+        use_ckpt = torch.is_grad_enabled()
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, hf.shape[0], chunk):
+            args = (hf[s:s + chunk], w, lab[s:s + chunk], val[s:s + chunk])
+            part = checkpoint(self._ce_chunk, *args, use_reentrant=False) if use_ckpt else self._ce_chunk(*args)
+            total = total + part
+        return total, val.sum()
+
+    def _ce_chunk(self, hc: Tensor, w: Tensor | None, lab: Tensor, val: Tensor) -> Tensor:
+        logits = self.lm_head.forward_with_weight(hc, w).float()
+        ce = F.cross_entropy(logits, lab, reduction="none")
+        return (ce * val).sum()
+
+    def token_logprobs(self, input_ids: Tensor, targets: Tensor, *, seq_idx: Tensor | None = None,
+                       chunk: int = CE_CHUNK, return_entropy: bool = False):
+        """log p(targets[b, t] | input_ids[b, :t+1]) fp32 [B, T] (and entropy [B, T] fp32 if asked).
+        Chunked over tokens like the loss (checkpointed per chunk when grad is enabled)."""
+        h = self.hidden_states(input_ids, seq_idx=seq_idx)
+        B, T = targets.shape
+        hf = h.reshape(-1, h.shape[-1])
+        tg = targets.reshape(-1)
+        w = self._head_weight()
+        use_ckpt = torch.is_grad_enabled()
+        lps, ents = [], []
+        for s in range(0, hf.shape[0], chunk):
+            args = (hf[s:s + chunk], w, tg[s:s + chunk])
+            lp, ent = (checkpoint(self._lp_chunk, *args, return_entropy, use_reentrant=False) if use_ckpt
+                       else self._lp_chunk(*args, return_entropy))
+            lps.append(lp)
+            ents.append(ent)
+        logp = torch.cat(lps).reshape(B, T)
+        if return_entropy:
+            return logp, torch.cat(ents).reshape(B, T)
+        return logp
+
+    def _lp_chunk(self, hc: Tensor, w: Tensor | None, tg: Tensor, want_entropy: bool):
+        logp_all = torch.log_softmax(self.lm_head.forward_with_weight(hc, w).float(), dim=-1)
+        lp = logp_all.gather(-1, tg[:, None]).squeeze(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1) if want_entropy else lp.new_zeros(())
+        return lp, ent
+
+    # ---- recurrent inference ----
+    def allocate_state(self, batch: int, max_len: int = 0, dtype: torch.dtype = torch.float32,
+                       device=None) -> ModelState:
+        """Zero state for `batch` rows: Mamba conv in `dtype`, SSM fp32, KV caches [B, max_len, ...] in
+        `dtype` (max_len needed only with attention layers)."""
+        device = device if device is not None else self.embedding.weight.device
+        if self.config.attention_layer_indices and max_len <= 0:
+            raise ValueError("allocate_state: this model has attention layers; give max_len > 0")
+        layers = [blk.mixer.allocate_state(batch, max_len, dtype=dtype, device=device) for blk in self.layers]
+        return ModelState(layers=layers, pos=torch.zeros(batch, dtype=torch.long, device=device))
+
+    def step(self, input_ids: Tensor, state: ModelState) -> Tensor:
+        """One token per row: input_ids [B] -> logits [B, V]; state updated in place, pos += 1."""
+        x = self.embedding(input_ids)
+        for layer, ls in zip(self.layers, state.layers):
+            x = layer.step(x, ls, state.pos)
+        state.pos += 1
+        return self.lm_head(self.norm_f(x))
+
+    # ---- inspection ----
+    def bitlinears(self) -> Iterator[tuple[str, BitLinear]]:
+        for name, m in self.named_modules():
+            if isinstance(m, BitLinear):
+                yield name, m
+
+    def zero_ratios(self) -> dict[str, float]:
+        """Share of zero ternary codes per ternary BitLinear."""
+        return {name: m.zero_ratio() for name, m in self.bitlinears() if m.ternary}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- checkpoints ----
+    def save_pretrained(self, directory) -> None:
+        ckpt_io.save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype=None) -> "BitMambaLM":
+        return ckpt_io.from_pretrained(cls, directory, device=device, dtype=dtype)
