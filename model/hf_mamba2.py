@@ -35,6 +35,18 @@ _IGNORED_KEYS = {
 }
 
 
+def _json_float(v, key: str, where: str) -> float:
+    """A float from config.json: a number, "Infinity"-like text, or transformers 5's {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and set(v) == {"__float__"}:
+        v = v["__float__"]
+    try:
+        if isinstance(v, bool):
+            raise ValueError
+        return float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: config key {key!r}: expected a number, got {v!r}") from None
+
+
 def _get(hf: dict, key: str, where: str, default=None, required: bool = True):
     if key in hf:
         return hf[key]
@@ -64,7 +76,9 @@ def hf_config_to_ours(hf: dict, where: str = "config.json", no_quant: bool = Fal
         raise ConfigError(f"{where}: hidden_act = {act!r} is not supported (only 'silu')")
     limit = hf.get("time_step_limit", (0.0, math.inf))
     if limit is not None:
-        lo, hi = (float(x) for x in limit)
+        if not isinstance(limit, (list, tuple)) or len(limit) != 2:
+            raise ConfigError(f"{where}: time_step_limit must be a pair [low, high], got {limit!r}")
+        lo, hi = (_json_float(x, "time_step_limit", where) for x in limit)
         if lo > 0.0 or math.isfinite(hi):
             raise ConfigError(f"{where}: time_step_limit = {list(limit)} is not supported (dt is not clamped here)")
     if hf.get("norm_before_gate", False):
@@ -108,7 +122,7 @@ def hf_config_to_ours(hf: dict, where: str = "config.json", no_quant: bool = Fal
 
 def load_safetensors_dir(src: Path) -> dict[str, torch.Tensor]:
     """All tensors of `model.safetensors`, or of the shards named in `model.safetensors.index.json`."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = src / "model.safetensors.index.json"
@@ -130,7 +144,7 @@ def load_safetensors_dir(src: Path) -> dict[str, torch.Tensor]:
     for f in files:
         try:
             out.update(load_file(str(f)))
-        except (SafetensorsError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
     return out
 
@@ -187,6 +201,8 @@ def hf_state_dict_to_ours(hf_sd: dict[str, torch.Tensor], cfg: BitMambaConfig, w
                 f"{where}: tensor {theirs} has shape {list(t.shape)}, config.json implies {list(shapes[ours])}"
             )
         out[ours] = t.detach().to(torch.float32).contiguous()
+    if cfg.tie_embeddings and "embedding.weight" in out:
+        out["lm_head.weight"] = out["embedding.weight"]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{where}: tensor {missing[0]} missing{more}")
