@@ -1,0 +1,181 @@
+"""Decode backends: the seam between the engine (`rollout/engine.py`) and the fast path.
+
+    backend = make_backend(model, kind="auto")     # "torch" | "fast" | "auto"
+    backend.allocate(slots=16, max_len=1024)       # the slot state, allocated once
+    logits1, st1 = backend.prefill(prompt_ids)     # [T] -> ([V] fp32, 1-row ModelState)
+    backend.load_rows(st1, rows)                   # copy it into slot rows (group sampling, refill)
+    logits = backend.step(tokens)                  # [slots] -> [slots, V] fp32, state updated in place
+    logits_r = backend.extend(rows, token_ids)     # continue some rows over [R, T] tokens (tool results)
+
+`TorchBackend` is the pure-torch reference (CPU and GPU): prefill with the model's parallel forward,
+steps with `model.step`. `rollout.fast.FastBackend` (packed 2-bit weights, Triton, CUDA graphs) must
+give the same logits within fp rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from model.errors import BitMambaError
+from model.state import ModelState
+
+if TYPE_CHECKING:
+    from model.lm import BitMambaLM
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class DecodeBackend(Protocol):
+    model: "BitMambaLM"
+
+    def allocate(self, slots: int, max_len: int) -> None: ...
+    def prefill(self, prompt_ids: Tensor) -> tuple[Tensor, ModelState]: ...
+    def load_rows(self, state1: ModelState, rows: Tensor) -> None: ...
+    def extend(self, rows: Tensor, token_ids: Tensor) -> Tensor: ...
+    def step(self, tokens: Tensor) -> Tensor: ...
+    def refresh_weights(self) -> None: ...
+
+
+@torch.no_grad()
+def write_rows(dst: ModelState, rows: Tensor, src: ModelState) -> None:
+    """dst rows <- src (a 1-row state broadcast to every row, or one src row per dst row), in place.
+
+    Works across states of different storage dtype (e.g. a bf16 slot state fed from an fp32 prefill).
+    """
+    rows = torch.as_tensor(rows, dtype=torch.long, device=dst.pos.device)
+    if src.batch_size not in (1, rows.numel()):
+        raise ValueError(f"write_rows: source has {src.batch_size} rows, destination {rows.numel()}")
+    if len(src.layers) != len(dst.layers):
+        raise ValueError(f"write_rows: {len(src.layers)} source layers, {len(dst.layers)} destination")
+    for ls, ld in zip(src.layers, dst.layers):
+        if type(ls) is not type(ld):
+            raise ValueError(f"write_rows: layer kinds differ ({type(ls).__name__} vs {type(ld).__name__})")
+        for f in fields(ld):
+            t_dst, t_src = getattr(ld, f.name), getattr(ls, f.name)
+            if t_src.shape[1:] != t_dst.shape[1:]:
+                raise ValueError(f"write_rows: {type(ld).__name__}.{f.name} shapes {tuple(t_src.shape)} "
+                                 f"vs {tuple(t_dst.shape)} (different max_len?)")
+            t_dst[rows] = t_src.to(t_dst.dtype)
+    dst.pos[rows] = src.pos.to(dst.pos.device)
+
+
+class TorchBackend:
+    """Pure-torch backend over a `BitMambaLM` (the reference the fast backend is tested against).
+
+    state_dtype: dtype of the recurrent state (SSM state, conv window, KV cache); fp32 by default
+    because rollout/learner log-prob mismatch matters for RL; torch.bfloat16 halves the state traffic.
+    """
+
+    def __init__(self, model: "BitMambaLM", state_dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.state_dtype = state_dtype
+        self.state: ModelState | None = None
+        self.slots = 0
+        self.max_len = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def allocate(self, slots: int, max_len: int) -> None:
+        """(Re)allocate the slot state for `slots` rows of up to `max_len` tokens (prompt + completion)."""
+        if self.state is not None and self.slots == slots and self.max_len == max_len:
+            self.state.reset_rows_(torch.arange(slots, device=self.device))
+            return
+        self.slots, self.max_len = slots, max_len
+        self.state = self.model.allocate_state(slots, max_len, dtype=self.state_dtype, device=self.device)
+
+    def _need_state(self) -> ModelState:
+        if self.state is None:
+            raise RuntimeError("TorchBackend: call allocate(slots, max_len) first")
+        return self.state
+
+    @torch.no_grad()
+    def prefill(self, prompt_ids: Tensor) -> tuple[Tensor, ModelState]:
+        """prompt_ids [T] -> (fp32 logits after the last prompt token [V], its 1-row state)."""
+        self._need_state()
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        if ids.shape[1] >= self.max_len:
+            raise BitMambaError(f"prompt of {ids.shape[1]} tokens does not fit max_len {self.max_len}")
+        st = self.model.allocate_state(1, self.max_len, dtype=self.state_dtype, device=self.device)
+        out = self.model(ids, state=st)
+        return out.logits[0, -1].float(), st
+
+    @torch.no_grad()
+    def load_rows(self, state1: ModelState, rows: Tensor) -> None:
+        write_rows(self._need_state(), rows, state1)
+
+    @torch.no_grad()
+    def extend(self, rows: Tensor, token_ids: Tensor) -> Tensor:
+        """Continue rows [R] over token_ids [R, T] from their current state; -> fp32 logits [R, V]."""
+        state = self._need_state()
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(rows.numel(), -1)
+        sub = state.select(rows)
+        out = self.model(ids, state=sub)
+        write_rows(state, rows, sub)
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor) -> Tensor:
+        """tokens [slots] -> fp32 logits [slots, V]; every slot's state advances by one token."""
+        return self.model.step(tokens.to(self.device, torch.long), self._need_state()).float()
+
+    def save_rows(self, rows: Tensor) -> ModelState:
+        """A copy of the given slot rows' state (the engine's snapshot for pausing sequences)."""
+        return self._need_state().select(torch.as_tensor(rows, dtype=torch.long, device=self.device))
+
+    def refresh_weights(self) -> None:
+        """Nothing to re-pack: this backend reads the model's weights directly."""
+
+
+_logged_choice: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged_choice:
+        _logged_choice.add(msg)
+        log.info(msg)
+
+
+def make_backend(model: "BitMambaLM", kind: str = "auto", state_dtype: torch.dtype = torch.float32):
+    """Pick a decode backend: "torch", "fast" (raises if unavailable), or "auto" (fast on CUDA when
+    `rollout.fast` imports, else torch; the choice is logged once, a missing fast path on CUDA warns)."""
+    if kind not in ("auto", "torch", "fast"):
+        raise BitMambaError(f"backend: unknown kind {kind!r} (auto | torch | fast)")
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if kind == "torch":
+        _log_once("decode backend: torch (asked for)")
+        return TorchBackend(model, state_dtype=state_dtype)
+    try:
+        from rollout.fast import FastBackend
+        fast_error = None
+    except ImportError as e:  # the fast path is optional: say why it is missing
+        FastBackend, fast_error = None, e
+    if kind == "fast":
+        if FastBackend is None:
+            raise BitMambaError(f"backend 'fast' is not available: cannot import rollout.fast.FastBackend "
+                                f"({fast_error})")
+        if not on_cuda:
+            raise BitMambaError("backend 'fast' needs the model on a CUDA device")
+        _log_once("decode backend: fast (asked for)")
+        return FastBackend(model)
+    if on_cuda and FastBackend is not None:
+        _log_once("decode backend: fast (auto, CUDA)")
+        return FastBackend(model)
+    if on_cuda:
+        log.warning("decode backend: torch (auto): rollout.fast unavailable on CUDA (%s); decoding "
+                    "will be slow", fast_error)
+    else:
+        _log_once("decode backend: torch (auto, no CUDA)")
+    return TorchBackend(model, state_dtype=state_dtype)

@@ -1,0 +1,333 @@
+"""The generation engine: continuous batching over a fixed set of slots, on any `DecodeBackend`.
+
+    engine = Engine(make_backend(model), tokenizer=tok, slots=32)
+    results = engine.generate([GenRequest(ids, SamplingParams(n=8, seed=7, max_new_tokens=256))])
+
+How it runs (top to bottom in `generate`):
+1. Every request becomes `n` samples, queued in order. Free slots take queued samples; the first
+   sample of a distinct prompt prefills it (parallel forward) and the 1-row state is copied into each
+   of its samples' slots (`load_rows`): one prefill per distinct prompt, never n.
+2. A window of k <= `sync_every` decode steps for all slots at once: sample on device (per-row
+   generators, no host sync), write the token and its two log-probs into column j of a device buffer,
+   `backend.step(tokens)`. k is also capped by the smallest remaining length budget of the active
+   samples, so a length finish never wastes steps.
+3. Sync: copy the window to the host, append each slot's tokens until a stop condition (EOS, stop
+   token, stop sequence, stop string, length); tokens sampled past it are discarded. Finished samples
+   free their slot, idle slots are reset, and step 1 refills them.
+
+Pausing (multi-turn tool use, issue 8): `on_stop(view) -> list[int] | None` is called when a sample
+hits a stop token/sequence/string. Returning token ids injects them (`backend.extend` continues the
+sample's recurrent state over them, no re-prefill) and the sample resumes; None finishes it ("stop").
+Because the slot kept stepping past the stop until the sync, the engine snapshots every active slot's
+state at each sync (`backend.save_rows`) and, on a pause, restores the snapshot and extends it over
+[the window's tokens up to the stop] + [injected tokens]. Injected tokens get `sampled_mask` 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model.errors import BitMambaError
+from rollout.sampling import SamplingTensors, make_generator, sample, seen_mask
+from rollout.types import GenRequest, GenResult, GenStats, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PauseView:
+    """What an `on_stop` hook sees: the sample so far, and which stop condition fired."""
+
+    request: GenRequest
+    sample_index: int
+    token_ids: list[int]          # completion so far, ending with the stop token(s)
+    text: str | None              # decoded completion (when the engine has a tokenizer)
+    stop: int | list[int] | str   # the stop token id, token sequence or string that matched
+    n_pauses: int                 # how many times this sample was resumed already
+
+
+StopHook = Callable[[PauseView], "Sequence[int] | None"]
+
+
+@dataclass
+class _Sample:
+    """One (request, sample index) on its way through a slot. Host-side bookkeeping only."""
+
+    req: GenRequest
+    params: SamplingParams
+    index: int
+    order: int                                  # position in the output list
+    key: tuple[int, ...]                        # prompt ids (prefill cache key)
+    gen: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    model_logprobs: list[float] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    stop_floor: int = 0                         # stop matches must lie at or after this token index
+    n_pauses: int = 0
+    prefill_s: float = 0.0
+    t_load: float = 0.0
+    ttft_s: float = 0.0
+
+
+@dataclass
+class _Prefilled:
+    logits: Tensor            # [V] fp32
+    state: Any                # 1-row ModelState
+    remaining: int            # samples still to load from it
+    prefill_s: float
+
+
+class Engine:
+    """Continuous-batching generation over `backend` (a `DecodeBackend`).
+
+    slots: rows decoded together (the batch size of every `step`).
+    sync_every: decode steps between host checks for finished samples (tokens past a stop are
+      computed and discarded; larger = fewer syncs, more waste).
+    max_len: state capacity per slot (prompt + completion); default: sized per `generate` call.
+    on_stop: the pause hook (see module doc); needs a backend with `save_rows` and `extend`.
+    """
+
+    def __init__(self, backend, tokenizer=None, slots: int = 8, sync_every: int = 8,
+                 max_len: int | None = None, on_stop: StopHook | None = None):
+        if slots < 1 or sync_every < 1:
+            raise BitMambaError(f"Engine: slots ({slots}) and sync_every ({sync_every}) must be >= 1")
+        if on_stop is not None and not hasattr(backend, "save_rows"):
+            raise BitMambaError(f"Engine(on_stop=...): backend {type(backend).__name__} has no save_rows()")
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.slots = slots
+        self.sync_every = sync_every
+        self.max_len = max_len
+        self.on_stop = on_stop
+        self.last_stats = GenStats()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backend.model.parameters()).device
+
+    # ------------------------------------------------------------------ helpers
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def _text(self, s: _Sample, reason: str) -> str | None:
+        if self.tokenizer is None:
+            return None
+        ids = s.tokens[:-1] if reason == "eos" else s.tokens
+        return self._decode(ids)
+
+    def _stop_match(self, s: _Sample, max_stop_chars: int):
+        """The stop condition completed by s.tokens[-1] (a sampled token), or None."""
+        p, toks = s.params, s.tokens
+        t = toks[-1]
+        if p.eos_token_id is not None and t == p.eos_token_id:
+            return "eos", t
+        if t in p.stop_token_ids:
+            return "stop", t
+        for seq in p.stop_sequences:
+            n = len(seq)
+            if len(toks) - n >= s.stop_floor and toks[-n:] == seq:
+                return "stop", seq
+        if p.stop_strings:
+            # a string of c characters spans at most 4c byte-level tokens; decode only that tail
+            lo = max(s.stop_floor, len(toks) - 4 * max_stop_chars - 4)
+            tail = self._decode(toks[lo:])
+            for st in p.stop_strings:
+                if st in tail:
+                    return "stop", st
+        return None
+
+    def _validate(self, requests: list[GenRequest], params: SamplingParams | None) -> None:
+        V = self.backend.model.config.vocab_size
+        for r in requests:
+            p = r.params or params
+            if p is None:
+                raise BitMambaError(f"request {r.request_id!r}: no SamplingParams (give params= or request.params)")
+            bad = [t for t in r.prompt_ids if not 0 <= t < V]
+            if bad:
+                raise BitMambaError(f"request {r.request_id!r}: prompt token ids {bad[:5]} outside vocab [0, {V})")
+            if p.stop_strings and self.tokenizer is None:
+                raise BitMambaError(f"request {r.request_id!r}: stop_strings need an Engine tokenizer")
+
+    # ------------------------------------------------------------------ main loop
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenRequest], params: SamplingParams | None = None) -> list[GenResult]:
+        """All samples of all requests, ordered by request then sample index."""
+        requests = list(requests)
+        if not requests:
+            return []
+        self._validate(requests, params)
+        t0 = time.perf_counter()
+        be, dev, S = self.backend, self.device, self.slots
+        V = be.model.config.vocab_size
+
+        queue: deque[_Sample] = deque()
+        remaining_by_key: dict[tuple[int, ...], int] = {}
+        order = 0
+        for r in requests:
+            p = r.params or params
+            key = tuple(r.prompt_ids)
+            for i in range(p.n):
+                queue.append(_Sample(req=r, params=p, index=i, order=order, key=key))
+                order += 1
+            remaining_by_key[key] = remaining_by_key.get(key, 0) + p.n
+        n_samples = order
+        need = max(len(s.key) + s.params.max_new_tokens for s in queue) + 1
+        max_len = self.max_len or -(-need // 64) * 64
+        if max_len < need:
+            raise BitMambaError(f"Engine max_len {max_len} < longest prompt + max_new_tokens + 1 = {need}")
+        be.allocate(S, max_len)
+        blank = be.model.allocate_state(1, max_len, device=dev)   # zero state for idle slots
+        use_penalty = any(s.params.repetition_penalty != 1.0 for s in queue)
+        max_stop_chars = max([len(x) for s in queue for x in s.params.stop_strings] or [0])
+
+        slot: list[_Sample | None] = [None] * S
+        prefilled: dict[tuple[int, ...], _Prefilled] = {}
+        results: list[GenResult | None] = [None] * n_samples
+        stats = GenStats(n_requests=len(requests), n_samples=n_samples)
+        logits = torch.zeros(S, V, device=dev)
+        seen = torch.zeros(S, V, dtype=torch.bool, device=dev) if use_penalty else None
+        W = self.sync_every
+        buf_tok = torch.zeros(S, W, dtype=torch.long, device=dev)
+        buf_lp = torch.zeros(S, W, device=dev)
+        buf_mlp = torch.zeros(S, W, device=dev)
+
+        def finish(i: int, reason: str) -> None:
+            s = slot[i]
+            now = time.perf_counter()
+            results[s.order] = GenResult(
+                request_id=s.req.request_id, sample_index=s.index, prompt_ids=list(s.key),
+                token_ids=s.tokens, text=self._text(s, reason), logprobs=s.logprobs,
+                model_logprobs=s.model_logprobs, finish_reason=reason, sampled_mask=s.mask,
+                group_id=s.req.group_id, meta=s.req.meta, prefill_s=s.prefill_s,
+                decode_s=now - s.t_load, ttft_s=s.ttft_s)
+            stats.new_tokens += len(s.tokens)
+            slot[i] = None
+
+        def refill() -> bool:
+            """Load queued samples into free slots; reset idle ones. True if the slot set changed."""
+            nonlocal logits
+            free = [i for i in range(S) if slot[i] is None]
+            if not free:
+                return False
+            loaded: list[int] = []
+            for i in free:
+                if not queue:
+                    break
+                s = queue.popleft()
+                pf = prefilled.get(s.key)
+                if pf is None:
+                    tp = time.perf_counter()
+                    lg, st1 = be.prefill(torch.tensor(s.key, dtype=torch.long, device=dev))
+                    pf = _Prefilled(lg, st1, remaining_by_key[s.key], 0.0)
+                    pf.prefill_s = time.perf_counter() - tp
+                    prefilled[s.key] = pf
+                    stats.n_prefills += 1
+                    stats.prompt_tokens += len(s.key)
+                    stats.prefill_s += pf.prefill_s
+                be.load_rows(pf.state, torch.tensor([i], device=dev))
+                if not loaded:
+                    logits = logits.clone()   # the backend may own the buffer it returned
+                logits[i] = pf.logits
+                if seen is not None:
+                    seen[i] = seen_mask([s.key], V, dev)[0]
+                s.gen = None if s.params.greedy else make_generator(s.params.seed, s.index, dev)
+                s.prefill_s = pf.prefill_s
+                s.t_load = time.perf_counter()
+                s.ttft_s = s.t_load - t0
+                slot[i] = s
+                loaded.append(i)
+                pf.remaining -= 1
+                if pf.remaining == 0:
+                    del prefilled[s.key]
+            idle = [i for i in range(S) if slot[i] is None]
+            if idle:   # keep idle rows bounded (attention positions must stay < max_len)
+                be.load_rows(blank, torch.tensor(idle, device=dev))
+            return True
+
+        def apply_pause(i: int, s: _Sample, stop, n_window_kept: int) -> bool:
+            """Ask the hook; on injection rewind the slot to the snapshot and extend. True: resumed."""
+            inject = self.on_stop(PauseView(s.req, s.index, list(s.tokens),
+                                            self._decode(s.tokens) if self.tokenizer else None,
+                                            stop, s.n_pauses))
+            if inject is None:
+                return False
+            inject = [int(t) for t in inject][: s.params.max_new_tokens - len(s.tokens)]
+            replay = s.tokens[len(s.tokens) - n_window_kept:] + inject
+            be.load_rows(snapshot_row(i), torch.tensor([i], device=dev))
+            nonlocal logits
+            logits = logits.clone()
+            logits[i] = be.extend(torch.tensor([i], device=dev),
+                                  torch.tensor([replay], dtype=torch.long, device=dev))[0]
+            if seen is not None and inject:
+                seen[i, torch.tensor(inject, device=dev)] = True
+            s.tokens += inject
+            s.logprobs += [0.0] * len(inject)
+            s.model_logprobs += [0.0] * len(inject)
+            s.mask += [0] * len(inject)
+            s.stop_floor = len(s.tokens)
+            s.n_pauses += 1
+            return True
+
+        def snapshot_row(i: int):
+            return snap_state.select(torch.tensor([snap_rows.index(i)], device=dev))
+
+        snap_state, snap_rows = None, []
+        refill()
+        while any(x is not None for x in slot):
+            active = [i for i in range(S) if slot[i] is not None]
+            if self.on_stop is not None:
+                snap_rows = active
+                snap_state = be.save_rows(torch.tensor(active, device=dev))
+            st = SamplingTensors.from_params([x.params if x else None for x in slot], dev)
+            gens = [x.gen if x else None for x in slot]
+            k = min([W] + [slot[i].params.max_new_tokens - len(slot[i].tokens) for i in active])
+            td = time.perf_counter()
+            for j in range(k):
+                out = sample(logits, st, gens, seen=seen)
+                buf_tok[:, j] = out.tokens
+                buf_lp[:, j] = out.logprobs
+                buf_mlp[:, j] = out.model_logprobs
+                if seen is not None:
+                    seen.scatter_(1, out.tokens[:, None], True)
+                logits = be.step(out.tokens)
+            stats.decode_steps += k
+            toks, lps, mlps = (b[:, :k].tolist() for b in (buf_tok, buf_lp, buf_mlp))
+            stats.decode_s += time.perf_counter() - td
+            for i in active:
+                s = slot[i]
+                for j in range(k):
+                    s.tokens.append(toks[i][j])
+                    s.logprobs.append(lps[i][j])
+                    s.model_logprobs.append(mlps[i][j])
+                    s.mask.append(1)
+                    m = self._stop_match(s, max_stop_chars)
+                    if m is not None:
+                        reason, what = m
+                        if (reason == "stop" and self.on_stop is not None
+                                and len(s.tokens) < s.params.max_new_tokens
+                                and apply_pause(i, s, what, j + 1)):
+                            if len(s.tokens) >= s.params.max_new_tokens:
+                                finish(i, "length")   # the injection filled the budget
+                            break                     # the rest of this window was rewound
+                        finish(i, reason)
+                        break
+                    if len(s.tokens) >= s.params.max_new_tokens:
+                        finish(i, "length")
+                        break
+            refill()
+
+        stats.wall_s = time.perf_counter() - t0
+        self.last_stats = stats
+        log.info("generate: %d samples, %d prefills, %d new tokens, %d steps x %d slots, %.2fs, %.1f tok/s",
+                 stats.n_samples, stats.n_prefills, stats.new_tokens, stats.decode_steps, S,
+                 stats.wall_s, stats.tokens_per_s)
+        return results  # type: ignore[return-value]
