@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -230,21 +228,12 @@ def _load_exact(model, sd: dict[str, torch.Tensor], where: str) -> None:
                 p.copy_(sd[k].to(p.dtype))
 
 
-def _save_atomic(model, dst: Path) -> None:
-    """save_pretrained into a temp dir beside dst, then rename: a failed run leaves nothing behind."""
+def _save(model, dst: Path) -> None:
+    """save_pretrained (atomic: temp dir, then rename); refuses to overwrite a non-empty directory."""
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: destination exists and is not an empty directory")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        model.save_pretrained(tmp)
-        if dst.exists():
-            dst.rmdir()
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    model.save_pretrained(dst)
 
 
 def main(argv: list[str]) -> int:
@@ -263,10 +252,10 @@ def main(argv: list[str]) -> int:
 
     if args.src_fmt == "hf-mamba2":
         model = import_hf(args.src, no_quant=args.no_quant)
-        _save_atomic(model, Path(args.dst))
+        _save(model, Path(args.dst))
     elif args.src_fmt == "bitmamba2-bin":
         model = import_bin(args.src)
-        _save_atomic(model, Path(args.dst))
+        _save(model, Path(args.dst))
     else:
         from model.lm import BitMambaLM
 

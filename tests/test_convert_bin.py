@@ -50,7 +50,8 @@ def test_pack_layout_matches_spec():
 
 
 def test_pack_matches_model_core_pack_ternary():
-    bitlinear = pytest.importorskip("model.bitlinear")
+    from model import bitlinear
+
     codes = np.random.default_rng(0).integers(-1, 2, size=(7, 24)).astype(np.int8)
     assert (bitlinear.pack_ternary(torch.from_numpy(codes)).numpy() == pack_codes(codes)).all()
 
@@ -245,7 +246,6 @@ def test_reader_matches_engine_via_float64_reference():
 
 @pytest.fixture(scope="module")
 def imported():
-    pytest.importorskip("model.lm", reason="model.lm (BitMambaLM) not built yet")
     from model.convert import import_bin
 
     return import_bin(FIX / "tiny.bin")
@@ -286,7 +286,6 @@ def test_import_export_byte_identical_fixture(imported, tmp_path):
 
 
 def test_import_export_byte_identical_random(tmp_path):
-    pytest.importorskip("model.lm", reason="model.lm (BitMambaLM) not built yet")
     from model.convert import export_bin, import_bin
 
     for seed, shape in enumerate([(64, 16, 2, 2), (96, 32, 3, 4)]):
@@ -297,7 +296,6 @@ def test_import_export_byte_identical_random(tmp_path):
 
 def test_export_of_trained_model_roundtrips(tmp_path):
     """A model whose latents are not of the import form: export -> import -> export is stable."""
-    pytest.importorskip("model.lm", reason="model.lm (BitMambaLM) not built yet")
     from model.config import BitMambaConfig
     from model.convert import bitmamba2_config, export_bin, import_bin
     from model.lm import BitMambaLM
