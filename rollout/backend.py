@@ -93,7 +93,16 @@ class TorchBackend:
             self.state.reset_rows_(torch.arange(slots, device=self.device))
             return
         self.slots, self.max_len = slots, max_len
-        self.state = self.model.allocate_state(slots, max_len, dtype=self.state_dtype, device=self.device)
+        self.state = self._new_state(slots)
+
+    def _new_state(self, batch: int) -> ModelState:
+        """Zero state; `model.allocate_state` keeps the SSM state fp32, so cast it here when asked."""
+        st = self.model.allocate_state(batch, self.max_len, dtype=self.state_dtype, device=self.device)
+        if self.state_dtype != torch.float32:
+            for layer in st.layers:
+                if hasattr(layer, "ssm"):
+                    layer.ssm = layer.ssm.to(self.state_dtype)
+        return st
 
     def _need_state(self) -> ModelState:
         if self.state is None:
@@ -107,7 +116,7 @@ class TorchBackend:
         ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device).reshape(1, -1)
         if ids.shape[1] >= self.max_len:
             raise BitMambaError(f"prompt of {ids.shape[1]} tokens does not fit max_len {self.max_len}")
-        st = self.model.allocate_state(1, self.max_len, dtype=self.state_dtype, device=self.device)
+        st = self._new_state(1)
         out = self.model(ids, state=st)
         return out.logits[0, -1].float(), st
 
