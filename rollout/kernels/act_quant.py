@@ -4,7 +4,7 @@
     x_n, None = rmsnorm_quant(x, norm_w, eps, act_quant=False)   # fp32 [M, K] (W1.58A16)
 
 Math (BitLinear eval, DESIGN.md / ANCHORS.md §1), all in fp32:
-    n      = x / sqrt(mean(x^2 over the norm group) + eps) * norm_w      (skipped when norm_w is None)
+    n      = x * rsqrt(mean(x^2 over the norm group) + eps) * norm_w      (skipped when norm_w is None)
     s_x    = 127 / (max|n| + 1e-5)                                       (over the whole row)
     x_q    = clip(round_half_away(n * s_x), -128, 127)
 `norm_groups` > 1 normalizes each of `norm_groups` equal slices of the row separately (the gated
@@ -44,7 +44,7 @@ def rmsnorm_quant_ref(
     h = x.float()
     if norm_w is not None:
         hg = h.view(M, norm_groups, K // norm_groups)
-        hg = hg / torch.sqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
+        hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
         h = hg.view(M, K) * norm_w.float()
     if not act_quant:
         return h, None
@@ -74,7 +74,7 @@ if triton is not None:
             if HAS_NORM:
                 ms = tl.sum(x * x, axis=0) / GS
                 w = tl.load(w_ptr + g * GS + offs, mask=mask, other=0.0).to(tl.float32)
-                x = x / tl.sqrt(ms + eps) * w
+                x = x * tl.rsqrt(ms + eps) * w
             if ACT_QUANT:
                 amax = tl.maximum(amax, tl.abs(x))
             else:
@@ -88,7 +88,7 @@ if triton is not None:
                 if HAS_NORM:
                     ms = tl.sum(x * x, axis=0) / GS
                     w = tl.load(w_ptr + g * GS + offs, mask=mask, other=0.0).to(tl.float32)
-                    x = x / tl.sqrt(ms + eps) * w
+                    x = x * tl.rsqrt(ms + eps) * w
                 v = x * s
                 q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
                 q = tl.minimum(tl.maximum(q, -128.0), 127.0)

@@ -235,7 +235,7 @@ def ternary_matmul(
             out.copy_(y)
             return out
         return y
-    if not per_tensor and group_size % _MIN_GROUP:
+    if not per_tensor and K // group_size > 1 and group_size % _MIN_GROUP:
         raise FastPathUnavailable(f"ternary_matmul: Triton path needs group_size % {_MIN_GROUP} == 0, got {group_size}")
     if x.stride(1) != 1:
         x = x.contiguous()
