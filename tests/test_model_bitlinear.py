@@ -1,0 +1,158 @@
+"""BitLinear: quantization formulas, STE gradients, exact eval path, packing, zero ratio."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.bitlinear import (BitLinear, pack_ternary, packed_linear_ref, round_half_away, unpack_ternary,
+                             weight_quant)
+from model.config import QuantConfig
+
+TENSOR = QuantConfig()
+GROUP = QuantConfig(weight_scale="group", group_size=8)
+
+
+def manual_eval(x, w, group_size=None, act=True, norm_w=None, eps=1e-5):
+    """The packed engine's formula written out in float64."""
+    x = x.double()
+    if norm_w is not None:
+        x = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * norm_w.double()
+    w = w.double()
+    gs = group_size or w.shape[1]
+    wg = w.reshape(w.shape[0], -1, gs)
+    if group_size is None:
+        s = (1 / w.abs().mean().clamp(min=1e-5)).expand(w.shape[0], 1)
+    else:
+        s = 1 / wg.abs().mean(-1).clamp(min=1e-5)
+    codes = (torch.sign(wg * s[..., None]) * torch.floor((wg * s[..., None]).abs() + 0.5)).clamp(-1, 1)
+    if act:
+        sx = 127 / (x.abs().amax(-1, keepdim=True) + 1e-5)
+        xq = (torch.sign(x * sx) * torch.floor((x * sx).abs() + 0.5)).clamp(-128, 127)
+    else:
+        sx, xq = torch.ones_like(x[..., :1]), x
+    xg = xq.reshape(*x.shape[:-1], -1, gs)
+    y = torch.einsum("ngk,ogk->nog", xg, codes) / s  # per-group partial sums / group scale
+    return y.sum(-1) / sx
+
+
+def test_round_half_away():
+    x = torch.tensor([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.49, 0.0])
+    assert round_half_away(x).tolist() == [1, -1, 2, -2, 3, -3, 0, 0]
+
+
+@pytest.mark.parametrize("quant, gs", [(TENSOR, None), (GROUP, 8)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_eval_equals_manual_int8_ternary_formula(quant, gs, norm):
+    layer = BitLinear(32, 12, quant, norm=norm).eval()
+    if norm:
+        with torch.no_grad():
+            layer.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(5, 7, 32) * 3
+    with torch.no_grad():
+        y = layer(x)
+    ref = manual_eval(x.reshape(-1, 32), layer.weight, gs, True, layer.norm.weight if norm else None)
+    torch.testing.assert_close(y.reshape(-1, 12).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_matches_eval_numbers():
+    layer = BitLinear(32, 12, GROUP)
+    x = torch.randn(4, 32)
+    y_train = layer(x)
+    with torch.no_grad():
+        y_eval = layer.eval()(x)
+    torch.testing.assert_close(y_train.detach(), y_eval, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant", [TENSOR, GROUP, QuantConfig(activation="none")])
+def test_ste_gradients(quant):
+    """d loss / d latent W equals d loss / d W_eff, and d loss / d x passes straight through."""
+    layer = BitLinear(16, 8, quant)
+    x = torch.randn(6, 16, requires_grad=True)
+    g = torch.randn(6, 8)
+    (layer(x) * g).sum().backward()
+    codes, s = weight_quant(layer.weight.detach(), layer.group_size)
+    w_eff = (codes / (s if s.shape == (1, 1) else s.repeat_interleave(16 // s.shape[1], 1))).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    if layer.act_quant:
+        sx = 127 / (x2.detach().abs().amax(-1, keepdim=True) + 1e-5)
+        xq = round_half_away(x2.detach() * sx).clamp(-128, 127) / sx
+        x_eff = x2 + (xq - x2).detach()
+    else:
+        x_eff = x2
+    (F.linear(x_eff, w_eff) * g).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w_eff.grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+    assert layer.weight.grad.abs().sum() > 0
+
+
+def test_weight_quant_scales():
+    w = torch.randn(4, 16)
+    codes, s = weight_quant(w, None)
+    assert s.shape == (1, 1)
+    torch.testing.assert_close(s[0, 0], 1 / w.abs().mean())
+    codes_g, s_g = weight_quant(w, 8)
+    assert s_g.shape == (4, 2)
+    torch.testing.assert_close(s_g, 1 / w.reshape(4, 2, 8).abs().mean(-1))
+    assert set(codes_g.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    # zero weights: scale clamped, codes 0
+    c0, s0 = weight_quant(torch.zeros(2, 4), None)
+    assert (c0 == 0).all() and s0.item() == pytest.approx(1e5)
+
+
+def test_pack_layout_and_roundtrip():
+    codes = torch.tensor([[-1, 0, 1, 1, 0, 0, 0, -1]], dtype=torch.int8)
+    packed = pack_ternary(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (1, 2)
+    assert packed[0, 0].item() == 0 | (1 << 2) | (2 << 4) | (2 << 6)
+    assert packed[0, 1].item() == 1 | (1 << 2) | (1 << 4) | (0 << 6)
+    rnd = torch.randint(-1, 2, (7, 24), dtype=torch.int8)
+    assert torch.equal(unpack_ternary(pack_ternary(rnd)), rnd)
+    with pytest.raises(ValueError):
+        pack_ternary(torch.zeros(2, 6))
+    with pytest.raises(ValueError):
+        unpack_ternary(torch.full((1, 1), 3, dtype=torch.uint8))  # code 3 is invalid
+
+
+@pytest.mark.parametrize("quant", [TENSOR, GROUP, QuantConfig(activation="none")])
+def test_pack_reproduces_eval(quant):
+    layer = BitLinear(32, 10, quant, norm=True, norm_eps=1e-6).eval()
+    p = layer.pack()
+    assert p.codes.shape == (10, 8) and p.in_features == 32 and p.out_features == 10
+    assert p.scale.shape == ((10, 4) if quant.weight_scale == "group" else (1, 1))
+    assert p.group_size == (8 if quant.weight_scale == "group" else 32)
+    assert p.act_quant == (quant.activation == "int8") and p.norm_eps == 1e-6
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(packed_linear_ref(x, p), layer(x), rtol=0, atol=0)
+
+
+def test_zero_ratio():
+    layer = BitLinear(8, 2, TENSOR)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.01, -1.0, 0.02, 1.0, 1.0, 0.0, -1.0],
+                                         [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]]))
+    codes, _ = weight_quant(layer.weight, None)
+    assert layer.zero_ratio() == pytest.approx(float((codes == 0).float().mean()))
+    assert layer.zero_ratio() == pytest.approx(3 / 16)
+
+
+def test_non_ternary_is_plain_linear():
+    layer = BitLinear(10, 6, QuantConfig(ternary=False), norm=True)
+    x = torch.randn(4, 10)
+    ref = F.linear(x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5), layer.weight)
+    torch.testing.assert_close(layer(x), ref)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), ref)
+    with pytest.raises(ValueError, match="ternary"):
+        layer.pack()
+
+
+def test_autocast_keeps_quantization_in_fp32():
+    """Under bf16 autocast the codes/scales are those of fp32 math; only the matmul runs in bf16."""
+    layer = BitLinear(64, 16, GROUP)
+    x = torch.randn(8, 64)
+    y32 = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = layer(x)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32.detach(), rtol=2e-2, atol=2e-2)
