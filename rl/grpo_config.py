@@ -1,0 +1,264 @@
+"""Typed configuration of a GRPO run (`configs/grpo_*.yaml`).
+
+    cfg = load_grpo_config("configs/grpo_tiny.yaml", overrides=["learner.lr=3e-5"])
+
+Loaded with `model.typed.load_config`: unknown keys, wrong types and conflicting options raise
+`ConfigError` naming the key and the file. Nothing here is silently rewritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from model.config import BitMambaConfig
+from model.errors import ConfigError
+from model.lm import BitMambaLM
+from model.typed import load_config
+from rollout.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+
+@dataclass
+class ModelSection:
+    """Where the policy comes from: exactly one of `path` (a `save_pretrained` directory) and
+    `preset` (a `BitMambaConfig.preset` name, randomly initialised with `init_seed`)."""
+
+    path: str | None = None
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)   # preset field overrides (e.g. vocab_size)
+    init_seed: int = 0
+    tokenizer: str = "tiny"            # "tiny" (rollout.tokenizer.build_tiny_tokenizer) or a path
+    max_seq_len: int = 512             # context limit: prompt + completion tokens
+    backend: Literal["auto", "torch", "fast"] = "auto"   # decode backend of the generation workers
+
+    def __post_init__(self):
+        if (self.path is None) == (self.preset is None):
+            raise ConfigError("model: give exactly one of model.path and model.preset")
+        if self.max_seq_len < 2:
+            raise ConfigError(f"model.max_seq_len: must be >= 2, got {self.max_seq_len}")
+
+
+@dataclass
+class TaskSection:
+    """Prompts: a synthetic task of `rl/tasks.py` (`name`) or a JSONL file (`path`, one object per
+    line with `prompt_key` and the reward's fields)."""
+
+    name: str | None = "arithmetic"
+    path: str | None = None
+    eval_path: str | None = None
+    prompt_key: str = "prompt"
+    kwargs: dict[str, Any] = field(default_factory=dict)     # task options (e.g. max_operand)
+    eval_size: int = 64                                        # held-out prompts for eval
+    prompt_too_long: Literal["truncate", "drop"] = "drop"      # prompts longer than the context
+
+    def __post_init__(self):
+        if (self.name is None) == (self.path is None):
+            raise ConfigError("task: give exactly one of task.name and task.path")
+        if self.eval_size < 0:
+            raise ConfigError(f"task.eval_size: must be >= 0, got {self.eval_size}")
+
+
+@dataclass
+class RewardItem:
+    """One reward function (see rewards.load_reward): built-in name, file.py:fn or module:fn."""
+
+    spec: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = None
+    fallback: float | None = None
+    name: str | None = None
+
+
+@dataclass
+class RewardPoolSection:
+    num_workers: int = 2
+    timeout_s: float = 10.0
+    fallback: float = 0.0              # reward of a sample whose function raised or timed out
+
+    def __post_init__(self):
+        if self.num_workers < 0:
+            raise ConfigError(f"reward_pool.num_workers: must be >= 0, got {self.num_workers}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"reward_pool.timeout_s: must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class SamplingSection:
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop_strings: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"sampling.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ConfigError("sampling.temperature: must be > 0 for GRPO (greedy groups carry no signal)")
+
+
+@dataclass
+class AlgoSection:
+    advantage: Literal["grpo", "drgrpo"] = "grpo"
+    adv_eps: float = 1e-6
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-sum-const"] = "token-mean"
+    seq_sum_const: float | None = None  # Dr. GRPO constant; None -> sampling.max_new_tokens
+    kl_coef: float = 0.0                 # > 0 keeps a frozen reference model in the learner
+    tis_cap: float | None = 2.0          # truncated IS cap against rollout log-probs; None = off
+    dynamic_sampling: bool = False       # drop zero-std groups and draw more prompts
+    max_resample_rounds: int = 3         # extra generate rounds per step when dynamic sampling
+    overlong_buffer: int = 0             # DAPO soft overlong punishment ramp (tokens); 0 = off
+    overlong_factor: float = 1.0
+    mask_truncated: bool = False         # completions cut at max_new_tokens get no loss
+
+    def __post_init__(self):
+        if not (0 <= self.clip_low < 1):
+            raise ConfigError(f"algo.clip_low: must be in [0, 1), got {self.clip_low}")
+        if self.clip_high < 0:
+            raise ConfigError(f"algo.clip_high: must be >= 0, got {self.clip_high}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"algo.kl_coef: must be >= 0, got {self.kl_coef}")
+        if self.tis_cap is not None and self.tis_cap < 1:
+            raise ConfigError(f"algo.tis_cap: must be >= 1 (or null), got {self.tis_cap}")
+        if self.overlong_buffer < 0:
+            raise ConfigError(f"algo.overlong_buffer: must be >= 0, got {self.overlong_buffer}")
+
+
+@dataclass
+class LearnerSection:
+    """The DeepSpeed learner. `deepspeed` passes through to `deepspeed.initialize` and overrides the
+    defaults built from the other keys (ZeRO-2, CPU-offloaded AdamW, bf16 on GPU)."""
+
+    backend: Literal["deepspeed", "torch"] = "deepspeed"   # "torch": plain AdamW, warned at start
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    offload_optimizer: bool = True
+    bf16: bool | None = None             # None: bf16 on GPU, fp32 on CPU
+    micro_batch_tokens: int = 4096       # token budget of one packed micro-batch (prompt + completion)
+    minibatches: int = 1                 # optimizer steps per rollout batch
+    epochs: int = 1                      # passes over the rollout batch
+    gradient_checkpointing: bool = False
+    num_gpus: float = 0.0                # the learner actor's resources
+    num_cpus: float = 1.0
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"learner.lr: must be > 0, got {self.lr}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"learner.zero_stage: must be 0..3, got {self.zero_stage}")
+        if self.micro_batch_tokens < 1 or self.minibatches < 1 or self.epochs < 1:
+            raise ConfigError("learner.micro_batch_tokens, learner.minibatches and learner.epochs must be >= 1")
+
+
+@dataclass
+class WorkersSection:
+    num_workers: int = 1
+    num_gpus: float = 0.0                # per generation worker; fractional shares a GPU
+    num_cpus: float = 1.0
+    max_restarts: int = 3                # per step, restarts of dead workers before giving up
+    cluster_address: str | None = None   # None: local Ray (or "auto" when RAY_ADDRESS is set)
+    dashboard_host: str = "127.0.0.1"    # local Ray: dashboard / job server bind address
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ConfigError(f"workers.num_workers: must be >= 1, got {self.num_workers}")
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ConfigError("workers.num_gpus and workers.num_cpus must be >= 0")
+
+
+@dataclass
+class GRPOConfig:
+    model: ModelSection
+    task: TaskSection = field(default_factory=TaskSection)
+    rewards: list[RewardItem] = field(default_factory=lambda: [RewardItem(spec="math")])
+    reward_pool: RewardPoolSection = field(default_factory=RewardPoolSection)
+    group_size: int = 8
+    prompts_per_step: int = 8
+    steps: int = 100
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    algo: AlgoSection = field(default_factory=AlgoSection)
+    learner: LearnerSection = field(default_factory=LearnerSection)
+    workers: WorkersSection = field(default_factory=WorkersSection)
+    one_step_off_policy: bool = False
+    eval_every: int = 0                  # 0 = off; also evaluated after the last step when > 0
+    eval_samples: int = 4                # completions per held-out prompt (pass@k needs k <= this)
+    eval_k: int = 4
+    eval_temperature: float = 1.0
+    checkpoint_every: int = 0            # 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    output_dir: str = "runs/grpo"
+    wandb: bool = True                   # offline unless WANDB_MODE / WANDB_API_KEY say otherwise
+    wandb_project: str = "bitmamba-rl"
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ConfigError(f"group_size: must be >= 2 (advantages are relative within a group), got {self.group_size}")
+        if self.prompts_per_step < 1 or self.steps < 0:
+            raise ConfigError("prompts_per_step must be >= 1 and steps >= 0")
+        if not self.rewards:
+            raise ConfigError("rewards: at least one reward function")
+        if self.eval_every > 0 and self.eval_k > self.eval_samples:
+            raise ConfigError(f"eval_k ({self.eval_k}) must be <= eval_samples ({self.eval_samples})")
+        total = self.group_size * self.prompts_per_step
+        if total % self.learner.minibatches:
+            raise ConfigError(f"learner.minibatches ({self.learner.minibatches}) must divide "
+                              f"group_size * prompts_per_step ({total}) so every minibatch holds whole groups")
+        if self.learner.minibatches > self.prompts_per_step:
+            raise ConfigError(f"learner.minibatches ({self.learner.minibatches}) must be <= prompts_per_step "
+                              f"({self.prompts_per_step})")
+        if self.sampling.max_new_tokens >= self.model.max_seq_len:
+            raise ConfigError(f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must be < "
+                              f"model.max_seq_len ({self.model.max_seq_len}) to leave room for the prompt")
+
+    @property
+    def seq_sum_const(self) -> float:
+        return float(self.algo.seq_sum_const or self.sampling.max_new_tokens)
+
+
+def load_grpo_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                     data: dict | None = None) -> GRPOConfig:
+    """Load and validate a GRPO config (file and/or dict, then `key=value` overrides)."""
+    return load_config(GRPOConfig, path, overrides=overrides, data=data)
+
+
+# ------------------------------------------------------------------------------------------------
+# The objects a config names (shared by the learner, the workers and the demo)
+
+TINY_TOKENIZER_VOCAB = 384
+
+
+def build_model(sec: ModelSection, init_dir: str | None = None) -> BitMambaLM:
+    """The policy: `init_dir` (a checkpoint / model directory) wins, else model.path, else the
+    preset initialised from `init_seed` (independent of the global RNG)."""
+    src = init_dir or sec.path
+    if src is not None:
+        return BitMambaLM.from_pretrained(src)
+    cfg = BitMambaConfig.preset(sec.preset, **sec.overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sec.init_seed)
+        return BitMambaLM(cfg)
+
+
+def model_from_config(config: dict) -> BitMambaLM:
+    """A model of the given architecture (workers build one, then load the learner's weights)."""
+    return BitMambaLM(BitMambaConfig.from_dict(config))
+
+
+def build_tokenizer(sec: ModelSection):
+    """`tiny` -> the embedded byte-level BPE (vocab 384); otherwise a tokenizer directory/name."""
+    if sec.tokenizer == "tiny":
+        return build_tiny_tokenizer(TINY_TOKENIZER_VOCAB)
+    return load_tokenizer(sec.tokenizer)

@@ -1,0 +1,359 @@
+"""The GRPO learner: a plain class around a DeepSpeed engine (Ray wraps it at launch, see rl/grpo.py).
+
+    learner = Learner(cfg)                      # builds the policy (and a frozen reference if kl_coef > 0)
+    metrics = learner.update(batch)             # minibatch updates over one rollout batch
+    weights = learner.export_weights()          # PolicyWeights for the generation workers
+
+DeepSpeed by default: ZeRO stage 2, AdamW with its state offloaded to CPU (DeepSpeedCPUAdam), bf16 on
+GPU, fp32 on CPU. On a CPU-only machine DeepSpeed selects its CPU accelerator and the same path runs
+(CI exercises it). `learner.backend: torch` is an explicit opt-out (plain torch AdamW) and warns.
+`learner.deepspeed` in the YAML is merged over the defaults built here and passes through.
+
+One update over a rollout batch of N samples:
+1. split the samples into `minibatches` minibatches (one optimizer step each), for `epochs` passes;
+2. pack each minibatch into micro-batches by token budget (rows right-padded to the longest row;
+   a micro-batch holds rows * longest <= micro_batch_tokens; a longer sample goes alone);
+3. per micro-batch: current log-probs (and entropy) via `model.token_logprobs`, the loss from
+   `rl.algo.policy_loss` normalised by the minibatch's totals (so accumulated gradients equal the
+   full-minibatch gradient), `engine.backward`; the engine steps at the minibatch boundary.
+The proximal "old" log-probs are the policy's before the first step (computed once without grad when
+there is more than one optimizer step, otherwise the current ones detached: the same numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+from torch import Tensor
+
+from model.checkpoint import FORMAT as CKPT_FORMAT
+from model.checkpoint import FORMAT_VERSION as CKPT_FORMAT_VERSION
+from model.lm import BitMambaLM
+from rl import algo
+from rl.checkpoint import CheckpointManager, load_checkpoint
+from rl.grpo_config import GRPOConfig, LearnerSection, build_model
+from rl.weight_sync import PolicyWeights, export_policy
+
+log = logging.getLogger("rl.learner")
+
+
+@dataclass
+class TrainBatch:
+    """One rollout batch as the learner consumes it: N samples of variable lengths.
+
+    rollout_logprobs are the generation worker's `model_logprobs` (raw model, temperature 1) of the
+    completion tokens; loss_mask is 1 for trained completion tokens (0: injected, truncated, excluded).
+    """
+
+    prompt_ids: list[list[int]]          # [N][P_i]
+    completion_ids: list[list[int]]      # [N][C_i]
+    rollout_logprobs: list[list[float]]  # [N][C_i]
+    loss_mask: list[list[float]]         # [N][C_i]
+    advantages: list[float]              # [N]
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def num_tokens(self, i: int) -> int:
+        return len(self.prompt_ids[i]) + len(self.completion_ids[i])
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded rows over prompt + completion, shifted for next-token prediction."""
+
+    input_ids: Tensor      # [B, L-1] int64
+    targets: Tensor        # [B, L-1] int64
+    mask: Tensor           # [B, L-1] fp32: 1 on trained completion tokens
+    rollout_logp: Tensor   # [B, L-1] fp32 (0 outside completions)
+    advantages: Tensor     # [B] fp32
+    index: list[int]       # sample indices of the rows
+
+
+def pack_micro_batches(batch: TrainBatch, indices: list[int], token_budget: int) -> list[list[int]]:
+    """Greedy in order: rows * longest row <= token_budget; an over-long sample forms its own."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in indices:
+        n = batch.num_tokens(i)
+        if cur and (len(cur) + 1) * max(longest, n) > token_budget:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def collate(batch: TrainBatch, rows: list[int], pad_id: int = 0) -> MicroBatch:
+    L = max(batch.num_tokens(i) for i in rows)
+    B = len(rows)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)                       # [B, L]
+    mask = torch.zeros(B, L - 1)                                             # [B, L-1]
+    rlp = torch.zeros(B, L - 1)                                              # [B, L-1]
+    for r, i in enumerate(rows):
+        p, c = batch.prompt_ids[i], batch.completion_ids[i]
+        ids[r, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        # completion token k sits at position len(p) + k, predicted from position len(p) + k - 1
+        sl = slice(len(p) - 1, len(p) - 1 + len(c))
+        mask[r, sl] = torch.tensor(batch.loss_mask[i], dtype=torch.float32)
+        rlp[r, sl] = torch.tensor(batch.rollout_logprobs[i], dtype=torch.float32)
+    adv = torch.tensor([batch.advantages[i] for i in rows], dtype=torch.float32)  # [B]
+    return MicroBatch(ids[:, :-1], ids[:, 1:], mask, rlp, adv, list(rows))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(sec: LearnerSection, on_gpu: bool) -> dict:
+    """The DeepSpeed config this learner runs with: defaults from the typed section, then the YAML's
+    `learner.deepspeed` merged over them (nested dicts merged, values replaced)."""
+    bf16 = on_gpu if sec.bf16 is None else sec.bf16
+    zero: dict = {"stage": sec.zero_stage}
+    if sec.offload_optimizer and sec.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,      # one packed micro-batch per backward
+        "gradient_accumulation_steps": 1,         # set per minibatch to its micro-batch count
+        "gradient_clipping": sec.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": sec.lr, "betas": list(sec.betas),
+                                                  "weight_decay": sec.weight_decay, "eps": 1e-8}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(bf16)},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(cfg, sec.deepspeed)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _init_single_process_dist() -> None:
+    """DeepSpeed wants a process group; a learner of one process gets a private one on a free port."""
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+class Learner:
+    """Owns the policy, its optimizer (inside DeepSpeed) and the optional frozen reference."""
+
+    def __init__(self, cfg: GRPOConfig, init_dir: str | None = None):
+        self.cfg = cfg
+        self.sec = cfg.learner
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and self.sec.num_gpus > 0 else "cpu")
+        model = build_model(cfg.model, init_dir)
+        model.gradient_checkpointing = self.sec.gradient_checkpointing
+        self.model_config = model.config.to_dict()
+        self.ref: BitMambaLM | None = None
+        if cfg.algo.kl_coef > 0:
+            self.ref = build_model(cfg.model, init_dir).to(self.device).eval()
+            self.ref.load_state_dict(model.state_dict())
+            self.ref.requires_grad_(False)
+        self.loss_cfg = algo.LossConfig(
+            clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, aggregation=cfg.algo.aggregation,
+            seq_sum_const=cfg.seq_sum_const, kl_coef=cfg.algo.kl_coef, tis_cap=cfg.algo.tis_cap)
+        self.version = 0
+        self.optimizer_steps = 0
+        if self.sec.backend == "deepspeed":
+            _init_single_process_dist()
+            self.ds_config = deepspeed_config(self.sec, self.device.type == "cuda")
+            model = model.to(self.device)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                config=self.ds_config)
+            self.model = self.engine.module
+            log.info("learner: DeepSpeed %s, ZeRO-%d, optimizer %s, accelerator %s", deepspeed.__version__,
+                     self.sec.zero_stage, type(self.optimizer).__name__,
+                     deepspeed.get_accelerator().device_name())
+        else:
+            warnings.warn("learner.backend is 'torch': plain torch AdamW without DeepSpeed (no ZeRO, "
+                          "no optimizer offload); chosen explicitly in the config", stacklevel=2)
+            self.engine = None
+            self.ds_config = None
+            self.model = model.to(self.device)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.sec.lr, betas=self.sec.betas,
+                                               weight_decay=self.sec.weight_decay)
+
+    # ------------------------------------------------------------------ info
+    def ping(self) -> dict:
+        return {"pid": os.getpid(), "version": self.version, "backend": self.sec.backend,
+                "optimizer": type(self.optimizer).__name__}
+
+    def get_model_config(self) -> dict:
+        return self.model_config
+
+    # ------------------------------------------------------------------ log-probs
+    def _logprobs(self, model: BitMambaLM, mb: MicroBatch, entropy: bool):
+        ids = mb.input_ids.to(self.device)
+        tg = mb.targets.to(self.device)
+        out = model.token_logprobs(ids, tg, return_entropy=entropy)          # [B, L-1] (, [B, L-1])
+        return out if entropy else (out, None)
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """Current policy's log-probs of every completion token (eval mode) -> [N][C_i]."""
+        self.model.eval()
+        out: list[list[float]] = [[] for _ in range(len(batch))]
+        for rows in pack_micro_batches(batch, list(range(len(batch))), self.sec.micro_batch_tokens):
+            mb = collate(batch, rows)
+            lp, _ = self._logprobs(self.model, mb, entropy=False)
+            for r, i in enumerate(rows):
+                p, c = len(batch.prompt_ids[i]), len(batch.completion_ids[i])
+                out[i] = lp[r, p - 1: p - 1 + c].float().cpu().tolist()
+        return out
+
+    # ------------------------------------------------------------------ update
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """Minibatch updates over one rollout batch; returns averaged metrics."""
+        t0 = time.perf_counter()
+        n = len(batch)
+        n_mb = min(self.sec.minibatches, n)
+        n_opt_steps = n_mb * self.sec.epochs
+        old = self.compute_logprobs(batch) if n_opt_steps > 1 else None
+        self.model.train()
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        extremes = {"mismatch_max_ratio": -float("inf"), "mismatch_min_ratio": float("inf")}
+        grad_norms: list[float] = []
+        bounds = [round(k * n / n_mb) for k in range(n_mb + 1)]
+        for _ in range(self.sec.epochs):
+            for k in range(n_mb):
+                idx = list(range(bounds[k], bounds[k + 1]))
+                micro = pack_micro_batches(batch, idx, self.sec.micro_batch_tokens)
+                n_tokens = float(sum(sum(batch.loss_mask[i]) for i in idx))
+                n_seqs = float(len(idx))
+                if self.engine is not None:
+                    self.engine.set_train_batch_size(len(micro))
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                for rows in micro:
+                    mb = collate(batch, rows)
+                    logp, ent = self._logprobs(self.model, mb, entropy=True)    # [B, L-1]
+                    if old is None:
+                        old_lp = logp.detach()                                  # [B, L-1]
+                    else:
+                        old_lp = self._place(old, batch, rows, mb.mask.shape)   # [B, L-1]
+                    ref_lp = None
+                    if self.ref is not None:
+                        with torch.no_grad():
+                            ref_lp, _ = self._logprobs(self.ref, mb, entropy=False)  # [B, L-1]
+                    mask = mb.mask.to(self.device)
+                    loss, m = algo.policy_loss(
+                        logp, old_lp, mb.advantages.to(self.device), mask, self.loss_cfg,
+                        rollout_logp=mb.rollout_logp.to(self.device), ref_logp=ref_lp, entropy=ent,
+                        n_tokens=n_tokens, n_seqs=n_seqs)
+                    if self.engine is not None:
+                        self.engine.backward(loss, scale_wrt_gas=False)
+                        self.engine.step()
+                    else:
+                        loss.backward()
+                    w = float(mask.sum())
+                    for key, v in m.items():
+                        if key in extremes:
+                            extremes[key] = max(extremes[key], v) if "max" in key else min(extremes[key], v)
+                        elif key == "pg_loss":
+                            sums[key] = sums.get(key, 0.0) + v / n_opt_steps   # micro parts sum to the minibatch loss
+                            weights[key] = 1.0
+                        else:
+                            sums[key] = sums.get(key, 0.0) + v * w
+                            weights[key] = weights.get(key, 0.0) + w
+                grad_norms.append(self._finish_step())
+        self.version += 1
+        out = {f"learn/{k}": (sums[k] / weights[k] if weights[k] else 0.0) for k in sums}
+        for k, v in extremes.items():
+            if abs(v) != float("inf"):
+                out[f"learn/{k}"] = v
+        finite = [g for g in grad_norms if g is not None]
+        out["learn/grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
+        out["learn/optimizer_steps"] = float(n_opt_steps)
+        out["learn/tokens"] = float(sum(sum(m) for m in batch.loss_mask))
+        out["learn/seconds"] = time.perf_counter() - t0
+        return out
+
+    def _finish_step(self) -> float | None:
+        self.optimizer_steps += 1
+        if self.engine is not None:
+            g = self.engine.get_global_grad_norm()
+            return None if g is None else float(g)
+        g = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.sec.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(g)
+
+    def _place(self, per_sample: list[list[float]], batch: TrainBatch, rows: list[int],
+               shape: torch.Size) -> Tensor:
+        out = torch.zeros(shape)                                             # [B, L-1]
+        for r, i in enumerate(rows):
+            p, c = len(batch.prompt_ids[i]), len(batch.completion_ids[i])
+            out[r, p - 1: p - 1 + c] = torch.tensor(per_sample[i])
+        return out.to(self.device)
+
+    # ------------------------------------------------------------------ weights
+    def export_weights(self) -> PolicyWeights:
+        """The current policy for the generation workers (ternary packed, the rest as is)."""
+        return export_policy(self.model, self.version)
+
+    # ------------------------------------------------------------------ checkpoints
+    def optimizer_state(self) -> dict:
+        """Optimizer state readable with torch.load(weights_only=True) (no pickled objects)."""
+        if self.engine is None:
+            return {"kind": "torch", "state": self.optimizer.state_dict()}
+        zopt = self.optimizer
+        if hasattr(zopt, "single_partition_of_fp32_groups"):
+            return {"kind": "zero", "base": zopt.optimizer.state_dict(),
+                    "fp32": [t.detach().cpu().clone() for t in zopt.single_partition_of_fp32_groups]}
+        return {"kind": "plain", "state": zopt.state_dict()}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        kind = state["kind"]
+        if self.engine is None:
+            self.optimizer.load_state_dict(state["state"])
+            return
+        zopt = self.optimizer
+        if kind == "zero":
+            zopt.optimizer.load_state_dict(state["base"])
+            for dst, src in zip(zopt.single_partition_of_fp32_groups, state["fp32"]):
+                dst.data.copy_(src.to(dst.device, dst.dtype))
+        else:
+            zopt.load_state_dict(state["state"])
+
+    def save_checkpoint(self, root: str, step: int, extra: dict, keep: int) -> str:
+        """Write checkpoint `step` under `root` (atomic; a from_pretrained-loadable model dir)."""
+        cfg_json = json.dumps({"format": CKPT_FORMAT, "format_version": CKPT_FORMAT_VERSION,
+                               **self.model_config}, indent=1).encode()
+        extra = {**extra, "learner": {"version": self.version, "optimizer_steps": self.optimizer_steps}}
+        path = CheckpointManager(root, keep=keep).save(
+            step, self.model, optimizer_state=self.optimizer_state(), extra=extra,
+            files={"config.json": cfg_json})
+        return str(path)
+
+    def load_checkpoint(self, path: str) -> dict:
+        """Restore model and optimizer from `path`; returns the checkpoint's extra dict."""
+        tensors, opt_state, extra = load_checkpoint(path)
+        self.model.load_state_dict(tensors)
+        if opt_state is not None:
+            self.load_optimizer_state(opt_state)
+        st = extra.get("learner", {})
+        self.version = int(st.get("version", 0))
+        self.optimizer_steps = int(st.get("optimizer_steps", 0))
+        return extra
