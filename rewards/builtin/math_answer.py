@@ -6,8 +6,9 @@ Extraction methods (tried in the configured order, the first that finds somethin
   hash         the text after the last ``####`` on its line (GSM8K style)
   last_number  the last number in the text (``-1,234.5``, ``3/4``)
 Equivalence (`is_equiv`): both sides are parsed by the safe parser of `mathparse` and compared
-exactly when rational (3 == 3.0 == 6/2, 0.5 == \\frac{1}{2}, 1,000 == 1000), numerically with a
-relative tolerance otherwise (2\\sqrt{2} == \\sqrt{8}), and with sympy for expressions with
+exactly when rational (3 == 3.0 == 6/2, 0.5 == \\frac{1}{2}, 1,000 == 1000, 1000000 != 1000001),
+with a relative tolerance `rel_tol` when a side is written as a decimal (0.333333333 == 1/3) or the
+value is irrational (2\\sqrt{2} == \\sqrt{8}), and with sympy for expressions with
 variables (x+1 == 1+x). ``50%`` matches 50 and 0.5 with ``percent="either"`` (default), only 0.5
 with ``"fraction"``, only 50 with ``"strip"``. Unparseable answers are compared as normalized strings.
 Only the last `max_completion_chars` of a completion are read; answers over 200 characters are
@@ -110,15 +111,17 @@ def _parse(s: str):
     return tree
 
 
-def _equal_nodes(a, b, rel_tol, abs_tol) -> bool:
+def _equal_nodes(a, b, rel_tol, abs_tol, approx=False) -> bool:
+    """`approx`: a side was written with a decimal point, so rationals compare with tolerance
+    too (0.333333333 == 1/3); integers and fractions otherwise compare exactly (1000000 != 1000001)."""
     if a[0] == "tuple" or b[0] == "tuple":
         if a[0] != b[0] or len(a) != len(b):
             return False
-        return all(_equal_nodes(x, y, rel_tol, abs_tol) for x, y in zip(a[1:], b[1:]))
+        return all(_equal_nodes(x, y, rel_tol, abs_tol, approx) for x, y in zip(a[1:], b[1:]))
     syms = mp.symbols(a) | mp.symbols(b)
     if not syms:
         ea, eb = mp.exact(a), mp.exact(b)
-        if ea is not None and eb is not None:
+        if ea is not None and eb is not None and (ea == eb or not approx):
             return ea == eb
         try:
             return _close(mp.numeric(a), mp.numeric(b), rel_tol, abs_tol)
@@ -158,12 +161,13 @@ def is_equiv(pred: str, gold: str, rel_tol: float = 1e-6, abs_tol: float = 1e-9,
         a, b = _parse(pred), _parse(gold)
     except (mp.ParseError, RecursionError, OverflowError, ValueError, ZeroDivisionError):
         return _string_key(pred) == _string_key(gold)
+    approx = "." in pred or "." in gold
     if percent == "strip":
         a, b = _strip_pct(a), _strip_pct(b)
-    if _equal_nodes(a, b, rel_tol, abs_tol):
+    if _equal_nodes(a, b, rel_tol, abs_tol, approx):
         return True
     if percent == "either" and (a[0] == "pct" or b[0] == "pct"):
-        return _equal_nodes(_strip_pct(a), _strip_pct(b), rel_tol, abs_tol)
+        return _equal_nodes(_strip_pct(a), _strip_pct(b), rel_tol, abs_tol, approx)
     return False
 
 
