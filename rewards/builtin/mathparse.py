@@ -178,12 +178,8 @@ class _Parser:
         if self.peek() == ("op", "^"):
             self.take()
             self.enter()
-            if self.peek() == ("op", "{"):
-                exp = self.group()
-            elif self.peek()[0] == "num":   # x^23 in LaTeX means x^2 3; accept the common 2^10 too
-                exp = self.number(self.take()[1])
-            else:
-                exp = self.unary()
+            # right-associative: 9^9^9 = 9^(9^9); x^23 is read as x^(23) (LaTeX would say x^2 3)
+            exp = self.group() if self.peek() == ("op", "{") else self.unary()
             self.depth -= 1
             return self.node("pow", base, exp)
         return base
