@@ -304,7 +304,10 @@ def load_reward(spec: str | Callable, *, name: str | None = None, base_dir: str 
         fn = _load_module(target, func, spec)
     if not callable(fn):
         raise RewardSpecError(f"reward spec {spec!r}: {func!r} is a {type(fn).__name__}, not a function")
-    return RewardFn(fn, name=name or func, spec=spec, config=kwargs, bound_config=kwargs)
+    try:
+        return RewardFn(fn, name=name or func, spec=spec, config=kwargs, bound_config=kwargs)
+    except RewardSpecError as e:
+        raise RewardSpecError(f"reward spec {spec!r}: {e}") from None
 
 
 def _rebuild(spec: str, config: dict, base_dir: str | None, name: str) -> RewardFn:
