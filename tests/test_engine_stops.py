@@ -1,0 +1,145 @@
+"""Engine stop conditions, finish reasons, text, and the pause/inject hook (tool-use seam, issue 8)."""
+
+import pytest
+import torch
+
+from model.config import BitMambaConfig
+from model.lm import BitMambaLM
+from rollout.backend import TorchBackend
+from rollout.engine import Engine
+from rollout.reference import naive_generate
+from rollout.tokenizer import build_tiny_tokenizer
+from rollout.types import GenRequest, SamplingParams
+
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer(384)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    cfg = BitMambaConfig.preset("tiny-hybrid", vocab_size=len(tok), quant=dict(activation="none"))
+    return BitMambaLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt(tok):
+    return tok.encode("Question: What is 12 + 35?", add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def greedy_ref(model, prompt):
+    """40 greedy tokens from the naive reference (no stops)."""
+    return naive_generate(model, prompt, SamplingParams(max_new_tokens=40, **GREEDY)).token_ids
+
+
+def _first_new(seq, start):
+    """Index >= start of a token that does not occur earlier in seq."""
+    for i in range(start, len(seq)):
+        if seq[i] not in seq[:i]:
+            return i
+    pytest.skip("no fresh token in the greedy reference")
+
+
+def _engine(model, tok=None, **kw):
+    return Engine(TorchBackend(model), tokenizer=tok, **kw)
+
+
+def test_eos_stop_token_and_length_finish_reasons(model, tok, prompt, greedy_ref):
+    i = _first_new(greedy_ref, 3)
+    j = _first_new(greedy_ref, i + 2)
+    reqs = [GenRequest(prompt, SamplingParams(max_new_tokens=40, eos_token_id=greedy_ref[i], **GREEDY), "eos"),
+            GenRequest(prompt, SamplingParams(max_new_tokens=40, stop_token_ids=[greedy_ref[j], 999999],
+                                              **GREEDY), "stop"),
+            GenRequest(prompt, SamplingParams(max_new_tokens=6, **GREEDY), "len")]
+    res = _engine(model, tok, slots=2, sync_every=8).generate(reqs)
+    eos, stop, length = res
+    assert eos.finish_reason == "eos" and eos.token_ids == greedy_ref[:i + 1]   # tokens past EOS discarded
+    assert eos.text == tok.decode(greedy_ref[:i], skip_special_tokens=False)   # EOS not in the text
+    assert len(eos.logprobs) == len(eos.model_logprobs) == len(eos.sampled_mask) == i + 1
+    assert stop.finish_reason == "stop" and stop.token_ids == greedy_ref[:j + 1]
+    assert stop.text == tok.decode(greedy_ref[:j + 1], skip_special_tokens=False)
+    assert length.finish_reason == "length" and length.token_ids == greedy_ref[:6]
+
+
+def test_stop_sequence_matches_across_sync_windows(model, prompt, greedy_ref):
+    i = _first_new(greedy_ref, 5)
+    seq = greedy_ref[i - 2:i + 1]            # ends with a fresh token: first full match ends at i
+    for sync_every in (1, 2, 8):             # the sequence straddles window boundaries differently
+        res = _engine(model, slots=1, sync_every=sync_every).generate(
+            [GenRequest(prompt, SamplingParams(max_new_tokens=40, stop_sequences=[[7, 7, 7], seq], **GREEDY))])
+        assert res[0].finish_reason == "stop" and res[0].token_ids == greedy_ref[:i + 1], sync_every
+
+
+def test_stop_string_cuts_at_the_completing_token(model, tok, prompt, greedy_ref):
+    text = tok.decode(greedy_ref, skip_special_tokens=False)
+    s = text[len(text) // 2: len(text) // 2 + 3]
+    k = next(n for n in range(1, 41) if s in tok.decode(greedy_ref[:n], skip_special_tokens=False))
+    res = _engine(model, tok, slots=2, sync_every=8).generate(
+        [GenRequest(prompt, SamplingParams(max_new_tokens=40, stop_strings=["\x00never", s], **GREEDY))])
+    assert res[0].finish_reason == "stop"
+    assert res[0].token_ids == greedy_ref[:k]
+    assert res[0].text.endswith(s) or s in res[0].text
+
+
+def test_length_window_is_capped_so_no_steps_are_wasted(model, prompt):
+    eng = _engine(model, slots=1, sync_every=8)
+    eng.generate([GenRequest(prompt, SamplingParams(max_new_tokens=5, **GREEDY))])
+    assert eng.last_stats.decode_steps == 5
+
+
+def test_pause_hook_injects_tokens_and_resumes_like_a_full_prefill(model, tok, prompt, greedy_ref):
+    i = _first_new(greedy_ref, 4)
+    stop_tok = greedy_ref[i]
+    inject = tok.encode("<tool_response>47</tool_response>", add_special_tokens=False)
+    calls = []
+
+    def on_stop(view):
+        calls.append((view.sample_index, list(view.token_ids), view.stop, view.n_pauses))
+        return inject if view.n_pauses == 0 else None
+
+    params = SamplingParams(max_new_tokens=30, stop_token_ids=[stop_tok], **GREEDY)
+    other = GenRequest(prompt[:5], SamplingParams(max_new_tokens=25, **GREEDY), "other")
+    res = _engine(model, tok, slots=2, sync_every=8, on_stop=on_stop).generate(
+        [GenRequest(prompt, params, "tool"), other])
+    r = res[0]
+    head = greedy_ref[:i + 1] + inject
+    assert calls[0] == (0, greedy_ref[:i + 1], stop_tok, 0)
+    assert r.token_ids[:len(head)] == head
+    assert r.sampled_mask == [1] * (i + 1) + [0] * len(inject) + [1] * (len(r.token_ids) - len(head))
+    assert r.logprobs[i + 1:len(head)] == [0.0] * len(inject)
+    # after the injection the sample continues exactly as a fresh run over the whole text would
+    cont = naive_generate(model, prompt + head, SamplingParams(max_new_tokens=30 - len(head),
+                                                               stop_token_ids=[stop_tok], **GREEDY))
+    assert r.token_ids[len(head):] == cont.token_ids
+    got = r.model_logprobs[len(head):]
+    assert max(abs(a - b) for a, b in zip(got, cont.model_logprobs)) < 1e-4
+    assert r.finish_reason == cont.finish_reason
+    if cont.finish_reason == "stop":
+        assert len(calls) == 2 and calls[1][3] == 1
+    # the other slot decoded on undisturbed
+    assert res[1].token_ids == naive_generate(model, prompt[:5], other.params).token_ids
+
+
+def test_pause_hook_returning_none_finishes_with_stop(model, prompt, greedy_ref):
+    i = _first_new(greedy_ref, 2)
+    res = _engine(model, slots=1, on_stop=lambda v: None).generate(
+        [GenRequest(prompt, SamplingParams(max_new_tokens=30, stop_token_ids=[greedy_ref[i]], **GREEDY))])
+    assert res[0].finish_reason == "stop" and res[0].token_ids == greedy_ref[:i + 1]
+
+
+def test_text_and_timing_fields(model, tok, prompt):
+    eng = _engine(model, tok, slots=4)
+    res = eng.generate([GenRequest(prompt, SamplingParams(max_new_tokens=8, temperature=1.0, n=3, seed=1),
+                                   request_id="q", group_id=7, meta={"answer": "47"})])
+    assert [(r.request_id, r.sample_index, r.group_id, r.meta["answer"]) for r in res] == \
+        [("q", i, 7, "47") for i in range(3)]
+    for r in res:
+        assert r.text == tok.decode(r.token_ids, skip_special_tokens=False)
+        assert r.prompt_ids == prompt
+        assert 0 < r.prefill_s <= r.ttft_s and r.decode_s > 0
+    assert eng.last_stats.n_prefills == 1 and eng.last_stats.prompt_tokens == len(prompt)
