@@ -168,7 +168,9 @@ class WorkersSection:
     num_cpus: float = 1.0
     max_restarts: int = 3                # per step, restarts of dead workers before giving up
     cluster_address: str | None = None   # None: local Ray (or "auto" when RAY_ADDRESS is set)
+    local_dashboard: bool = False        # local Ray: start the dashboard / job server (bound below)
     dashboard_host: str = "127.0.0.1"    # local Ray: dashboard / job server bind address
+    engine_slots: int = 64               # rows decoded together per worker
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -195,6 +197,7 @@ class GRPOConfig:
     eval_samples: int = 4                # completions per held-out prompt (pass@k needs k <= this)
     eval_k: int = 4
     eval_temperature: float = 1.0
+    eval_correct_threshold: float = 1.0  # a sample counts as correct for pass@k when reward >= this
     checkpoint_every: int = 0            # 0 = only at the end
     keep_checkpoints: int = 2
     resume: bool = False

@@ -174,6 +174,7 @@ class Learner:
             seq_sum_const=cfg.seq_sum_const, kl_coef=cfg.algo.kl_coef, tis_cap=cfg.algo.tis_cap)
         self.version = 0
         self.optimizer_steps = 0
+        self._last_export = {"bytes": 0.0, "seconds": 0.0}
         if self.sec.backend == "deepspeed":
             _init_single_process_dist()
             self.ds_config = deepspeed_config(self.sec, self.device.type == "cuda")
@@ -311,7 +312,14 @@ class Learner:
     # ------------------------------------------------------------------ weights
     def export_weights(self) -> PolicyWeights:
         """The current policy for the generation workers (ternary packed, the rest as is)."""
-        return export_policy(self.model, self.version)
+        t0 = time.perf_counter()
+        w = export_policy(self.model, self.version)
+        self._last_export = {"bytes": float(w.nbytes), "seconds": time.perf_counter() - t0}
+        return w
+
+    def last_export_stats(self) -> dict[str, float]:
+        """Bytes and seconds of the last `export_weights` (for the sync metrics)."""
+        return dict(self._last_export)
 
     # ------------------------------------------------------------------ checkpoints
     def optimizer_state(self) -> dict:

@@ -1,0 +1,407 @@
+"""GRPO on Ray: the driver loop.
+
+    python -m rl.grpo --config configs/grpo_tiny.yaml [--output-dir DIR] [--resume] [key=value ...]
+    bitmamba grpo --config configs/grpo_tiny.yaml
+    ray job submit --working-dir . -- python -m rl.grpo --config configs/grpo_tiny.yaml
+
+Setup: connect to Ray (a cluster when `workers.cluster_address` is set or RAY_ADDRESS is in the
+environment, else a local one bound to 127.0.0.1), start the learner actor (DeepSpeed) and the
+generation actors, the reward pool, the metrics writer; restore the latest checkpoint on --resume.
+Loop, one step:
+  1. sample prompts (the data position is one integer; too-long prompts truncated or dropped)
+  2. generate a group of n completions per prompt (one prefill per prompt) on the workers
+  3. score them in the reward pool (timeouts and crashes become the fallback reward)
+  4. group advantages; dynamic sampling drops zero-std groups and goes back to 1 for more prompts
+  5. learner update (minibatches of micro-batches packed by token budget)
+  6. sync: the learner's packed weights go into the object store once, every worker loads them
+  7. log metrics.jsonl (+ wandb offline, + console); eval every K; checkpoint every K
+With `one_step_off_policy`, generation of the next batch (with the weights before this update)
+runs while the learner updates; truncated IS corrects for the one-version lag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from model.errors import ConfigError
+from model.typed import to_dict
+from rewards import RewardPool
+from rl import algo
+from rl.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from rl.grpo_config import GRPOConfig, build_tokenizer, load_grpo_config
+from rl.learner import Learner, TrainBatch
+from rl.metrics import MetricsWriter
+from rl.tasks import make_task
+from rl.workers import GenerationWorker, PromptJob, WorkerGroup
+from rollout.types import GenResult, SamplingParams
+
+log = logging.getLogger("rl.grpo")
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray
+
+
+def connect_ray(cfg: GRPOConfig) -> bool:
+    """Connect to (or start) Ray; returns True when this process started it (and must stop it)."""
+    if ray.is_initialized():
+        return False
+    sec = cfg.workers
+    address = sec.cluster_address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    need = cfg.learner.num_cpus + sec.num_workers * sec.num_cpus
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=sec.local_dashboard,
+             dashboard_host=sec.dashboard_host, log_to_driver=True)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass
+class PromptRow:
+    index: int                 # train-split row index (the data position)
+    row: dict[str, Any]        # the task row (prompt, reward fields)
+    ids: list[int]             # prompt token ids (after truncation)
+
+
+@dataclass
+class PromptSource:
+    """The train stream with the context-limit policy; `pos` is all the state resume needs."""
+
+    task: Any
+    tokenizer: Any
+    limit: int                 # longest allowed prompt in tokens
+    policy: str                # truncate | drop
+    pos: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    def encode(self, text: str) -> list[int] | None:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) <= self.limit:
+            return ids
+        if self.policy == "drop":
+            self.dropped += 1
+            return None
+        self.truncated += 1
+        return ids[-self.limit:]          # keep the end of the prompt (where the question is)
+
+    def take(self, count: int) -> list[PromptRow]:
+        out: list[PromptRow] = []
+        misses = 0
+        while len(out) < count:
+            row = self.task.row("train", self.pos)
+            ids = self.encode(row["prompt"])
+            if ids is not None:
+                out.append(PromptRow(self.pos, row, ids))
+                misses = 0
+            else:
+                misses += 1
+                if misses > 1000:
+                    raise ConfigError(f"1000 prompts in a row exceed the context limit of {self.limit} tokens "
+                                      "(model.max_seq_len - sampling.max_new_tokens - 1)")
+            self.pos += 1
+        return out
+
+
+def job_seed(seed: int, index: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + index * 7919 + salt * 104_729) % (1 << 62)
+
+
+# ------------------------------------------------------------------------------------------------
+# One rollout batch
+
+
+@dataclass
+class Rollout:
+    prompts: list[PromptRow]
+    results: list[GenResult]             # [len(prompts) * G], grouped
+    rewards: list[float | None]          # [N] after shaping
+    advantages: list[float]              # [N]
+    valid: list[bool]                    # [N]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Driver:
+    """Owns the actors, the reward pool and the run state; `run()` is the loop."""
+
+    def __init__(self, cfg: GRPOConfig, init_dir: str | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.owns_ray = connect_ray(cfg)
+        self.tokenizer = build_tokenizer(cfg.model)
+        self.task = make_task(cfg.task.name, cfg.task.path, seed=cfg.seed, eval_path=cfg.task.eval_path,
+                              prompt_key=cfg.task.prompt_key, **cfg.task.kwargs)
+        limit = cfg.model.max_seq_len - cfg.sampling.max_new_tokens - 1
+        self.prompts = PromptSource(self.task, self.tokenizer, limit, cfg.task.prompt_too_long)
+        RemoteLearner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)(Learner)
+        self.learner = RemoteLearner.remote(cfg, init_dir)
+        model_config = ray.get(self.learner.get_model_config.remote())
+        if len(self.tokenizer) > model_config["vocab_size"]:
+            raise ConfigError(f"tokenizer {cfg.model.tokenizer!r} has {len(self.tokenizer)} tokens but the model's "
+                              f"vocab_size is {model_config['vocab_size']}")
+        RemoteWorker = ray.remote(num_cpus=cfg.workers.num_cpus, num_gpus=cfg.workers.num_gpus)(GenerationWorker)
+        self.workers = WorkerGroup(RemoteWorker, {"model_config": model_config, "model_section": cfg.model,
+                                                  "slots": cfg.workers.engine_slots},
+                                   cfg.workers.num_workers, cfg.workers.max_restarts)
+        self.rewards = RewardPool([to_dict(r) for r in cfg.rewards], num_workers=cfg.reward_pool.num_workers,
+                                  timeout_s=cfg.reward_pool.timeout_s, fallback=cfg.reward_pool.fallback)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
+        self.step = 0
+        if cfg.resume:
+            self._resume()
+        self.sync_stats = self.sync_weights()
+        self.metrics = MetricsWriter(self.out, wandb={"project": cfg.wandb_project} if cfg.wandb else False,
+                                     config=to_dict(cfg), resume_step=self.step if cfg.resume else None)
+
+    # -------------------------------------------------------------- setup helpers
+    def _resume(self) -> None:
+        path = self.ckpt.latest()
+        if path is None:
+            warnings.warn(f"--resume: no complete checkpoint under {self.ckpt.root}; starting from step 0",
+                          stacklevel=2)
+            return
+        extra = ray.get(self.learner.load_checkpoint.remote(str(path)))
+        self.step = int(extra["step"])
+        self.prompts.pos = int(extra["data_pos"])
+        restore_rng_state(extra["rng"])
+        log.info("resumed from %s (step %d, data position %d)", path, self.step, self.prompts.pos)
+
+    def sampling_params(self, n: int, temperature: float | None = None) -> SamplingParams:
+        s = self.cfg.sampling
+        return SamplingParams(max_new_tokens=s.max_new_tokens,
+                              temperature=s.temperature if temperature is None else temperature,
+                              top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, stop_strings=list(s.stop_strings),
+                              eos_token_id=self.tokenizer.eos_token_id, n=n, seed=0)
+
+    def sync_weights(self) -> dict[str, float]:
+        """Learner -> object store (once) -> every worker."""
+        t0 = time.perf_counter()
+        ref = self.learner.export_weights.remote()        # the return value lives in the object store
+        self.workers.load_weights(ref)
+        stats = ray.get(self.learner.last_export_stats.remote())
+        return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": stats["bytes"],
+                "sync/export_s": stats["seconds"]}
+
+    # -------------------------------------------------------------- rollout
+    def generate(self, rows: list[PromptRow], n: int, salt: int = 0, temperature: float | None = None,
+                 split: str = "train") -> tuple[list[GenResult], dict]:
+        jobs = [PromptJob(f"{split}-{r.index:09d}", r.ids, job_seed(self.cfg.seed, r.index, salt)) for r in rows]
+        return self.workers.generate(jobs, self.sampling_params(n, temperature))
+
+    def score(self, rows: list[PromptRow], results: list[GenResult], n: int):
+        prompts = [rows[i // n].row["prompt"] for i in range(len(results))]
+        fields = [{k: v for k, v in rows[i // n].row.items() if k != "prompt"} for i in range(len(results))]
+        completions = [r.text or "" for r in results]
+        return self.rewards.score(prompts, completions, fields)
+
+    def rollout(self) -> Rollout:
+        """Steps 1-4: prompts -> groups -> rewards -> advantages (+ dynamic sampling rounds)."""
+        cfg, G = self.cfg, self.cfg.group_size
+        kept_rows: list[PromptRow] = []
+        kept_res: list[GenResult] = []
+        kept_rew: list[float | None] = []
+        t_gen = t_score = 0.0
+        m: dict[str, float] = {}
+        all_rewards: list[float | None] = []
+        all_lens: list[int] = []
+        all_finish: list[str] = []
+        zero_std = groups_seen = 0
+        rounds = 0
+        score_metrics: dict[str, float] = {}
+        need = cfg.prompts_per_step
+        while need > 0:
+            rows = self.prompts.take(need)
+            t0 = time.perf_counter()
+            results, wstats = self.generate(rows, G)
+            t_gen += time.perf_counter() - t0
+            for k, v in wstats.items():
+                m[k] = m.get(k, 0.0) + v
+            t0 = time.perf_counter()
+            scored = self.score(rows, results, G)
+            t_score += time.perf_counter() - t0
+            if not score_metrics:
+                score_metrics = scored.metrics("reward/")
+            rewards = list(scored.rewards)
+            if cfg.algo.overlong_buffer > 0:
+                pen = algo.overlong_penalty([r.num_tokens for r in results], cfg.sampling.max_new_tokens,
+                                            cfg.algo.overlong_buffer, cfg.algo.overlong_factor).tolist()
+                rewards = [None if r is None else r + p for r, p in zip(rewards, pen)]
+            all_rewards += rewards
+            all_lens += [r.num_tokens for r in results]
+            all_finish += [r.finish_reason for r in results]
+            keep = algo.informative_groups(rewards, G).tolist()
+            zero_std += keep.count(False)
+            groups_seen += len(keep)
+            for g, ok in enumerate(keep):
+                if ok or not cfg.algo.dynamic_sampling:
+                    kept_rows.append(rows[g])
+                    kept_res += results[g * G:(g + 1) * G]
+                    kept_rew += rewards[g * G:(g + 1) * G]
+            rounds += 1
+            if not cfg.algo.dynamic_sampling or rounds > cfg.algo.max_resample_rounds:
+                break
+            need = cfg.prompts_per_step - len(kept_rows)
+        kept_rows, kept_res, kept_rew = (kept_rows[:cfg.prompts_per_step], kept_res[:cfg.prompts_per_step * G],
+                                         kept_rew[:cfg.prompts_per_step * G])
+        adv, valid = algo.group_advantages(kept_rew, G, mode=cfg.algo.advantage, eps=cfg.algo.adv_eps)
+        vals = [r for r in all_rewards if r is not None]
+        mean = sum(vals) / len(vals) if vals else float("nan")
+        m.update(score_metrics)
+        m.update({
+            "reward_mean": mean,
+            "reward_std": math.sqrt(sum((r - mean) ** 2 for r in vals) / len(vals)) if vals else float("nan"),
+            "frac_zero_std_groups": zero_std / max(groups_seen, 1),
+            "response_len_mean": sum(all_lens) / max(len(all_lens), 1),
+            "response_len_max": float(max(all_lens, default=0)),
+            "response_clip_ratio": all_finish.count("length") / max(len(all_finish), 1),
+            "rollout/rounds": float(rounds),
+            "rollout/groups_kept": float(len(kept_rows)),
+            "time/generate": t_gen,
+            "time/score": t_score,
+            "tokens_per_s": sum(all_lens) / t_gen if t_gen > 0 else 0.0,
+            "data/position": float(self.prompts.pos),
+            "data/prompts_truncated": float(self.prompts.truncated),
+            "data/prompts_dropped": float(self.prompts.dropped),
+        })
+        return Rollout(kept_rows, kept_res, kept_rew, adv.tolist(), valid.tolist(), m)
+
+    def train_batch(self, ro: Rollout) -> TrainBatch:
+        masks = []
+        for r, ok in zip(ro.results, ro.valid):
+            keep = ok and not (self.cfg.algo.mask_truncated and r.finish_reason == "length")
+            sm = r.sampled_mask or [1] * len(r.token_ids)
+            masks.append([float(s) if keep else 0.0 for s in sm])
+        return TrainBatch(prompt_ids=[list(r.prompt_ids) for r in ro.results],
+                          completion_ids=[list(r.token_ids) for r in ro.results],
+                          rollout_logprobs=[list(r.model_logprobs) for r in ro.results],
+                          loss_mask=masks, advantages=list(ro.advantages))
+
+    # -------------------------------------------------------------- eval / checkpoint
+    def evaluate(self) -> dict[str, float]:
+        cfg, n = self.cfg, self.cfg.eval_samples
+        rows = []
+        for i in range(cfg.task.eval_size):
+            row = self.task.row("eval", i)
+            ids = self.prompts.encode(row["prompt"])
+            if ids is not None:
+                rows.append(PromptRow(i, row, ids))
+        if not rows:
+            return {}
+        t0 = time.perf_counter()
+        results, _ = self.generate(rows, n, temperature=cfg.eval_temperature, split="eval")
+        scored = self.score(rows, results, n)
+        vals = [r for r in scored.rewards if r is not None]
+        p1, pk = [], []
+        for g in range(len(rows)):
+            rs = scored.rewards[g * n:(g + 1) * n]
+            c = sum(1 for r in rs if r is not None and r >= cfg.eval_correct_threshold)
+            p1.append(algo.pass_at_k(n, c, 1))
+            pk.append(algo.pass_at_k(n, c, cfg.eval_k))
+        return {"eval/reward_mean": sum(vals) / max(len(vals), 1), "eval/pass@1": sum(p1) / len(p1),
+                f"eval/pass@{cfg.eval_k}": sum(pk) / len(pk), "time/eval": time.perf_counter() - t0}
+
+    def checkpoint(self) -> str:
+        extra = {"step": self.step, "data_pos": self.prompts.pos, "rng": capture_rng_state(),
+                 "config": to_dict(self.cfg)}
+        return ray.get(self.learner.save_checkpoint.remote(str(self.ckpt.root), self.step, extra,
+                                                           self.cfg.keep_checkpoints))
+
+    # -------------------------------------------------------------- the loop
+    def run(self) -> dict[str, float]:
+        cfg = self.cfg
+        last: dict[str, float] = {}
+        prefetched: Rollout | None = None
+        while self.step < cfg.steps:
+            self.step += 1
+            t_step = time.perf_counter()
+            ro = prefetched if prefetched is not None else self.rollout()          # 1-4
+            prefetched = None
+            batch = self.train_batch(ro)
+            t0 = time.perf_counter()
+            update = self.learner.update.remote(batch)                            # 5 (async)
+            if cfg.one_step_off_policy and self.step < cfg.steps:
+                prefetched = self.rollout()                                       # overlaps the update
+            learn = ray.get(update)
+            t_learn = time.perf_counter() - t0
+            sync = self.sync_weights()                                            # 6
+            m = dict(ro.metrics)
+            m.update(learn)
+            m.update(sync)
+            m.update({"time/learn": t_learn, "time/sync": sync["sync/seconds"],
+                      "time/step": time.perf_counter() - t_step, "policy_version": float(self.step)})
+            if cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                m.update(self.evaluate())                                          # 7
+            if prefetched is not None:
+                # the prefetched prompts are consumed: a checkpoint now must not skip them on resume
+                data_pos, self.prompts.pos = self.prompts.pos, self.prompts.pos - len(prefetched.prompts)
+            if (cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
+                self.checkpoint()
+            if prefetched is not None:
+                self.prompts.pos = data_pos
+            last = self.metrics.log(self.step, **m)
+        return last
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.rewards.close()
+        self.workers.shutdown()
+        ray.kill(self.learner, no_restart=True)
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def run(cfg: GRPOConfig, init_dir: str | None = None) -> dict[str, float]:
+    """Run GRPO to `cfg.steps`; returns the last step's metrics record."""
+    driver = Driver(cfg, init_dir)
+    try:
+        return driver.run()
+    finally:
+        driver.close()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bitmamba grpo", description="GRPO fine-tuning on Ray")
+    p.add_argument("--config", required=True, help="YAML config (see configs/grpo_tiny.yaml)")
+    p.add_argument("--output-dir", help="overrides output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--init", help="initial policy directory (a save_pretrained / checkpoint dir)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.resume:
+        overrides.append("resume=true")
+    cfg = load_grpo_config(args.config, overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    last = run(cfg, init_dir=args.init)
+    print(f"done: {cfg.steps} steps, reward_mean {last.get('reward_mean', float('nan')):.3f}, "
+          f"output in {cfg.output_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from rl.cli import run_main
+
+    sys.exit(run_main(main, sys.argv[1:]))

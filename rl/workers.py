@@ -1,0 +1,170 @@
+"""Generation workers: a plain class doing the work, and an actor group that owns placement and faults.
+
+    RemoteWorker = ray.remote(num_cpus=1, num_gpus=0.25)(GenerationWorker)   # at launch, in rl/grpo.py
+    group = WorkerGroup(RemoteWorker, worker_kwargs, num_workers=2)
+    group.load_weights(weights_ref)                 # one object-store reference for every worker
+    samples = group.generate(jobs, params)          # sharded by prompt; dead workers restarted
+
+Every prompt is a `PromptJob` with a unique `uid` and its own seed, and is sampled as one engine
+request with `n = group size` (one prefill shared by the group). Its samples are `uid/0 .. uid/n-1`.
+Because sampling seeds derive from (job seed, sample index) only, a prompt regenerated on another
+worker after a crash yields the same samples, and the group checks that every sample id is present
+exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from model.errors import BitMambaError
+from rl.grpo_config import ModelSection, build_tokenizer, model_from_config
+from rl.weight_sync import PolicyWeights, load_into
+from rollout.backend import make_backend
+from rollout.engine import Engine
+from rollout.types import GenRequest, GenResult, SamplingParams
+
+log = logging.getLogger("rl.workers")
+
+ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+@dataclass
+class PromptJob:
+    uid: str                 # unique across the run, e.g. "s00012-p003"
+    prompt_ids: list[int]
+    seed: int                # sampling seed of this prompt's group
+
+
+def sample_id(uid: str, index: int) -> str:
+    return f"{uid}/{index}"
+
+
+class GenerationWorker:
+    """Wraps the rollout engine over a decode backend for one model replica (CPU or one GPU share)."""
+
+    def __init__(self, model_config: dict, model_section: ModelSection, slots: int = 16,
+                 sync_every: int = 8):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model_from_config(model_config).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = build_tokenizer(model_section)
+        self.backend = make_backend(self.model, model_section.backend)
+        self.engine = Engine(self.backend, self.tokenizer, slots=slots, sync_every=sync_every)
+        self.version = -1
+        self._crash_next = False
+
+    def ping(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": self.version, "device": str(self.device),
+                "backend": type(self.backend).__name__}
+
+    def load_weights(self, weights: PolicyWeights) -> int:
+        """Load a policy version (the driver passes the object-store reference; Ray resolves it)."""
+        load_into(self.model, weights)
+        self.backend.refresh_weights()
+        self.version = weights.version
+        return self.version
+
+    def generate(self, jobs: list[PromptJob], params: SamplingParams) -> list[GenResult]:
+        """All `params.n` samples of every job, ordered by job then sample index."""
+        if self._crash_next:       # fault injection (tests): die like a killed process, mid-rollout
+            os._exit(17)
+        reqs = [GenRequest(j.prompt_ids, replace(params, seed=j.seed), request_id=j.uid) for j in jobs]
+        with torch.no_grad():
+            return self.engine.generate(reqs)
+
+    def crash_on_next_generate(self) -> None:
+        """Fault injection: the next `generate` call kills this worker's process."""
+        self._crash_next = True
+
+    @torch.no_grad()
+    def logits(self, input_ids: list[int]) -> torch.Tensor:
+        """Eval-mode logits of one sequence [T, V] (for sync checks)."""
+        ids = torch.tensor([input_ids], device=self.device)
+        return self.model(ids).logits[0].float().cpu()
+
+
+class WorkerGroup:
+    """A set of generation actors: shards prompts, restarts dead actors, resyncs, regenerates.
+
+    remote_cls: `ray.remote(...)(GenerationWorker)`; kwargs: its constructor arguments.
+    """
+
+    def __init__(self, remote_cls, kwargs: dict, num_workers: int, max_restarts: int = 3):
+        self.remote_cls = remote_cls
+        self.kwargs = kwargs
+        self.max_restarts = max_restarts
+        self.actors = [self._spawn() for _ in range(num_workers)]
+        self.weights_ref = None
+        self.restarts = 0
+        ray.get([a.ping.remote() for a in self.actors])
+
+    def _spawn(self):
+        return self.remote_cls.options(max_restarts=0, max_task_retries=0).remote(**self.kwargs)
+
+    def load_weights(self, weights_ref) -> list[int]:
+        """Every worker loads the same object-store reference; remembered for restarts."""
+        self.weights_ref = weights_ref
+        return ray.get([a.load_weights.remote(weights_ref) for a in self.actors])
+
+    def _restart(self, w: int, reason: Exception) -> None:
+        log.warning("generation worker %d died (%s); restarting and resyncing weights", w,
+                    type(reason).__name__)
+        try:
+            ray.kill(self.actors[w], no_restart=True)
+        except Exception:  # already gone; nothing to clean up
+            pass
+        self.actors[w] = self._spawn()
+        if self.weights_ref is not None:
+            ray.get(self.actors[w].load_weights.remote(self.weights_ref))
+
+    def generate(self, jobs: list[PromptJob], params: SamplingParams) -> tuple[list[GenResult], dict]:
+        """Samples of every job (ordered by job, then sample index) and stats (restarts, regenerated)."""
+        W = len(self.actors)
+        shards = [jobs[w::W] for w in range(W)]
+        pending = {self.actors[w].generate.remote(shards[w], params): w for w in range(W) if shards[w]}
+        by_uid: dict[str, list[GenResult]] = {}
+        restarts, regenerated = 0, 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            w = pending.pop(ref)
+            try:
+                results = ray.get(ref)
+            except ACTOR_FAILURES as e:
+                restarts += 1
+                self.restarts += 1
+                if restarts > self.max_restarts:
+                    raise BitMambaError(f"generation worker {w} died {restarts} times in one step "
+                                        f"(last: {e}); giving up") from None
+                self._restart(w, e)
+                regenerated += len(shards[w])
+                pending[self.actors[w].generate.remote(shards[w], params)] = w
+                continue
+            for r in results:
+                by_uid.setdefault(r.request_id, []).append(r)
+        out: list[GenResult] = []
+        for j in jobs:
+            got = sorted(by_uid.get(j.uid, []), key=lambda r: r.sample_index)
+            if [r.sample_index for r in got] != list(range(params.n)):
+                raise RuntimeError(f"prompt {j.uid}: got samples {[r.sample_index for r in got]}, "
+                                   f"expected 0..{params.n - 1}")
+            out.extend(got)
+        return out, {"workers/restarts": float(restarts), "workers/regenerated_prompts": float(regenerated)}
+
+    def ping(self) -> list[dict]:
+        return ray.get([a.ping.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already dead
+                pass
+        self.actors = []
