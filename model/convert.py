@@ -52,22 +52,14 @@ def ternary_scale(w: torch.Tensor | np.ndarray) -> np.float32:
     return np.float32(1.0 / max(mean, SCALE_EPS))
 
 
-def _scale_of_uniform(nnz: int, n: int, a: np.float32, b: np.float32 | None = None) -> np.float32:
-    """ternary_scale of a matrix with nnz entries of magnitude a (one of them b if given), rest 0.
-
-    Exact shortcut of `ternary_scale`: the float64 sum of such values is exact, so it equals
-    sum / n computed the same way.
-    """
-    total = (nnz - 1) * float(a) + float(b) if b is not None else nnz * float(a)
-    return np.float32(1.0 / max(total / n, SCALE_EPS))
-
-
 def latent_from_ternary(codes: np.ndarray, scale: np.float32, name: str = "") -> np.ndarray:
     """Latent fp32 weight W whose recomputed (codes, scale) equal the given ones exactly.
 
-    W = codes * a with a ~ N/(nnz*s), nudged by ulps until ternary_scale(W) == scale. Codes are
-    reproduced since |W|*s' = N/nnz >= 1 for nonzeros. If no single `a` hits the scale (the
-    scale's ulp can be finer than a's), one nonzero takes a slightly different magnitude b.
+    Zeros stay 0; nonzeros get magnitude a or a' = nextafter(a) (the first m nonzeros in row-major
+    order take a'), with a ~ N/(nnz*s) and m found by bisection so that `ternary_scale(W)`, which
+    is 1/(sum|W|/N) with an exact float64 sum here, equals `scale` bit for bit. Mixing two adjacent
+    magnitudes makes the mean fine-grained enough to hit any fp32 scale (a single magnitude misses
+    about one scale in ten). Codes are reproduced since |W|*s' ~ N/nnz >= 1 for nonzeros.
     An all-zero matrix gives W = 0 (its scale is 1e5 whatever was stored; the output is 0 anyway).
     """
     codes = np.asarray(codes, dtype=np.int8)
@@ -79,33 +71,35 @@ def latent_from_ternary(codes: np.ndarray, scale: np.float32, name: str = "") ->
             log.warning("%s: all codes are zero; stored scale %r cannot be kept (export writes %r)",
                         name, float(scale), float(np.float32(1.0 / SCALE_EPS)))
         return np.zeros(codes.shape, dtype=np.float32)
-    a0 = np.float32(n / (nnz * float(scale)))
 
-    def ulps(x: np.float32, k: int) -> np.float32:
-        d = np.float32(np.inf) if k > 0 else np.float32(-np.inf)
-        for _ in range(abs(k)):
-            x = np.nextafter(x, d)
-        return x
+    def s_of(total: float) -> np.float32:  # ternary_scale given the (exact) float64 sum of |W|
+        return np.float32(1.0 / max(total / n, SCALE_EPS))
 
-    found: tuple[np.float32, np.float32 | None] | None = None
-    for k in sorted(range(-64, 65), key=abs):
-        a = ulps(a0, k)
-        if a > 0 and _scale_of_uniform(nnz, n, a) == scale:
-            found = (a, None)
+    up, down = np.float32(np.inf), np.float32(0)
+    a = np.float32(n / (nnz * float(scale)))
+    for _ in range(1024):  # bracket: s_of(nnz*a) >= scale >= s_of(nnz*a')
+        if s_of(nnz * float(a)) < scale:
+            a = np.nextafter(a, down)
+        elif s_of(nnz * float(np.nextafter(a, up))) > scale:
+            a = np.nextafter(a, up)
+        else:
             break
-    if found is None and nnz > 1:
-        for k in sorted(range(-4096, 4097), key=abs):
-            b = ulps(a0, k)
-            if b > 0 and _scale_of_uniform(nnz, n, a0, b) == scale:
-                found = (a0, b)
-                break
-    if found is None:
-        raise CheckpointError(f"{name}: cannot build a latent weight that reproduces scale {float(scale)!r}")
-    a, b = found
-    w = codes.astype(np.float32) * a
-    if b is not None:
-        i = int(np.flatnonzero(codes.reshape(-1))[0])
-        w.reshape(-1)[i] = np.float32(codes.reshape(-1)[i]) * b
+    a1 = np.nextafter(a, up)
+    step = float(a1) - float(a)
+    lo, hi = 0, nnz  # smallest m with s_of(nnz*a + m*step) <= scale (non-increasing in m)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if s_of(nnz * float(a) + mid * step) <= scale:
+            hi = mid
+        else:
+            lo = mid + 1
+    m = lo
+    if s_of(nnz * float(a) + m * step) != scale:
+        raise CheckpointError(f"{name}: cannot build a latent weight that reproduces scale {float(scale)!r} "
+                              f"({nnz} nonzero codes of {n})")
+    mag = np.full(n, a, dtype=np.float32)
+    mag[np.flatnonzero(codes.reshape(-1))[:m]] = a1
+    w = (codes.reshape(-1).astype(np.float32) * mag).reshape(codes.shape)
     got = ternary_scale(w)
     if got != scale:  # the shortcut above must agree with the real function
         raise CheckpointError(f"{name}: latent weight gives scale {float(got)!r}, stored {float(scale)!r}")

@@ -164,7 +164,8 @@ def test_writer_rejects_bad_record_and_writes_nothing(tmp_path):
 
 @pytest.mark.parametrize("n,nnz,scale", [
     (262 * 64, 11000, 4.182349),
-    (1077, 639, 1.6704385),  # no single magnitude hits this scale: one entry gets its own
+    (1077, 639, 1.6704385),  # no single magnitude hits this scale: two adjacent magnitudes needed
+    (1 << 20, 700_001, 2.7182817),
     (3369, 1722, 3.8886359),
     (64, 1, 0.02),
 ])
