@@ -192,7 +192,8 @@ class RewardPool:
     timeout_s: per call (per sample; per chunk for batched functions), unless a spec sets its own.
     memory_limit_mb: address-space limit (RLIMIT_AS) of each worker; None for none.
     fallback: reward for a failed call (None: exclude the sample); a spec's own fallback wins.
-    chunk_size: samples per message to a worker (default: n / (4 * workers), between 1 and 256).
+    chunk_size: samples per message to a worker (default: n / (4 * workers), between 8 and 256);
+        a batched function is called once per chunk.
     """
 
     def __init__(self, functions: Any, num_workers: int = 2, timeout_s: float | None = 10.0,
@@ -290,7 +291,7 @@ class RewardPool:
         return self._assemble(out, completions, time.perf_counter() - t0)
 
     def _chunks(self, n: int) -> list[list[int]]:
-        size = self.chunk_size or max(1, min(256, math.ceil(n / (4 * max(self.num_workers, 1)))))
+        size = self.chunk_size or max(8, min(256, math.ceil(n / (4 * max(self.num_workers, 1)))))
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
     def _run_pool(self, prompts, completions, fields, out) -> None:
