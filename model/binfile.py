@@ -122,11 +122,16 @@ class BinModel:
 
 def bin_layout(h: BinHeader) -> list[tuple[str, int, tuple[int, ...]]]:
     """Expected records in file order: (our parameter name, record type, shape)."""
+    return list(iter_layout(h))
+
+
+def iter_layout(h: BinHeader) -> Iterator[tuple[str, int, tuple[int, ...]]]:
+    """`bin_layout` lazily (a corrupt header with a huge n_layers fails at the first missing record)."""
     d, di, H, V = h.d_model, h.d_inner, h.n_heads, h.vocab
-    out: list[tuple[str, int, tuple[int, ...]]] = [("embedding.weight", TYPE_FP32, (V, d))]
+    yield ("embedding.weight", TYPE_FP32, (V, d))
     for i in range(h.n_layers):
         p = f"layers.{i}.mixer."
-        out += [
+        yield from [
             (p + "in_proj.norm.weight", TYPE_FP32, (d,)),
             (p + "in_proj.weight", TYPE_TERNARY, (h.d_in_proj, d)),
             (p + "conv1d.weight", TYPE_FP32, (di, 1, D_CONV)),
@@ -137,12 +142,9 @@ def bin_layout(h: BinHeader) -> list[tuple[str, int, tuple[int, ...]]]:
             (p + "out_proj.norm.weight", TYPE_FP32, (di,)),
             (p + "out_proj.weight", TYPE_TERNARY, (d, di)),
         ]
-    out += [
-        ("norm_f.weight", TYPE_FP32, (d,)),
-        ("lm_head.norm.weight", TYPE_FP32, (d,)),
-        ("lm_head.weight", TYPE_TERNARY, (V, d)),
-    ]
-    return out
+    yield ("norm_f.weight", TYPE_FP32, (d,))
+    yield ("lm_head.norm.weight", TYPE_FP32, (d,))
+    yield ("lm_head.weight", TYPE_TERNARY, (V, d))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,8 +216,7 @@ def read_bin(path: str | Path) -> BinModel:
     header.check(str(path))
 
     records: list[Record] = []
-    layout = bin_layout(header)
-    for idx, (name, rtype, shape) in enumerate(layout):
+    for idx, (name, rtype, shape) in enumerate(iter_layout(header)):
         start = cur.pos
         cur.what = f"record {idx} ({name}) starting at offset {start}"
         (found,) = cur.ints(1)

@@ -120,8 +120,9 @@ def hf_config_to_ours(hf: dict, where: str = "config.json", no_quant: bool = Fal
         raise ConfigError(f"{where}: {e}") from None
 
 
-def load_safetensors_dir(src: Path) -> dict[str, torch.Tensor]:
-    """All tensors of `model.safetensors`, or of the shards named in `model.safetensors.index.json`."""
+def load_safetensors_dir(src: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """All tensors of `model.safetensors`, or of the shards named in `model.safetensors.index.json`,
+    and the file that names them (for error messages)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -146,7 +147,7 @@ def load_safetensors_dir(src: Path) -> dict[str, torch.Tensor]:
             out.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
-    return out
+    return out, (single if single.is_file() else index)
 
 
 def hf_weight_map(cfg: BitMambaConfig) -> dict[str, str]:
@@ -228,6 +229,6 @@ def load_hf_mamba2(src: str | Path, no_quant: bool = False) -> tuple[BitMambaCon
     if not isinstance(hf, dict):
         raise ConfigError(f"{cfg_path}: expected a JSON object at the top level")
     cfg = hf_config_to_ours(hf, str(cfg_path), no_quant=no_quant)
-    sd = hf_state_dict_to_ours(load_safetensors_dir(src), cfg, str(src),
-                               use_conv_bias=bool(hf.get("use_conv_bias", True)))
+    tensors, weights_file = load_safetensors_dir(src)
+    sd = hf_state_dict_to_ours(tensors, cfg, str(weights_file), use_conv_bias=bool(hf.get("use_conv_bias", True)))
     return cfg, sd

@@ -144,6 +144,14 @@ def test_invalid_code_3(tmp_path):
         read_bin(_write(tmp_path, bytes(data)))
 
 
+def test_corrupt_header_huge_n_layers_fails_fast(tmp_path):
+    data = encode_bin(random_bin())
+    bad = bytearray(data)
+    struct.pack_into("<i", bad, 12, 2**30)  # n_layers
+    with pytest.raises(CheckpointError, match=r"bad\.bin: record 20 \(layers\.2\.mixer\.in_proj\.weight\).*found type 0"):
+        read_bin(_write(tmp_path, bytes(bad)))
+
+
 def test_header_d_model_not_multiple_of_4(tmp_path):
     data = struct.pack("<5i", MAGIC, 64, 18, 1, 2)
     with pytest.raises(CheckpointError, match=r"bad\.bin: d_model = 18 is not a multiple of 4"):

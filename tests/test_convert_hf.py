@@ -133,7 +133,7 @@ def test_missing_tensor(hf_g1, tmp_path):
     sd = load_file(str(d / "model.safetensors"))
     del sd["backbone.layers.1.mixer.A_log"]
     save_file(sd, str(d / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"tensor backbone\.layers\.1\.mixer\.A_log missing"):
+    with pytest.raises(CheckpointError, match=r"x/model\.safetensors: tensor backbone\.layers\.1\.mixer\.A_log missing"):
         import_hf(d)
 
 
@@ -142,7 +142,7 @@ def test_wrong_tensor_shape(hf_g1, tmp_path):
     sd = load_file(str(d / "model.safetensors"))
     sd["backbone.norm_f.weight"] = torch.ones(63)
     save_file(sd, str(d / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"backbone\.norm_f\.weight has shape \[63\], config\.json implies \[64\]"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor backbone\.norm_f\.weight has shape \[63\], config\.json implies \[64\]"):
         import_hf(d)
 
 
