@@ -15,9 +15,12 @@ How it runs (top to bottom in `generate`):
    token, stop sequence, stop string, length); tokens sampled past it are discarded. Finished samples
    free their slot, idle slots are reset, and step 1 refills them.
 
-Pausing (multi-turn tool use, issue 8): `on_stop(view) -> list[int] | None` is called when a sample
-hits a stop token/sequence/string. Returning token ids injects them (`backend.extend` continues the
-sample's recurrent state over them, no re-prefill) and the sample resumes; None finishes it ("stop").
+Pausing (multi-turn tool use, issue 8): `on_stop(view) -> list[int] | Future | None` is called when a
+sample hits a stop token/sequence/string. Returning token ids injects them (`backend.extend` continues
+the sample's recurrent state over them, no re-prefill) and the sample resumes; None finishes it
+("stop"). Returning a `concurrent.futures.Future` (a tool running in a thread/process pool) parks the
+sample off-slot with a 1-row copy of its state; its slot takes other work meanwhile, and when the
+future resolves (to ids or None) the sample re-enters a slot ahead of new samples.
 Because the slot kept stepping past the stop until the sync, the engine snapshots every active slot's
 state at each sync (`backend.save_rows`) and, on a pause, restores the snapshot and extends it over
 [the window's tokens up to the stop] + [injected tokens]. Injected tokens get `sampled_mask` 0.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +58,7 @@ class PauseView:
     n_pauses: int                 # how many times this sample was resumed already
 
 
-StopHook = Callable[[PauseView], "Sequence[int] | None"]
+StopHook = Callable[[PauseView], "Sequence[int] | Future | None"]
 
 
 @dataclass
@@ -76,6 +80,8 @@ class _Sample:
     prefill_s: float = 0.0
     t_load: float = 0.0
     ttft_s: float = 0.0
+    parked: tuple | None = None    # (future, 1-row state at the stop, logits after the stop)
+    resume: tuple | None = None    # (1-row state at the stop, logits after the stop, injected ids)
 
 
 @dataclass
@@ -199,9 +205,11 @@ class Engine:
         buf_tok = torch.zeros(S, W, dtype=torch.long, device=dev)
         buf_lp = torch.zeros(S, W, device=dev)
         buf_mlp = torch.zeros(S, W, device=dev)
+        parked: list[_Sample] = []       # waiting for an asynchronous hook (tool) result, off-slot
+        ready: deque[_Sample] = deque()  # hook answered: go back into a slot before new samples
+        snap_state, snap_rows = None, []  # active slots' state at the last sync (only with on_stop)
 
-        def finish(i: int, reason: str) -> None:
-            s = slot[i]
+        def finish_sample(s: _Sample, reason: str) -> None:
             now = time.perf_counter()
             results[s.order] = GenResult(
                 request_id=s.req.request_id, sample_index=s.index, prompt_ids=list(s.key),
@@ -210,80 +218,128 @@ class Engine:
                 group_id=s.req.group_id, meta=s.req.meta, prefill_s=s.prefill_s,
                 decode_s=now - s.t_load, ttft_s=s.ttft_s)
             stats.new_tokens += len(s.tokens)
+
+        def finish(i: int, reason: str) -> None:
+            finish_sample(slot[i], reason)
             slot[i] = None
 
-        def refill() -> bool:
-            """Load queued samples into free slots; reset idle ones. True if the slot set changed."""
+        def set_logits(i: int, row: Tensor) -> None:
             nonlocal logits
-            free = [i for i in range(S) if slot[i] is None]
-            if not free:
-                return False
-            loaded: list[int] = []
-            for i in free:
-                if not queue:
-                    break
-                s = queue.popleft()
-                pf = prefilled.get(s.key)
-                if pf is None:
-                    tp = time.perf_counter()
-                    lg, st1 = be.prefill(torch.tensor(s.key, dtype=torch.long, device=dev))
-                    pf = _Prefilled(lg, st1, remaining_by_key[s.key], 0.0)
-                    pf.prefill_s = time.perf_counter() - tp
-                    prefilled[s.key] = pf
-                    stats.n_prefills += 1
-                    stats.prompt_tokens += len(s.key)
-                    stats.prefill_s += pf.prefill_s
-                be.load_rows(pf.state, torch.tensor([i], device=dev))
-                if not loaded:
-                    logits = logits.clone()   # the backend may own the buffer it returned
-                logits[i] = pf.logits
+            logits = logits.clone()   # the backend may own the buffer it returned (CUDA graph output)
+            logits[i] = row
+
+        def load(i: int, s: _Sample) -> None:
+            """Put a queued sample into slot i: from its prompt's prefill, or back from a pause."""
+            if s.resume is not None:
+                state1, lg_after_stop, inject = s.resume
+                s.resume = None
+                be.load_rows(state1, torch.tensor([i], device=dev))
+                if inject:
+                    lg_after_stop = be.extend(torch.tensor([i], device=dev),
+                                              torch.tensor([inject], dtype=torch.long, device=dev))[0]
+                set_logits(i, lg_after_stop)
                 if seen is not None:
-                    seen[i] = seen_mask([s.key], V, dev)[0]
-                s.gen = None if s.params.greedy else make_generator(s.params.seed, s.index, dev)
-                s.prefill_s = pf.prefill_s
-                s.t_load = time.perf_counter()
-                s.ttft_s = s.t_load - t0
+                    seen[i] = seen_mask([list(s.key) + s.tokens], V, dev)[0]
                 slot[i] = s
-                loaded.append(i)
-                pf.remaining -= 1
-                if pf.remaining == 0:
-                    del prefilled[s.key]
+                return
+            pf = prefilled.get(s.key)
+            if pf is None:
+                tp = time.perf_counter()
+                lg, st1 = be.prefill(torch.tensor(s.key, dtype=torch.long, device=dev))
+                pf = _Prefilled(lg, st1, remaining_by_key[s.key], time.perf_counter() - tp)
+                prefilled[s.key] = pf
+                stats.n_prefills += 1
+                stats.prompt_tokens += len(s.key)
+                stats.prefill_s += pf.prefill_s
+            be.load_rows(pf.state, torch.tensor([i], device=dev))
+            set_logits(i, pf.logits)
+            if seen is not None:
+                seen[i] = seen_mask([s.key], V, dev)[0]
+            s.gen = None if s.params.greedy else make_generator(s.params.seed, s.index, dev)
+            s.prefill_s = pf.prefill_s
+            s.t_load = time.perf_counter()
+            s.ttft_s = s.t_load - t0
+            slot[i] = s
+            pf.remaining -= 1
+            if pf.remaining == 0:
+                del prefilled[s.key]
+
+        def refill() -> None:
+            """Load resumed, then queued samples into free slots; reset the slots left idle."""
+            for i in range(S):
+                if slot[i] is None and (ready or queue):
+                    load(i, ready.popleft() if ready else queue.popleft())
             idle = [i for i in range(S) if slot[i] is None]
             if idle:   # keep idle rows bounded (attention positions must stay < max_len)
                 be.load_rows(blank, torch.tensor(idle, device=dev))
-            return True
 
-        def apply_pause(i: int, s: _Sample, stop, n_window_kept: int) -> bool:
-            """Ask the hook; on injection rewind the slot to the snapshot and extend. True: resumed."""
-            inject = self.on_stop(PauseView(s.req, s.index, list(s.tokens),
-                                            self._decode(s.tokens) if self.tokenizer else None,
-                                            stop, s.n_pauses))
-            if inject is None:
-                return False
+        def add_injected(s: _Sample, inject) -> list[int]:
             inject = [int(t) for t in inject][: s.params.max_new_tokens - len(s.tokens)]
-            replay = s.tokens[len(s.tokens) - n_window_kept:] + inject
-            be.load_rows(snapshot_row(i), torch.tensor([i], device=dev))
-            nonlocal logits
-            logits = logits.clone()
-            logits[i] = be.extend(torch.tensor([i], device=dev),
-                                  torch.tensor([replay], dtype=torch.long, device=dev))[0]
-            if seen is not None and inject:
-                seen[i, torch.tensor(inject, device=dev)] = True
             s.tokens += inject
             s.logprobs += [0.0] * len(inject)
             s.model_logprobs += [0.0] * len(inject)
             s.mask += [0] * len(inject)
             s.stop_floor = len(s.tokens)
             s.n_pauses += 1
+            return inject
+
+        def rewind(i: int, replay: list[int]) -> Tensor:
+            """Slot i back to its state at the last sync, then over `replay`; -> logits after it."""
+            row = torch.tensor([snap_rows.index(i)], device=dev)
+            be.load_rows(snap_state.select(row), torch.tensor([i], device=dev))
+            return be.extend(torch.tensor([i], device=dev), torch.tensor([replay], dtype=torch.long, device=dev))[0]
+
+        def pause(i: int, s: _Sample, stop, n_window_kept: int) -> bool:
+            """Ask the hook at a stop. False: finish the sample. True: it was resumed or parked."""
+            answer = self.on_stop(PauseView(s.req, s.index, list(s.tokens),
+                                            self._decode(s.tokens) if self.tokenizer else None,
+                                            stop, s.n_pauses))
+            if answer is None:
+                return False
+            window = s.tokens[len(s.tokens) - n_window_kept:]
+            if isinstance(answer, Future):   # asynchronous tool: free the slot meanwhile
+                lg = rewind(i, window)
+                s.parked = (answer, be.save_rows(torch.tensor([i], device=dev)), lg)
+                parked.append(s)
+                slot[i] = None
+                return True
+            inject = add_injected(s, answer)
+            set_logits(i, rewind(i, window + inject))
+            if seen is not None and inject:
+                seen[i, torch.tensor(inject, device=dev)] = True
+            if len(s.tokens) >= s.params.max_new_tokens:
+                finish(i, "length")          # the injection filled the budget
             return True
 
-        def snapshot_row(i: int):
-            return snap_state.select(torch.tensor([snap_rows.index(i)], device=dev))
+        def collect_parked(block: bool) -> None:
+            """Move parked samples whose hook answered to `ready` (or finish them)."""
+            if block:
+                wait([s.parked[0] for s in parked], return_when=FIRST_COMPLETED)
+            for s in [s for s in parked if s.parked[0].done()]:
+                parked.remove(s)
+                fut, state1, lg = s.parked
+                s.parked = None
+                answer = fut.result()
+                if answer is None:
+                    finish_sample(s, "stop")
+                    continue
+                inject = add_injected(s, answer)
+                if len(s.tokens) >= s.params.max_new_tokens:
+                    finish_sample(s, "length")
+                    continue
+                s.resume = (state1, lg, inject)
+                ready.append(s)
 
-        snap_state, snap_rows = None, []
-        refill()
-        while any(x is not None for x in slot):
+        while True:
+            if parked:
+                collect_parked(block=False)
+            refill()
             active = [i for i in range(S) if slot[i] is not None]
+            if not active:
+                if parked:
+                    collect_parked(block=True)
+                    continue
+                break
             if self.on_stop is not None:
                 snap_rows = active
                 snap_state = be.save_rows(torch.tensor(active, device=dev))
@@ -312,18 +368,13 @@ class Engine:
                     m = self._stop_match(s, max_stop_chars)
                     if m is not None:
                         reason, what = m
-                        if (reason == "stop" and self.on_stop is not None
-                                and len(s.tokens) < s.params.max_new_tokens
-                                and apply_pause(i, s, what, j + 1)):
-                            if len(s.tokens) >= s.params.max_new_tokens:
-                                finish(i, "length")   # the injection filled the budget
-                            break                     # the rest of this window was rewound
-                        finish(i, reason)
-                        break
+                        if not (reason == "stop" and self.on_stop is not None
+                                and len(s.tokens) < s.params.max_new_tokens and pause(i, s, what, j + 1)):
+                            finish(i, reason)
+                        break                 # finished, or the rest of this window was rewound
                     if len(s.tokens) >= s.params.max_new_tokens:
                         finish(i, "length")
                         break
-            refill()
 
         stats.wall_s = time.perf_counter() - t0
         self.last_stats = stats

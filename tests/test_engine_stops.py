@@ -143,3 +143,39 @@ def test_text_and_timing_fields(model, tok, prompt):
         assert r.prompt_ids == prompt
         assert 0 < r.prefill_s <= r.ttft_s and r.decode_s > 0
     assert eng.last_stats.n_prefills == 1 and eng.last_stats.prompt_tokens == len(prompt)
+
+
+def test_async_hook_parks_the_sample_and_frees_its_slot(model, tok, prompt, greedy_ref):
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    i = _first_new(greedy_ref, 3)
+    inject = tok.encode("<tool_response>ok</tool_response>", add_special_tokens=False)
+    done_at = []
+
+    def on_stop(view):
+        if view.n_pauses:
+            return None
+        fut = Future()
+
+        def tool():
+            time.sleep(0.3)
+            done_at.append(time.perf_counter())
+            fut.set_result(inject)
+        threading.Thread(target=tool).start()
+        return fut
+
+    params = SamplingParams(max_new_tokens=24, stop_token_ids=[greedy_ref[i]], **GREEDY)
+    other = GenRequest(prompt[:4], SamplingParams(max_new_tokens=6, **GREEDY), "other")
+    t_start = time.perf_counter()
+    a, b = _engine(model, tok, slots=1, sync_every=4, on_stop=on_stop).generate(
+        [GenRequest(prompt, params, "tool"), other])
+    assert t_start + b.ttft_s < done_at[0]          # "other" used the only slot while the tool ran
+    assert b.token_ids == naive_generate(model, prompt[:4], other.params).token_ids
+    head = greedy_ref[:i + 1] + inject
+    assert a.token_ids[:len(head)] == head
+    assert a.sampled_mask[i + 1:len(head)] == [0] * len(inject)
+    cont = naive_generate(model, prompt + head, SamplingParams(max_new_tokens=24 - len(head),
+                                                               stop_token_ids=[greedy_ref[i]], **GREEDY))
+    assert a.token_ids[len(head):] == cont.token_ids and a.finish_reason == cont.finish_reason
