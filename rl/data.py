@@ -138,11 +138,18 @@ def load_records(source: DataSource | str, streaming: bool | None = None):
                 total += 1
         if total == 0:
             raise DataError(f"empty dataset: {src.path}")
+        from datasets.utils import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+        bars = is_progress_bar_enabled()
+        disable_progress_bar()  # "Generating train split" for every small local file is noise
         try:
             ds = datasets.load_dataset(kind, data_files=[str(f) for f in files if f.stat().st_size],
                                        split="train", streaming=stream)
         except Exception as e:
             raise DataError(f"could not read {src.path}: {type(e).__name__}: {e}") from None
+        finally:
+            if bars:
+                enable_progress_bar()
     if src.max_records is not None:
         ds = ds.take(src.max_records) if stream else ds.select(range(min(src.max_records, len(ds))))
     if not stream and len(ds) == 0:

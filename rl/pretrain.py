@@ -1,0 +1,120 @@
+"""Pretraining stage: packed documents with document boundaries, Muon/AdamW, WSD or FG-WSD.
+
+    bitmamba pretrain --config configs/pretrain_tiny.yaml [--output-dir DIR] [key=value ...]
+
+Reads top to bottom: config -> tokenizer, data, model, optimizer, schedule -> `run_loop` (resume,
+train, checkpoint every `train.save_every`, final model in `OUTPUT/final` in save_pretrained format
+with the tokenizer beside it, so `bitmamba generate OUTPUT/final` works) -> metrics in
+`OUTPUT/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from model.errors import ConfigError
+from model.typed import to_dict
+from rl.data import DataSource, PackedBatch, PackedLoader, load_records
+from rl.optim import OptimConfig, build_optimizer
+from rl.schedule import Schedule, ScheduleConfig
+from rl.train_common import (
+    LoopResult,
+    LoopSpec,
+    LossOut,
+    ModelSpec,
+    TokenizerSpec,
+    TrainConfig,
+    build_model_from_spec,
+    build_tokenizer_from_spec,
+    check_vocab,
+    load_stage_config,
+    resolve_data_path,
+    run_loop,
+    seed_everything,
+    setup_output,
+    stage_argparser,
+)
+
+
+@dataclass
+class PretrainDataConfig:
+    sources: list[DataSource] = field(default_factory=list)
+    seq_len: int = 2048                   # context length (phases may change it: schedule.decay_seq_len)
+    shuffle: bool = True
+    keep_tokens_per_batch: bool = True    # when a phase raises the context, lower the batch size to match
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ConfigError("data.sources: at least one data source is needed")
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len: must be >= 2, got {self.seq_len}")
+
+
+@dataclass
+class PretrainConfig:
+    data: PretrainDataConfig
+    output_dir: str = "runs/pretrain"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def pretrain_loss(model: nn.Module, batch: PackedBatch) -> LossOut:
+    """Token CE over the packed rows; the SSM state resets at each document boundary (seq_idx)."""
+    out = model(batch.input_ids, seq_idx=batch.seq_idx, labels=batch.labels, return_logits=False)
+    return LossOut(out.loss_sum, out.n_tokens)
+
+
+def run(cfg: PretrainConfig, config_path: str | None = None) -> LoopResult:
+    seed_everything(cfg.train.seed)
+    out = setup_output(cfg.output_dir, to_dict(cfg))
+    sources = []
+    for s in cfg.data.sources:
+        s.path = resolve_data_path(s.path, config_path)
+        sources.append((s, load_records(s)))
+    texts = None
+    if cfg.tokenizer.path is None and cfg.tokenizer.tiny_train_on_data:
+        texts = []
+        per = max(1, cfg.tokenizer.tiny_train_records // len(sources))
+        for s, ds in sources:
+            texts += [str(r[s.text_field]) for r in ds.take(per)] if hasattr(ds, "take") else []
+    tokenizer = build_tokenizer_from_spec(cfg.tokenizer, cfg.model.init_from, texts)
+    model = build_model_from_spec(cfg.model, config_path)
+    check_vocab(model, tokenizer, config_path)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[pretrain] model {n_params:,} parameters, tokenizer {len(tokenizer)} tokens, output {out}",
+          file=sys.stderr, flush=True)
+    schedule = Schedule(cfg.schedule, cfg.train.max_steps, base_seq_len=cfg.data.seq_len)
+    loader = PackedLoader(sources, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
+                          seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    optimizer = build_optimizer(model, cfg.optim)
+    spec = LoopSpec(stage="pretrain", model=model, optimizer=optimizer, schedule=schedule, loader=loader,
+                    loss_fn=pretrain_loss, train=cfg.train, output_dir=out, run_config=to_dict(cfg),
+                    grad_clip=cfg.optim.grad_clip, tokenizer=tokenizer)
+    if not cfg.data.keep_tokens_per_batch:
+        def keep_batch(ph):
+            loader.set_phase(ph.mixture, ph.seq_len or cfg.data.seq_len)
+        spec.phase_hook = keep_batch
+    result = run_loop(spec)
+    if result.final_dir is not None:
+        print(f"[pretrain] done: final model in {result.final_dir} (loss {result.last_loss:.4f})",
+              file=sys.stderr, flush=True)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    args = stage_argparser("bitmamba pretrain", "Pretrain a ternary Mamba-2 LM on packed documents.").parse_args(argv)
+    cfg = load_stage_config(PretrainConfig, args, "pretrain")
+    run(cfg, args.config)
+    return 0
+
+
+if __name__ == "__main__":
+    from rl.cli import run_main
+
+    sys.exit(run_main(main, sys.argv[1:]))
