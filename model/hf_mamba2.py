@@ -26,14 +26,6 @@ import torch
 from model.config import BitMambaConfig, QuantConfig
 from model.errors import CheckpointError, ConfigError
 
-# HF config keys we read, and keys that carry no architecture (ignored)
-_IGNORED_KEYS = {
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "pad_token_id",
-    "bos_token_id", "eos_token_id", "initializer_range", "rescale_prenorm_residual", "use_cache",
-    "residual_in_fp32", "time_step_rank", "output_hidden_states", "output_attentions", "return_dict",
-    "is_encoder_decoder", "tokenizer_class", "_name_or_path",
-}
-
 
 def _json_float(v, key: str, where: str) -> float:
     """A float from config.json: a number, "Infinity"-like text, or transformers 5's {"__float__": "Infinity"}."""
