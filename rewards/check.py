@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from rewards.api import RewardSpec
+from rewards.api import CompositeReward, RewardSpec
 from rewards.errors import RewardDataError, RewardError
 from rewards.pool import RewardPool, ScoreResult
 
@@ -141,9 +141,9 @@ def main(argv: list[str]) -> int:
                 raise RewardDataError(f"--kwargs: invalid JSON ({e})") from None
             if not isinstance(kwargs, dict) or len(args.spec) != 1:
                 raise RewardDataError("--kwargs: expected a JSON object, with exactly one spec")
-        specs = [RewardSpec(spec=s, kwargs=dict(kwargs)) for s in args.spec]
+        composite = CompositeReward([RewardSpec(spec=s, kwargs=dict(kwargs)) for s in args.spec])  # checks specs first
         prompts, comps, fields = load_samples(args.data, args.completions)
-        with RewardPool(specs, num_workers=args.workers, timeout_s=args.timeout) as pool:
+        with RewardPool(composite, num_workers=args.workers, timeout_s=args.timeout) as pool:
             res = pool.score(prompts, comps, fields)
     except RewardError as e:
         print(f"error: {e}", file=sys.stderr)

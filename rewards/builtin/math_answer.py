@@ -190,6 +190,7 @@ class MathReward:
         self.rel_tol, self.abs_tol, self.percent = rel_tol, abs_tol, percent
         self.correct, self.wrong, self.no_answer = correct, wrong, no_answer
         self.max_chars = max_completion_chars
+        import sympy  # noqa: F401  (symbolic answers need it: import at load, not in the first timed call)
 
     def __call__(self, prompt: str, completion: str, **fields) -> float:
         if self.answer_field not in fields or fields[self.answer_field] is None:
