@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import CONFIG_NAME, TIED_KEY, WEIGHTS_NAME, load_config
+from model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_config
 from model.errors import CheckpointError
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -46,13 +46,15 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     return header
 
 
-def checkpoint_info(directory: str | Path) -> dict:
-    """Config, parameter counts and packed size of a checkpoint directory (see module docstring)."""
+def size_summary(cfg, fp_dtypes: dict[str, str] | None = None) -> dict:
+    """Parameter split and packed size of a model of config `cfg` (built on the meta device).
+
+    fp_dtypes: stored dtype (safetensors name, e.g. "F32", "BF16") of each full-precision tensor;
+    F32 where not given. Returns the "parameters" and "packed_bytes" parts of `checkpoint_info`.
+    """
+    from model.checkpoint import TIED_KEY
     from model.lm import BitMambaLM
 
-    directory = Path(directory)
-    cfg = load_config(directory)
-    header = read_safetensors_header(directory / WEIGHTS_NAME)
     with torch.device("meta"):
         model = BitMambaLM(cfg)
     ternary: dict[str, tuple[int, int, int]] = {}  # weight name -> (out, in, n_scales)
@@ -60,19 +62,12 @@ def checkpoint_info(directory: str | Path) -> dict:
         if m.ternary:
             groups = 1 if m.group_size is None else m.out_features * (m.in_features // m.group_size)
             ternary[f"{name}.weight"] = (m.out_features, m.in_features, groups)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
-        expected.pop(TIED_KEY, None)
-    for name, shape in expected.items():
-        if name not in header:
-            raise CheckpointError(f"{directory / WEIGHTS_NAME}: missing tensor {name}")
-        if tuple(header[name]["shape"]) != shape:
-            raise CheckpointError(f"{directory / WEIGHTS_NAME}: tensor {name} has shape {header[name]['shape']}, "
-                                  f"the config expects {list(shape)}")
-
+        shapes.pop(TIED_KEY, None)
     n_tern = n_fp = codes_bytes = scale_bytes = fp_bytes = 0
-    fp_dtypes: dict[str, int] = {}
-    for name, shape in expected.items():
+    by_dtype: dict[str, int] = {}
+    for name, shape in shapes.items():
         numel = 1
         for s in shape:
             numel *= s
@@ -82,22 +77,42 @@ def checkpoint_info(directory: str | Path) -> dict:
             codes_bytes += out_f * in_f // 4
             scale_bytes += 4 * n_scales
         else:
-            dt = header[name]["dtype"]
+            dt = (fp_dtypes or {}).get(name, "F32")
             n_fp += numel
             fp_bytes += numel * _DTYPE_BYTES.get(dt, 4)
-            fp_dtypes[dt] = fp_dtypes.get(dt, 0) + numel
-    total_bytes = codes_bytes + scale_bytes + fp_bytes
+            by_dtype[dt] = by_dtype.get(dt, 0) + numel
+    return {
+        "shapes": shapes,
+        "parameters": {"total": n_tern + n_fp, "ternary": n_tern, "full_precision": n_fp,
+                       "full_precision_by_dtype": by_dtype},
+        "packed_bytes": {"ternary_codes": codes_bytes, "ternary_scales": scale_bytes, "full_precision": fp_bytes,
+                         "total": codes_bytes + scale_bytes + fp_bytes},
+    }
+
+
+def checkpoint_info(directory: str | Path) -> dict:
+    """Config, parameter counts and packed size of a checkpoint directory (see module docstring)."""
+    directory = Path(directory)
+    cfg = load_config(directory)
+    weights = directory / WEIGHTS_NAME
+    header = read_safetensors_header(weights)
+    expected = size_summary(cfg)["shapes"]
+    for name, shape in expected.items():
+        if name not in header:
+            raise CheckpointError(f"{weights}: missing tensor {name}")
+        if tuple(header[name]["shape"]) != shape:
+            raise CheckpointError(f"{weights}: tensor {name} has shape {header[name]['shape']}, "
+                                  f"the config expects {list(shape)}")
+    summary = size_summary(cfg, {k: v["dtype"] for k, v in header.items()})
     return {
         "path": str(directory),
         "config": cfg.to_dict(),
         "derived": {"d_inner": cfg.d_inner, "n_heads": cfg.n_heads, "d_in_proj": cfg.d_in_proj,
                     "conv_dim": cfg.conv_dim, "attention_layers": cfg.attention_layer_indices},
-        "parameters": {"total": n_tern + n_fp, "ternary": n_tern, "full_precision": n_fp,
-                       "full_precision_by_dtype": fp_dtypes},
-        "packed_bytes": {"ternary_codes": codes_bytes, "ternary_scales": scale_bytes, "full_precision": fp_bytes,
-                         "total": total_bytes},
-        "packed_mb": total_bytes / 1e6,
-        "stored_mb": ((directory / WEIGHTS_NAME).stat().st_size) / 1e6,
+        "parameters": summary["parameters"],
+        "packed_bytes": summary["packed_bytes"],
+        "packed_mb": summary["packed_bytes"]["total"] / 1e6,
+        "stored_mb": weights.stat().st_size / 1e6,
     }
 
 

@@ -90,3 +90,18 @@ def test_bad_checkpoints(tmp_path):
     (tmp_path / "ck" / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"missing config\.json"):
         checkpoint_info(tmp_path / "ck")
+
+
+def test_published_bitmamba2_sizes_from_config():
+    """Config-only summary of the published models. ANCHORS §1 reports the engine's RAM as 621 MB (1B) and
+    252 MB (255M); the packed weights (614 and 246 MiB) fit under those read as MiB (not as 10^6 bytes)."""
+    from model.info import size_summary
+
+    for preset, n_params, max_mb in (("bitmamba2-255m", 255.5e6, 252), ("bitmamba2-1b", 1018.4e6, 621)):
+        s = size_summary(BitMambaConfig.preset(preset))
+        p, b = s["parameters"], s["packed_bytes"]
+        assert abs(p["total"] / n_params - 1) < 0.005
+        cfg = BitMambaConfig.preset(preset)
+        assert p["full_precision"] == p["total"] - p["ternary"]
+        assert b["ternary_codes"] * 4 == p["ternary"] and b["ternary_scales"] == 4 * (2 * cfg.n_layers + 1)
+        assert 0.9 * max_mb < b["total"] / 2**20 < max_mb
