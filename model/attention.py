@@ -80,12 +80,9 @@ class Attention(nn.Module):
                          else torch.arange(T, device=x.device).expand(Bsz, T))
             cos, sin = rope_cos_sin(positions, self.head_dim, self.config.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if seq_idx is None:
-                mask, causal = None, True
-            else:
-                tri = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
-                mask = (tri & (seq_idx[:, :, None] == seq_idx[:, None, :]))[:, None]
-                causal = False
+            if seq_idx is not None:
+                return self.o_proj(self._packed_attention(q, k, v, seq_idx))
+            mask, causal = None, True
             kk, vv = k, v
         else:
             if seq_idx is not None:
@@ -116,6 +113,23 @@ class Attention(nn.Module):
             q.transpose(1, 2), kk.transpose(1, 2).to(q.dtype), vv.transpose(1, 2).to(q.dtype),
             attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(Bsz, T, self.n_heads * self.head_dim))
+
+    def _packed_attention(self, q: Tensor, k: Tensor, v: Tensor, seq_idx: Tensor) -> Tensor:
+        """Causal attention inside each document of each row (block-diagonal), one SDPA call per
+        document so the fused (flash / memory-efficient) kernels apply and no [T, T] mask exists.
+        q [B, T, H, Dh], k, v [B, T, H_kv, Dh] -> [B, T, H * Dh]."""
+        Bsz, T = seq_idx.shape
+        out = q.new_empty(Bsz, T, self.n_heads, self.head_dim)
+        change = torch.ones(Bsz, T, dtype=torch.bool, device=seq_idx.device)
+        change[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        starts = [torch.nonzero(change[b]).flatten().tolist() + [T] for b in range(Bsz)]
+        for b in range(Bsz):
+            for s, e in zip(starts[b][:-1], starts[b][1:]):
+                o = F.scaled_dot_product_attention(
+                    q[b:b + 1, s:e].transpose(1, 2), k[b:b + 1, s:e].transpose(1, 2),
+                    v[b:b + 1, s:e].transpose(1, 2), is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+                out[b, s:e] = o[0].transpose(0, 1)
+        return out.reshape(Bsz, T, self.n_heads * self.head_dim)
 
     def allocate_state(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
                        device=None) -> AttnState:

@@ -87,6 +87,12 @@ class BitMambaLM(nn.Module):
                       state: ModelState | None = None) -> Tensor:
         """input_ids [B, T] -> final-normed hidden states [B, T, d] (input of the head).
         With `state`, continues from it, updates it in place and advances state.pos by T."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if seq_idx is not None and seq_idx.shape != input_ids.shape:
+            raise ValueError(f"seq_idx shape {tuple(seq_idx.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if state is not None and state.batch_size != input_ids.shape[0]:
+            raise ValueError(f"state has {state.batch_size} rows, input_ids has {input_ids.shape[0]}")
         x = self.embedding(input_ids)
         use_gc = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and state is None
         for i, layer in enumerate(self.layers):

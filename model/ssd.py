@@ -180,8 +180,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         fn = _mamba_ssm.mamba_chunk_scan_combined()
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32).contiguous()
-        out = fn(x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), chunk_size, D=D,
-                 z=None if z is None else z.contiguous(), dt_bias=dt_bias, initial_states=initial_states,
+        # strided views (splits of in_proj's output) are fine: the wrapper copies only if stride(-1) != 1
+        out = fn(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
                  seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit,
                  return_final_states=return_final_states)
         if return_final_states:
