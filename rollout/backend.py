@@ -158,33 +158,38 @@ def _log_once(msg: str) -> None:
 
 
 def make_backend(model: "BitMambaLM", kind: str = "auto", state_dtype: torch.dtype = torch.float32):
-    """Pick a decode backend: "torch", "fast" (raises if unavailable), or "auto" (fast on CUDA when
-    `rollout.fast` imports, else torch; the choice is logged once, a missing fast path on CUDA warns)."""
+    """Pick a decode backend; the choice is logged once.
+
+    "torch": TorchBackend. "fast": rollout.fast.FastBackend, on any device (on CPU it runs its
+    reference kernels eagerly, for tests); raises `BitMambaError` when it cannot be imported or
+    refuses the model, never falls back. "auto": FastBackend on CUDA when it imports and accepts the
+    model, else TorchBackend (on CUDA with a warning saying why).
+    """
     if kind not in ("auto", "torch", "fast"):
         raise BitMambaError(f"backend: unknown kind {kind!r} (auto | torch | fast)")
-    on_cuda = next(model.parameters()).device.type == "cuda"
+    device = next(model.parameters()).device
     if kind == "torch":
         _log_once("decode backend: torch (asked for)")
         return TorchBackend(model, state_dtype=state_dtype)
+    if kind == "auto" and device.type != "cuda":
+        _log_once("decode backend: torch (auto, no CUDA)")
+        return TorchBackend(model, state_dtype=state_dtype)
+    why = None
     try:
         from rollout.fast import FastBackend
-        fast_error = None
+        from rollout.kernels._dispatch import FastPathUnavailable
     except ImportError as e:  # the fast path is optional: say why it is missing
-        FastBackend, fast_error = None, e
-    if kind == "fast":
-        if FastBackend is None:
-            raise BitMambaError(f"backend 'fast' is not available: cannot import rollout.fast.FastBackend "
-                                f"({fast_error})")
-        if not on_cuda:
-            raise BitMambaError("backend 'fast' needs the model on a CUDA device")
-        _log_once("decode backend: fast (asked for)")
-        return FastBackend(model)
-    if on_cuda and FastBackend is not None:
-        _log_once("decode backend: fast (auto, CUDA)")
-        return FastBackend(model)
-    if on_cuda:
-        log.warning("decode backend: torch (auto): rollout.fast unavailable on CUDA (%s); decoding "
-                    "will be slow", fast_error)
+        why = f"cannot import rollout.fast.FastBackend ({e})"
     else:
-        _log_once("decode backend: torch (auto, no CUDA)")
+        try:
+            backend = FastBackend(model, state_dtype=state_dtype)
+        except FastPathUnavailable as e:
+            why = str(e)
+        else:
+            _log_once(f"decode backend: fast ({kind}, {device.type})")
+            return backend
+    if kind == "fast":
+        raise BitMambaError(f"backend 'fast' is not available: {why}")
+    log.warning("decode backend: torch (auto): the fast path is unavailable on CUDA: %s; decoding will be slow",
+                why)
     return TorchBackend(model, state_dtype=state_dtype)

@@ -197,14 +197,36 @@ def test_bf16_state_option_stays_close():
     assert err < 0.1, err     # bf16 state: close to fp32, not equal
 
 
-def test_make_backend_choices():
+def test_make_backend_choices(monkeypatch):
+    import sys
+
     model = _model("tiny")
     assert isinstance(make_backend(model, "torch"), TorchBackend)
     assert isinstance(make_backend(model, "auto"), TorchBackend)      # no CUDA here
-    with pytest.raises(BitMambaError, match="fast"):
-        make_backend(model, "fast")                                  # missing or no CUDA: loud
+    fp_model = BitMambaLM(BitMambaConfig.preset("tiny", quant=dict(ternary=False)))
+    with pytest.raises(BitMambaError, match="fast.*ternary"):
+        make_backend(fp_model, "fast")                               # refused: loud, no fallback
+    monkeypatch.setitem(sys.modules, "rollout.fast", None)           # not importable
+    with pytest.raises(BitMambaError, match="cannot import"):
+        make_backend(model, "fast")
     with pytest.raises(BitMambaError, match="unknown"):
         make_backend(model, "tpu")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_engine_on_fast_backend_cpu_matches_naive(name):
+    """The engine drives FastBackend (eager reference kernels on CPU) like TorchBackend."""
+    pytest.importorskip("rollout.fast")
+    model = _model(name, activation="int8")
+    be = make_backend(model, "fast")
+    assert type(be).__name__ == "FastBackend"
+    reqs = [GenRequest(torch.randint(0, 256, (L,)).tolist(), SamplingParams(max_new_tokens=9, temperature=0.0))
+            for L in (2, 7, 5)]
+    res = Engine(be, slots=2, sync_every=4).generate(reqs)
+    for r, q in zip(res, reqs):
+        nv = naive_generate(model, q.prompt_ids, q.params)
+        assert_same_greedy(r.token_ids, nv, tie=5e-2)
+        assert len(r.token_ids) == 9
 
 
 def test_bad_requests_are_user_errors():

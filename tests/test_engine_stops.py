@@ -5,7 +5,7 @@ import torch
 
 from model.config import BitMambaConfig
 from model.lm import BitMambaLM
-from rollout.backend import TorchBackend
+from rollout.backend import TorchBackend, make_backend
 from rollout.engine import Engine
 from rollout.reference import naive_generate
 from rollout.tokenizer import build_tiny_tokenizer
@@ -92,7 +92,10 @@ def test_length_window_is_capped_so_no_steps_are_wasted(model, prompt):
     assert eng.last_stats.decode_steps == 5
 
 
-def test_pause_hook_injects_tokens_and_resumes_like_a_full_prefill(model, tok, prompt, greedy_ref):
+@pytest.mark.parametrize("kind", ["torch", "fast"])
+def test_pause_hook_injects_tokens_and_resumes_like_a_full_prefill(model, tok, prompt, greedy_ref, kind):
+    if kind == "fast":
+        pytest.importorskip("rollout.fast")
     i = _first_new(greedy_ref, 4)
     stop_tok = greedy_ref[i]
     inject = tok.encode("<tool_response>47</tool_response>", add_special_tokens=False)
@@ -104,8 +107,8 @@ def test_pause_hook_injects_tokens_and_resumes_like_a_full_prefill(model, tok, p
 
     params = SamplingParams(max_new_tokens=30, stop_token_ids=[stop_tok], **GREEDY)
     other = GenRequest(prompt[:5], SamplingParams(max_new_tokens=25, **GREEDY), "other")
-    res = _engine(model, tok, slots=2, sync_every=8, on_stop=on_stop).generate(
-        [GenRequest(prompt, params, "tool"), other])
+    eng = Engine(make_backend(model, kind), tokenizer=tok, slots=2, sync_every=8, on_stop=on_stop)
+    res = eng.generate([GenRequest(prompt, params, "tool"), other])
     r = res[0]
     head = greedy_ref[:i + 1] + inject
     assert calls[0] == (0, greedy_ref[:i + 1], stop_tok, 0)

@@ -65,5 +65,13 @@ def test_user_errors(dirs, capsys):
         main([str(bare), "--prompt-ids", "1 two 3"])
     assert bitmamba(["generate", str(bare), "--prompt", "hello"]) == 2      # one clean line, exit 2
     assert "needs a tokenizer" in capsys.readouterr().err
-    with pytest.raises(BitMambaError, match="fast"):
-        main([str(bare), "--prompt-ids", "1 2", "--backend", "fast"])
+
+
+def test_fast_backend_flag(dirs, capsys):
+    pytest.importorskip("rollout.fast")
+    model, _, _, bare = dirs
+    assert main([str(bare), "--prompt-ids", "5 17 42 9", "--max-new-tokens", "5", "--temperature", "0",
+                 "--backend", "fast"]) == 0
+    got = _ids_lines(capsys.readouterr().out)[0]
+    want = naive_generate(model, [5, 17, 42, 9], SamplingParams(max_new_tokens=5, temperature=0)).token_ids
+    assert got == want
