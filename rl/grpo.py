@@ -168,7 +168,8 @@ class Driver:
             self._resume()
         self.sync_stats = self.sync_weights()
         self.metrics = MetricsWriter(self.out, wandb={"project": cfg.wandb_project} if cfg.wandb else False,
-                                     config=to_dict(cfg), resume_step=self.step if cfg.resume else None)
+                                     config=to_dict(cfg), resume_step=self.step if cfg.resume else None,
+                                     console=False)
 
     # -------------------------------------------------------------- setup helpers
     def _resume(self) -> None:
@@ -356,6 +357,7 @@ class Driver:
             if prefetched is not None:
                 self.prompts.pos = data_pos
             last = self.metrics.log(self.step, **m)
+            print(progress_line(self.step, cfg.steps, m), file=sys.stderr, flush=True)
         return last
 
     def close(self) -> None:
@@ -365,6 +367,22 @@ class Driver:
         ray.kill(self.learner, no_restart=True)
         if self.owns_ray:
             ray.shutdown()
+
+
+def progress_line(step: int, total: int, m: dict[str, float]) -> str:
+    """One console line per step: the numbers worth watching (all of them are in metrics.jsonl)."""
+    width = 20
+    done = int(width * step / max(total, 1))
+    parts = [f"[{'#' * done}{'.' * (width - done)}] step {step}/{total}",
+             f"reward {m.get('reward_mean', float('nan')):.3f}",
+             f"zero-std {m.get('frac_zero_std_groups', 0):.2f}",
+             f"len {m.get('response_len_mean', 0):.1f}",
+             f"kl/mismatch {m.get('learn/mismatch_kl', 0):.1e}",
+             f"gen {m.get('time/generate', 0):.2f}s learn {m.get('time/learn', 0):.2f}s "
+             f"sync {m.get('time/sync', 0):.2f}s"]
+    if "eval/reward_mean" in m:
+        parts.append(f"EVAL reward {m['eval/reward_mean']:.3f} pass@1 {m['eval/pass@1']:.3f}")
+    return " | ".join(parts)
 
 
 def run(cfg: GRPOConfig, init_dir: str | None = None) -> dict[str, float]:
