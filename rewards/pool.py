@@ -12,7 +12,8 @@ script, a notebook or a Ray actor, without fork. Work goes out in chunks (one me
 not per sample). A call that raises, returns NaN/inf/a wrong type/a wrong batch length, runs past
 its time limit, or takes its worker down (os._exit, segfault, MemoryError at the memory limit)
 gets the fallback reward; the reason is counted and logged once with an example. Dead or hung
-workers are killed and replaced and the rest of their chunk is re-run, so scoring always finishes.
+workers are killed and the rest of their chunk is re-run on a replacement (started when work is
+waiting for it), so scoring always finishes.
 """
 
 from __future__ import annotations
