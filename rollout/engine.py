@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 
 from model.errors import BitMambaError
-from rollout.sampling import SamplingTensors, make_generator, sample, seen_mask
+from rollout.sampling import (SamplingTensors, hash_exponential_noise, make_generator, sample, sample_seed,
+                              seen_mask)
 from rollout.types import GenRequest, GenResult, GenStats, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,14 @@ class Engine:
       computed and discarded; larger = fewer syncs, more waste).
     max_len: state capacity per slot (prompt + completion); default: sized per `generate` call.
     on_stop: the pause hook (see module doc); needs a backend with `save_rows` and `extend`.
+    noise: where the sampling randomness comes from, both replay a sample exactly whatever the
+      batching: "generator" (a torch.Generator per sample; one small launch per row and step) or
+      "hash" (`hash_exponential_noise` of (sample seed, token index): one batched computation,
+      the better choice for many slots on GPU).
     """
 
     def __init__(self, backend, tokenizer=None, slots: int = 8, sync_every: int = 8,
-                 max_len: int | None = None, on_stop: StopHook | None = None):
+                 max_len: int | None = None, on_stop: StopHook | None = None, noise: str = "generator"):
         if slots < 1 or sync_every < 1:
             raise BitMambaError(f"Engine: slots ({slots}) and sync_every ({sync_every}) must be >= 1")
         if on_stop is not None and not hasattr(backend, "save_rows"):
@@ -114,6 +119,9 @@ class Engine:
         self.sync_every = sync_every
         self.max_len = max_len
         self.on_stop = on_stop
+        if noise not in ("generator", "hash"):
+            raise BitMambaError(f"Engine: noise must be 'generator' or 'hash', got {noise!r}")
+        self.noise = noise
         self.last_stats = GenStats()
 
     @property
@@ -171,6 +179,8 @@ class Engine:
         if not requests:
             return []
         self._validate(requests, params)
+        if self.backend.model.training:
+            log.warning("Engine.generate: the model is in training mode (call model.eval() for rollouts)")
         t0 = time.perf_counter()
         be, dev, S = self.backend, self.device, self.slots
         V = be.model.config.vocab_size
@@ -205,6 +215,9 @@ class Engine:
         buf_tok = torch.zeros(S, W, dtype=torch.long, device=dev)
         buf_lp = torch.zeros(S, W, device=dev)
         buf_mlp = torch.zeros(S, W, device=dev)
+        use_hash = self.noise == "hash"
+        hash_keys = torch.zeros(S, dtype=torch.long, device=dev)      # sample_seed per slot
+        hash_count = torch.zeros(S, dtype=torch.long, device=dev)     # tokens so far per slot
         parked: list[_Sample] = []       # waiting for an asynchronous hook (tool) result, off-slot
         ready: deque[_Sample] = deque()  # hook answered: go back into a slot before new samples
         snap_state, snap_rows = None, []  # active slots' state at the last sync (only with on_stop)
@@ -240,6 +253,8 @@ class Engine:
                 set_logits(i, lg_after_stop)
                 if seen is not None:
                     seen[i] = seen_mask([list(s.key) + s.tokens], V, dev)[0]
+                hash_keys[i] = sample_seed(s.params.seed, s.index)
+                hash_count[i] = len(s.tokens)
                 slot[i] = s
                 return
             pf = prefilled.get(s.key)
@@ -256,6 +271,8 @@ class Engine:
             if seen is not None:
                 seen[i] = seen_mask([s.key], V, dev)[0]
             s.gen = None if s.params.greedy else make_generator(s.params.seed, s.index, dev)
+            hash_keys[i] = sample_seed(s.params.seed, s.index)
+            hash_count[i] = 0
             s.prefill_s = pf.prefill_s
             s.t_load = time.perf_counter()
             s.ttft_s = s.t_load - t0
@@ -281,6 +298,8 @@ class Engine:
             s.mask += [0] * len(inject)
             s.stop_floor = len(s.tokens)
             s.n_pauses += 1
+            if s.gen is not None:   # a fresh stream per resume: draws wasted past the stop do not matter
+                s.gen = make_generator(sample_seed(s.params.seed, s.index), s.n_pauses, dev)
             return inject
 
         def rewind(i: int, replay: list[int]) -> Tensor:
@@ -305,6 +324,7 @@ class Engine:
                 return True
             inject = add_injected(s, answer)
             set_logits(i, rewind(i, window + inject))
+            hash_count[i] = len(s.tokens)
             if seen is not None and inject:
                 seen[i, torch.tensor(inject, device=dev)] = True
             if len(s.tokens) >= s.params.max_new_tokens:
@@ -345,10 +365,13 @@ class Engine:
                 snap_state = be.save_rows(torch.tensor(active, device=dev))
             st = SamplingTensors.from_params([x.params if x else None for x in slot], dev)
             gens = [x.gen if x else None for x in slot]
+            drawing = any(g is not None for g in gens)
             k = min([W] + [slot[i].params.max_new_tokens - len(slot[i].tokens) for i in active])
             td = time.perf_counter()
             for j in range(k):
-                out = sample(logits, st, gens, seen=seen)
+                noise = hash_exponential_noise(hash_keys, hash_count, V) if use_hash and drawing else None
+                out = sample(logits, st, gens, seen=seen, noise=noise)
+                hash_count += 1
                 buf_tok[:, j] = out.tokens
                 buf_lp[:, j] = out.logprobs
                 buf_mlp[:, j] = out.model_logprobs

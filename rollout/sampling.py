@@ -191,12 +191,44 @@ def exponential_noise(generators: Sequence[torch.Generator | None], vocab_size: 
     return E
 
 
+def _i64(c: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _lsr(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def hash_exponential_noise(keys: Tensor, counters: Tensor, vocab_size: int) -> Tensor:
+    """[B, V] Exponential(1) draws from a counter-based hash of (row key, row counter, token id).
+
+    keys [B] int64 (e.g. `sample_seed(seed, i)`), counters [B] int64 (tokens drawn so far by that
+    sample). Element-wise integer ops only: one batched computation whatever B (the per-row generator
+    loop costs one launch per row on GPU), still replayable per sample and independent of batching.
+    splitmix64 finalizer over int64 with wrapping multiplies; 24-bit uniforms.
+    """
+    v = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    x = (keys[:, None] * _i64(0x9E3779B97F4A7C15) + counters[:, None] * _i64(0xD1B54A32D192ED03)
+         + v[None, :] * _i64(0xC2B2AE3D27D4EB4F))
+    x = x ^ _lsr(x, 30)
+    x = x * _i64(0xBF58476D1CE4E5B9)
+    x = x ^ _lsr(x, 27)
+    x = x * _i64(0x94D049BB133111EB)
+    x = x ^ _lsr(x, 31)
+    u = (_lsr(x, 40).float() + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(u)
+
+
 def sample(logits: Tensor, st: SamplingTensors, generators: Sequence[torch.Generator | None],
-           seen: Tensor | None = None) -> SampleOutput:
+           seen: Tensor | None = None, noise: Tensor | None = None) -> SampleOutput:
     """Draw one token per row. logits [B, V] (raw model logits); generators[i] None -> greedy row.
 
     Rows with temperature 0 are greedy whatever their generator, rows without a generator are greedy
-    whatever their temperature (logprob 0.0). No host synchronization.
+    whatever their temperature (logprob 0.0). `noise` [B, V] Exponential(1) draws (e.g.
+    `hash_exponential_noise`) replaces the generators' draws (their None-ness still marks greedy rows).
+    No host synchronization.
     """
     raw = logits.float()
     x = process_logits(raw, st, seen)
@@ -209,7 +241,8 @@ def sample(logits: Tensor, st: SamplingTensors, generators: Sequence[torch.Gener
         if any(g is None for g in generators):
             no_gen = torch.tensor([g is None for g in generators], dtype=torch.bool)
             greedy = greedy | no_gen.to(x.device, non_blocking=True)
-        E = exponential_noise(generators, x.shape[-1], x.device).clamp_min_(1e-30)
+        E = noise if noise is not None else exponential_noise(generators, x.shape[-1], x.device)
+        E = E.clamp_min(1e-30)
         drawn = (logp.exp() / E).argmax(-1)
         tokens = torch.where(greedy, x.argmax(-1), drawn)
     idx = tokens[:, None]

@@ -140,16 +140,21 @@ def test_group_sampling_prefills_once_and_matches_naive_per_sample(model):
     assert len({tuple(r.token_ids) for r in res[:4]}) > 1   # samples of a group differ
 
 
-def test_seeds_replay_whatever_the_batching(model):
+@pytest.mark.parametrize("noise", ["generator", "hash"])
+def test_seeds_replay_whatever_the_batching(model, noise):
     V = model.config.vocab_size
     reqs = [GenRequest(torch.randint(0, V, (L,)).tolist(), request_id=L) for L in (4, 7, 2)]
     params = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, min_p=0.01, n=2, seed=3)
-    a = Engine(TorchBackend(model), slots=6, sync_every=8).generate(reqs, params)
-    b = Engine(TorchBackend(model), slots=2, sync_every=3).generate(reqs, params)
+    a = Engine(TorchBackend(model), slots=6, sync_every=8, noise=noise).generate(reqs, params)
+    b = Engine(TorchBackend(model), slots=2, sync_every=3, noise=noise).generate(reqs, params)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
-    c = Engine(TorchBackend(model), slots=6).generate(reqs, SamplingParams(
+    c = Engine(TorchBackend(model), slots=6, noise=noise).generate(reqs, SamplingParams(
         max_new_tokens=10, temperature=0.9, top_p=0.95, min_p=0.01, n=2, seed=4))
     assert [r.token_ids for r in a] != [r.token_ids for r in c]
+    for r in a[:2]:   # each sample is exactly the naive reference's draw with the same noise source
+        nv = naive_generate(model, reqs[0].prompt_ids, params, sample_index=r.sample_index, noise=noise)
+        assert r.token_ids == nv.token_ids
+        assert max(abs(x - y) for x, y in zip(r.logprobs, nv.logprobs)) < 1e-4
 
 
 def test_logprobs_equal_forward_logits_under_the_sampling_transform(model):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from model.errors import ConfigError
-from rollout.sampling import (SamplingTensors, apply_repetition_penalty, apply_temperature, make_generator,
-                              min_p_filter, process_logits, sample, sample_seed, seen_mask, top_k_filter,
+from rollout.sampling import (SamplingTensors, apply_repetition_penalty, apply_temperature,
+                              hash_exponential_noise, make_generator, min_p_filter, process_logits, sample, sample_seed, seen_mask, top_k_filter,
                               top_p_filter)
 from rollout.types import SamplingParams
 
@@ -143,3 +143,32 @@ def test_params_validation_names_the_field():
         SamplingParams(temperature=-1)
     with pytest.raises(ConfigError, match="stop_sequences"):
         SamplingParams(stop_sequences=[[]])
+
+
+def _splitmix_ref(key, counter, v):
+    m = (1 << 64) - 1
+    x = (key * 0x9E3779B97F4A7C15 + counter * 0xD1B54A32D192ED03 + v * 0xC2B2AE3D27D4EB4F) & m
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & m
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & m
+    x ^= x >> 31
+    return -math.log(((x >> 40) + 0.5) / (1 << 24))
+
+
+def test_hash_noise_matches_unsigned_reference_and_is_exponential():
+    keys = torch.tensor([sample_seed(1, 0), sample_seed(2, 5)])
+    counters = torch.tensor([0, 17])
+    E = hash_exponential_noise(keys, counters, 9)
+    ref = torch.tensor([[_splitmix_ref(int(k), int(c), v) for v in range(9)] for k, c in zip(keys, counters)])
+    assert torch.allclose(E, ref, atol=1e-5)
+    big = hash_exponential_noise(torch.tensor([sample_seed(3, i) for i in range(100)]), torch.arange(100), 4000)
+    assert abs(big.mean().item() - 1) < 0.01 and abs(big.var().item() - 1) < 0.03
+    assert abs((big > 3).float().mean().item() - math.exp(-3)) < 0.003
+    # drawn tokens follow the filtered distribution
+    n = 6000
+    st = SamplingTensors.from_params([SamplingParams(top_p=0.85)] * n)
+    noise = hash_exponential_noise(torch.full((n,), 12345), torch.arange(n), 4)
+    counts = torch.bincount(sample(LOGP.repeat(n, 1), st, [make_generator(0, 0)] * n, noise=noise).tokens,
+                            minlength=4).float() / n
+    assert counts[3] == 0 and torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.025)
