@@ -119,3 +119,42 @@ def test_forcing_triton_without_mamba_ssm_fails_loudly(monkeypatch):
     monkeypatch.setenv("BITMAMBA_SSD", "triton")
     with pytest.raises(ImportError):
         ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], 4)
+
+
+class _FakeCuda:
+    is_cuda = True
+    device = torch.device("cpu")
+
+
+def test_cuda_without_mamba_ssm_warns_once(monkeypatch, caplog):
+    from model import _mamba_ssm
+
+    monkeypatch.setattr(ssd, "_logged", set())
+    monkeypatch.delenv("BITMAMBA_SSD", raising=False)
+    monkeypatch.setattr(_mamba_ssm, "available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="model.ssd"):
+        assert ssd._backend(_FakeCuda()) == "ref"
+        assert ssd._backend(_FakeCuda()) == "ref"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "SLOW pure-torch reference" in warnings[0].getMessage()
+    monkeypatch.setattr(_mamba_ssm, "available", lambda: True)
+    assert ssd._backend(_FakeCuda()) == "triton"
+
+
+def test_selective_scan_cuda_placeholder():
+    import sys
+
+    from model import _mamba_ssm
+
+    saved = sys.modules.pop("selective_scan_cuda", None)
+    try:
+        _mamba_ssm._install_placeholder()
+        mod = sys.modules["selective_scan_cuda"]
+        with pytest.raises(RuntimeError, match="placeholder"):
+            mod.fwd()
+        _mamba_ssm._install_placeholder()  # idempotent: keeps the same module
+        assert sys.modules["selective_scan_cuda"] is mod
+    finally:
+        sys.modules.pop("selective_scan_cuda", None)
+        if saved is not None:
+            sys.modules["selective_scan_cuda"] = saved
