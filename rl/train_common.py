@@ -333,7 +333,9 @@ def run_loop(spec: LoopSpec) -> LoopResult:
             if done % cfg.log_every == 0 or done == end or done == start + 1 or res.skipped:
                 dt = max(time.perf_counter() - window_t0, 1e-9)
                 rec = {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "tokens_per_s": window_tok / dt,
-                       "tokens": res.n_tokens, "phase": ph.name, "seq_len": ph.seq_len, **res.metrics}
+                       "tokens": res.n_tokens, "phase": ph.name, **res.metrics}
+                if ph.seq_len:
+                    rec["seq_len"] = ph.seq_len
                 zr = mean_zero_ratio(model)
                 if zr is not None:
                     rec["zero_ratio"] = zr
