@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from model.bitlinear import BitLinear
 from model.config import BitMambaConfig
 from model.norm import GatedRMSNorm
-from model.ssd import ssd_scan
+from model.ssd import canonical_seq_idx, ssd_scan
 from model.state import MambaState
 
 
@@ -105,6 +105,8 @@ class Mamba2Mixer(nn.Module):
                 pos: Tensor | None = None) -> Tensor:
         """u [B, T, d] -> [B, T, d]. `state` (if given) is continued and updated in place."""
         Bsz, T, _ = u.shape
+        if seq_idx is not None:
+            seq_idx = canonical_seq_idx(seq_idx)
         z, xBC, dt = self._split_conv_input(self.in_proj(u))
         conv_in, passthrough = self._conv_channels(xBC)
         conv_out, new_hist = causal_conv(conv_in, self.conv1d.weight, self.conv1d.bias,

@@ -54,6 +54,15 @@ def _resets(seq_idx: Tensor) -> Tensor:
     return r
 
 
+def canonical_seq_idx(seq_idx: Tensor) -> Tensor:
+    """[b, l] document ids -> int32 0, 1, 2, ... per row, a new id at every change.
+
+    mamba-ssm's kernels compare ids for equality and apply the initial state to id 0, so they need ids
+    that start at 0 and never repeat a finished document's id; this makes any labelling safe.
+    """
+    return torch.cumsum(_resets(seq_idx).to(torch.int32), dim=1, dtype=torch.int32)
+
+
 def _finish(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
     if D is not None:
         Df = D.float()
@@ -179,7 +188,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     if _backend(x) == "triton":
         fn = _mamba_ssm.mamba_chunk_scan_combined()
         if seq_idx is not None:
-            seq_idx = seq_idx.to(torch.int32).contiguous()
+            seq_idx = canonical_seq_idx(seq_idx).contiguous()
         # strided views (splits of in_proj's output) are fine: the wrapper copies only if stride(-1) != 1
         out = fn(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
                  seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit,

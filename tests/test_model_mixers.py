@@ -91,8 +91,10 @@ def test_mamba_packed_equals_separate(layout):
     m = mixer(cfg)
     u = torch.randn(1, 23, cfg.d_model)
     seq = torch.tensor([[0] * 10 + [1] * 2 + [2] * 11], dtype=torch.int32)
+    relabeled = torch.tensor([[7] * 10 + [3] * 2 + [7] * 11], dtype=torch.int32)  # ids need not be 0.. or unique
     with torch.no_grad():
         packed = m(u, seq_idx=seq)
+        torch.testing.assert_close(m(u, seq_idx=relabeled), packed)
         sep = torch.cat([m(u[:, :10]), m(u[:, 10:12]), m(u[:, 12:])], 1)
         # stateful packed forward leaves the state of the last document
         st = m.allocate_state(1)

@@ -71,6 +71,14 @@ def test_packed_documents_equal_separate_runs():
     torch.testing.assert_close(packed, torch.cat([a, b], 1), rtol=1e-5, atol=1e-5)
 
 
+def test_canonical_seq_idx():
+    from model.ssd import canonical_seq_idx
+
+    s = torch.tensor([[4, 4, 1, 1, 4, 9], [0, 0, 0, 0, 0, 0]])
+    assert canonical_seq_idx(s).tolist() == [[0, 0, 1, 1, 2, 3], [0] * 6]
+    assert canonical_seq_idx(s).dtype == torch.int32
+
+
 def test_split_with_initial_state_equals_one_call():
     t = make_inputs()
     x, dt, A, B, C = t["x"], t["dt"], t["A"], t["B"], t["C"]
