@@ -11,13 +11,12 @@ call that hung or crashed. Protocol (pickled tuples):
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import pickle
-import signal
 import struct
 import sys
+import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -37,14 +36,21 @@ class _FileMarker:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Linux: get SIGKILL when the parent dies, so a hung worker never outlives the pool."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    """Exit when the parent process is gone, so a busy worker never outlives a killed pool.
+
+    A watchdog thread rather than PR_SET_PDEATHSIG: that signal follows the parent *thread*, and
+    pools created from a worker thread (Ray actors) would lose their workers when it exits.
+    """
     if os.getppid() != parent_pid:
         os._exit(0)
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="reward-parent-watchdog", daemon=True).start()
 
 
 def _limit_memory(mb: int | None) -> None:

@@ -221,3 +221,29 @@ def test_metrics_for_logging(bad_file):
     assert m["reward/mean"] == pytest.approx(2 / 3)
     assert m["reward/frac_error"] == 0.25 and m["reward/frac_none"] == 0.25
     assert m["reward/misbehave/mean"] == pytest.approx(2 / 3)
+
+
+def test_workers_exit_when_the_parent_is_killed(bad_file, tmp_path):
+    """A SIGKILLed driver (OOM killer, Ray actor kill) must not leave busy workers behind."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import sys\nfrom rewards import RewardPool\n"
+        f"pool = RewardPool({bad_file + ':misbehave'!r}, num_workers=1, timeout_s=60)\n"
+        "print(pool.worker_pids()[0], flush=True)\n"
+        "pool.score(['p'], ['sleep'])\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": root})
+    worker = int(proc.stdout.readline())
+    time.sleep(0.3)                        # the worker is now inside the 60 s call
+    assert _alive(worker)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 6
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
