@@ -227,6 +227,7 @@ class Driver:
         rounds = 0
         score_metrics: dict[str, float] = {}
         need = cfg.prompts_per_step
+        too_long = (self.prompts.truncated, self.prompts.dropped)
         while need > 0:
             rows = self.prompts.take(need)
             t0 = time.perf_counter()
@@ -261,6 +262,9 @@ class Driver:
             need = cfg.prompts_per_step - len(kept_rows)
         kept_rows, kept_res, kept_rew = (kept_rows[:cfg.prompts_per_step], kept_res[:cfg.prompts_per_step * G],
                                          kept_rew[:cfg.prompts_per_step * G])
+        if (self.prompts.truncated, self.prompts.dropped) != too_long:
+            log.warning("prompts longer than %d tokens so far: %d truncated, %d dropped (task.prompt_too_long=%s)",
+                        self.prompts.limit, self.prompts.truncated, self.prompts.dropped, self.prompts.policy)
         adv, valid = algo.group_advantages(kept_rew, G, mode=cfg.algo.advantage, eps=cfg.algo.adv_eps)
         vals = [r for r in all_rewards if r is not None]
         mean = sum(vals) / len(vals) if vals else float("nan")

@@ -1,0 +1,132 @@
+"""GRPO benchmarks for the GPU machine (the lead runs them); `--quick` checks the script on CPU.
+
+    python bench/grpo.py                 # both parts on one GPU -> bench/results/grpo.json
+    python bench/grpo.py --quick         # tiny shapes, any device, seconds (writes grpo_quick.json)
+    python bench/grpo.py --only step     # or --only memory
+
+1. step: step-time breakdown (generate / score / learn / sync, seconds per phase, tokens/s) of real
+   GRPO steps through the Ray driver (`rl.grpo.Driver`) for the `mini-agent-scout` shape: groups of
+   8, 64 prompts, 512 new tokens, learner and one generation worker sharing one GPU (0.5 each).
+   The policy is randomly initialised (timing only), so completions run to the length limit.
+2. memory: learner peak GPU memory of one update of `bitmamba2-1b` at 64 sequences x 1024 tokens
+   with DeepSpeed ZeRO-2, AdamW state offloaded to CPU, bf16, gradient checkpointing (target < 20 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rl.grpo import Driver  # noqa: E402
+from rl.grpo_config import load_grpo_config  # noqa: E402
+from rl.learner import Learner, TrainBatch  # noqa: E402
+from rl.metrics import read_metrics  # noqa: E402
+
+PHASES = ("time/generate", "time/score", "time/learn", "time/sync", "time/step", "tokens_per_s",
+          "sync/bytes", "learn/tokens", "response_len_mean")
+
+
+def step_config(quick: bool, out: Path, gpu: bool):
+    share = 0.5 if gpu else 0.0
+    data = {
+        "model": {"preset": "tiny" if quick else "mini-agent-scout",
+                  "overrides": {"vocab_size": 384} if quick else {}, "tokenizer": "tiny",
+                  "max_seq_len": 64 if quick else 640, "backend": "auto"},
+        "task": {"name": "arithmetic", "kwargs": {"max_operand": 99}, "eval_size": 0},
+        "group_size": 8, "prompts_per_step": 8 if quick else 64, "steps": 2 if quick else 4,
+        "sampling": {"max_new_tokens": 32 if quick else 512, "temperature": 1.0},
+        "learner": {"lr": 1.0e-6, "num_gpus": share, "num_cpus": 1, "micro_batch_tokens": 16384,
+                    "gradient_checkpointing": True},
+        "workers": {"num_workers": 1, "num_gpus": share, "num_cpus": 1, "engine_slots": 512},
+        "reward_pool": {"num_workers": 2}, "checkpoint_every": 0, "eval_every": 0,
+        "output_dir": str(out), "wandb": False,
+    }
+    return load_grpo_config(data=data)
+
+
+def bench_step(quick: bool, out: Path) -> dict:
+    cfg = step_config(quick, out, torch.cuda.is_available())
+    driver = Driver(cfg)
+    try:
+        driver.run()
+    finally:
+        driver.close()
+    recs = read_metrics(out / "metrics.jsonl")[-cfg.steps:]
+    timed = recs[1:] or recs                      # the first step includes warm-up (autotune, graphs)
+    avg = {k: sum(r[k] for r in timed) / len(timed) for k in PHASES if all(k in r for r in timed)}
+    share = {k: avg[k] / avg["time/step"] for k in ("time/generate", "time/score", "time/learn", "time/sync")}
+    return {"shape": cfg.model.preset, "group_size": cfg.group_size, "prompts": cfg.prompts_per_step,
+            "max_new_tokens": cfg.sampling.max_new_tokens, "steps_timed": len(timed), "mean": avg,
+            "share_of_step": share, "first_step": {k: recs[0].get(k) for k in PHASES}}
+
+
+def bench_memory(quick: bool) -> dict:
+    seqs, seq_len, prompt = (8, 128, 16) if quick else (64, 1024, 64)
+    gpu = torch.cuda.is_available()
+    data = {"model": {"preset": "tiny" if quick else "bitmamba2-1b",
+                      "overrides": {"vocab_size": 384} if quick else {}, "max_seq_len": seq_len + 1},
+            "sampling": {"max_new_tokens": seq_len - prompt},
+            "group_size": 8, "prompts_per_step": seqs // 8,
+            "learner": {"lr": 1.0e-6, "num_gpus": 1.0 if gpu else 0.0, "micro_batch_tokens": 8192,
+                        "gradient_checkpointing": True, "zero_stage": 2, "offload_optimizer": True}}
+    cfg = load_grpo_config(data=data)
+    t0 = time.perf_counter()
+    learner = Learner(cfg)
+    init_s = time.perf_counter() - t0
+    V = learner.model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    P = [torch.randint(0, V, (prompt,), generator=g).tolist() for _ in range(seqs)]
+    C = [torch.randint(0, V, (seq_len - prompt,), generator=g).tolist() for _ in range(seqs)]
+    batch = TrainBatch(P, C, [[-3.0] * len(c) for c in C], [[1.0] * len(c) for c in C],
+                       [(-1.0) ** i for i in range(seqs)])
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        m = learner.update(batch)
+        if gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+    return {"shape": cfg.model.preset, "seqs": seqs, "seq_len": seq_len, "params": sum(
+        p.numel() for p in learner.model.parameters()), "deepspeed": learner.ds_config,
+        "optimizer": type(learner.optimizer).__name__, "init_s": init_s, "update_s": times,
+        "peak_gpu_gib": peak, "target_gib": 20.0, "grad_norm": m["learn/grad_norm"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", choices=("step", "memory"))
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    out = Path(args.out or ROOT / "bench" / "results" / ("grpo_quick.json" if args.quick else "grpo.json"))
+    res: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()
+                 or "cpu", "torch": torch.__version__, "quick": args.quick,
+                 "command": "python bench/grpo.py" + (" --quick" if args.quick else "")
+                 + (f" --only {args.only}" if args.only else "")}
+    if args.only in (None, "step"):
+        res["step"] = bench_step(args.quick, Path(tempfile.mkdtemp(prefix="grpo_bench_")))
+        print(json.dumps(res["step"]["mean"], indent=1), flush=True)
+    if args.only in (None, "memory"):
+        res["memory"] = bench_memory(args.quick)
+        print(f"learner peak GPU memory: {res['memory']['peak_gpu_gib']} GiB", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
