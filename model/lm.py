@@ -4,6 +4,9 @@ Labels convention: `labels[b, t]` is the target of the logits at position t (no 
 labels as input_ids shifted left by one, with -100 where there is no target). Same for
 `token_logprobs(input_ids, targets)`.
 
+BitLinear numerics: in eval mode under no_grad every BitLinear computes the packed engine's exact
+`(x_q @ codes^T) / (s_x * s)` in fp32; otherwise the STE path (same numbers up to fp rounding).
+
 Loss: chunked cross-entropy over 1024-token chunks; with grad enabled each chunk's head + CE runs under
 `torch.utils.checkpoint`, so the fp32 logits of one chunk at most are alive at a time.
 """
@@ -107,8 +110,9 @@ class BitMambaLM(nn.Module):
         return self.norm_f(x)
 
     def _head_weight(self) -> Tensor | None:
-        """Quantize the head weight once per call (STE graph kept) when grad is on; None otherwise."""
-        if torch.is_grad_enabled() and self.lm_head.ternary:
+        """Quantize the head weight once per call (STE graph kept when grad is on) whenever the head takes
+        its STE path (training mode or grad enabled); None when it takes the exact eval path."""
+        if self.lm_head.ternary and (self.lm_head.training or torch.is_grad_enabled()):
             return self.lm_head.effective_weight()
         return None
 

@@ -106,6 +106,8 @@ def test_token_logprobs_and_entropy():
     lp_g = m.token_logprobs(ids, tg, chunk=4)
     loss = m(ids, labels=tg).loss_sum
     torch.testing.assert_close(-lp_g.sum(), loss, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # train mode without grad (rollout-style recompute): same STE numbers
+        torch.testing.assert_close(m.token_logprobs(ids, tg, chunk=4), lp_g.detach())
     lp_g.sum().backward()
     assert m.embedding.weight.grad.abs().sum() > 0
 
