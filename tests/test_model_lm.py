@@ -90,8 +90,9 @@ def test_chunked_loss_equals_cross_entropy(train):
         torch.testing.assert_close(g_chunk, g_ref, rtol=1e-4, atol=1e-5)
 
 
-def test_token_logprobs_and_entropy():
-    m = model("tiny-hybrid")
+@pytest.mark.parametrize("name", ["tiny-hybrid", "tiny-bitmamba2"])  # fp head / ternary head with own norm
+def test_token_logprobs_and_entropy(name):
+    m = model(name)
     ids = torch.randint(0, 256, (2, 11))
     tg = torch.randint(0, 256, (2, 11))
     with torch.no_grad():
