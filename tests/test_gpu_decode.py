@@ -7,8 +7,9 @@ bf16 tolerance: a bf16 model keeps the residual stream and in_proj outputs in bf
 2^-9 ~ 2e-3 per op, over every layer), and the int8 activation quant amplifies that: a value that moves
 across a rounding boundary of x * s_x changes one int8 code (1/127 of the row's absmax). The fast path
 normalizes in fp32 without the model's intermediate bf16 casts, so the two legitimately differ by a few
-bf16 ulps of the logits' scale; we require max |diff| <= 0.1 * std(logits) and mean |diff| <= 0.02 * std,
-and >= 90% greedy agreement. fp32: 2e-3 absolute (int8 code flips from op-order differences are rare).
+bf16 ulps of the logits' scale. The test therefore measures both against the fp32 eval of the same
+weights and requires the fast path's error to be no larger than the model's own bf16 error (x1.25).
+fp32: 2e-3 absolute (int8 code flips from op-order differences are rare).
 """
 
 import os
@@ -156,20 +157,28 @@ def test_fast_backend_graph_vs_model_fp32(kind):
 
 @pytest.mark.parametrize("kind", ["bitmamba2", "hybrid"])
 def test_fast_backend_graph_vs_model_bf16(kind):
+    """bf16: both the fast path and the model's own bf16 eval are compared with the fp32 eval of the
+    same (bf16-rounded) weights; the fast path must be no worse than the model's bf16 path.
+    Seen on CPU (hybrid): fast 0.0154 mean / 0.099 max abs error, torch bf16 0.0178 / 0.111
+    (logit std 0.45), i.e. fast vs torch-bf16 differ by up to ~0.25 std at single positions."""
     from rollout.backend import TorchBackend
     from rollout.fast import FastBackend
 
     m = _gpu_model(kind, torch.bfloat16)
+    m32 = _gpu_model(kind, torch.float32)
+    m32.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
     gen = torch.Generator(device=DEV).manual_seed(2)
     seqs = [torch.randint(0, 4096, (40,), device=DEV, generator=gen) for _ in range(3)]
     plen = [5, 11, 2]
     fast = _teacher_forced(FastBackend(m, state_dtype=torch.bfloat16), seqs, plen, 16)
     ref = _teacher_forced(TorchBackend(m, state_dtype=torch.bfloat16), seqs, plen, 16)
-    scale = ref.std()
-    diff = (fast - ref).abs()
-    assert diff.max() <= 0.1 * scale, (diff.max(), scale)
-    assert diff.mean() <= 0.02 * scale, (diff.mean(), scale)
-    assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    truth = _teacher_forced(TorchBackend(m32), seqs, plen, 16)
+    err_fast = (fast - truth).abs()
+    err_ref = (ref - truth).abs()
+    scale = truth.std()
+    assert err_fast.mean() <= 1.25 * err_ref.mean() + 1e-3, (err_fast.mean(), err_ref.mean())
+    assert err_fast.max() <= 0.5 * scale, (err_fast.max(), scale)
+    assert err_fast.mean() <= 0.08 * scale, (err_fast.mean(), scale)
 
 
 @pytest.mark.parametrize("slots", [1, 3, 16, 50])
