@@ -236,9 +236,12 @@ class Engine:
             finish_sample(slot[i], reason)
             slot[i] = None
 
+        logits_owned = True   # False while `logits` is the tensor backend.step returned
+
         def set_logits(i: int, row: Tensor) -> None:
-            nonlocal logits
-            logits = logits.clone()   # the backend may own the buffer it returned (CUDA graph output)
+            nonlocal logits, logits_owned
+            if not logits_owned:      # the backend may own the buffer it returned: copy once, then write
+                logits, logits_owned = logits.clone(), True
             logits[i] = row
 
         def load(i: int, s: _Sample) -> None:
@@ -378,6 +381,7 @@ class Engine:
                 if seen is not None:
                     seen.scatter_(1, out.tokens[:, None], True)
                 logits = be.step(out.tokens)
+            logits_owned = False
             stats.decode_steps += k
             toks, lps, mlps = (b[:, :k].tolist() for b in (buf_tok, buf_lp, buf_mlp))
             stats.decode_s += time.perf_counter() - td
