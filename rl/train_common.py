@@ -281,6 +281,8 @@ def run_loop(spec: LoopSpec) -> LoopResult:
     if latest is not None:
         tensors, opt_state, extra = ckpt.load(latest, map_location="cpu")
         load_model_state(model, tensors)
+        if hasattr(spec.optimizer, "sync_from_model"):
+            spec.optimizer.sync_from_model()
         spec.optimizer.load_state_dict(opt_state)
         spec.loader.load_state_dict(extra["data"])
         if trainer.scaler is not None and extra.get("scaler"):

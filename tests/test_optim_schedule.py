@@ -112,3 +112,21 @@ def test_schedule_from_yaml_and_errors(tmp_path):
         load_config(ScheduleConfig, p)
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(OptimConfig, data={"lr": -1.0})
+
+
+def test_cpu_offload_matches_plain_optimizer():
+    torch.manual_seed(0)
+    m1, m2 = _model("tiny"), _model("tiny")
+    m2.load_state_dict(m1.state_dict())
+    o1 = build_optimizer(m1, OptimConfig(lr=1e-2), verbose=False)
+    o2 = build_optimizer(m2, OptimConfig(lr=1e-2, cpu_offload=True), verbose=False)
+    assert {id(p) for p in o2.parameters()} == {id(p) for p in m2.parameters()}  # clipping acts on live params
+    x = torch.randint(0, 256, (2, 16))
+    for _ in range(3):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            m(x, labels=x).loss.backward()
+            o.step()
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(a, b), n
+    assert not torch.equal(next(m1.parameters()), _model("tiny").embedding.weight)
