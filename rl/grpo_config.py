@@ -57,6 +57,9 @@ class TaskSection:
     def __post_init__(self):
         if (self.name is None) == (self.path is None):
             raise ConfigError("task: give exactly one of task.name and task.path")
+        if self.path is not None and self.kwargs:
+            raise ConfigError(f"task.kwargs {sorted(self.kwargs)} only apply to a synthetic task (task.name), "
+                              "not to task.path")
         if self.eval_size < 0:
             raise ConfigError(f"task.eval_size: must be >= 0, got {self.eval_size}")
 

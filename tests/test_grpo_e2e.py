@@ -59,7 +59,7 @@ def test_too_long_prompts_are_dropped_and_counted(ray_local, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     assert grpo.main(["--config", CONFIG, "--output-dir", str(out), "steps=1", "task.name=null",
-                      f"task.path={data}", "prompts_per_step=2", "group_size=2", "eval_every=0",
+                      "task.kwargs={}", f"task.path={data}", "prompts_per_step=2", "group_size=2", "eval_every=0",
                       "wandb=false"]) == 0
     rec = read_metrics(out / "metrics.jsonl")[0]
     assert rec["data/prompts_dropped"] == 1 and rec["data/position"] == 3
