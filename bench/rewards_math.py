@@ -86,7 +86,8 @@ def main() -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"benchmark": "rewards_math", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                   "platform": platform.platform()}, "results": rows}, f, indent=2)
+                   "platform": platform.platform(),
+                   "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}, "results": rows}, f, indent=2)
         f.write("\n")
     print(f"wrote {args.out}")
     return 0

@@ -371,6 +371,8 @@ class RewardSpec:
                    timeout_s=t, fallback=obj.get("fallback"), name=obj.get("name"))
 
     def load(self, base_dir: str | None = None) -> RewardFn:
+        if isinstance(self.spec, RewardFn):
+            return self.spec
         return load_reward(self.spec, name=self.name, base_dir=base_dir, **self.kwargs)
 
 

@@ -214,11 +214,6 @@ class RewardPool:
                      RewardSpec(spec=f, name=f.name) if isinstance(f, RewardFn) else RewardSpec.from_config(f)
                      for f in functions]
             self.composite = CompositeReward(specs, base_dir=base_dir)
-        # a RewardFn passed in directly is used as is (not reloaded)
-        if not isinstance(functions, CompositeReward):
-            for k, f in enumerate(functions):
-                if isinstance(f, RewardFn):
-                    self.composite.functions[k] = f
         self.functions = self.composite.functions
         self.names = self.composite.names
         self.weights = dict(zip(self.names, self.composite.weights))

@@ -247,3 +247,13 @@ def test_workers_exit_when_the_parent_is_killed(bad_file, tmp_path):
     while _alive(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(worker)
+
+
+def test_loaded_reward_fn_objects_are_accepted(bad_file):
+    from rewards import load_reward
+
+    fn = load_reward(f"{bad_file}:misbehave")
+    with RewardPool([fn, RewardSpec(spec="format", weight=0.5)], num_workers=1, timeout_s=2) as pool:
+        res = pool.score(["p"] * 2, ["ok", "raise"])
+    assert pool.names == ["misbehave", "format"]
+    assert res.per_function["misbehave"] == [1.0, 0.0] and res.status == ["ok", "error"]

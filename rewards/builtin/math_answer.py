@@ -17,6 +17,7 @@ compared as strings only.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from rewards.builtin import mathparse as mp
@@ -150,6 +151,7 @@ def _equal_nodes(a, b, rel_tol, abs_tol, approx=False) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=4096)   # GRPO groups often repeat an answer: decide it once
 def is_equiv(pred: str, gold: str, rel_tol: float = 1e-6, abs_tol: float = 1e-9,
              percent: str = "either") -> bool:
     """Whether two final answers are mathematically equal (see the module docstring)."""
