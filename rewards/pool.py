@@ -283,6 +283,10 @@ class RewardPool:
                 for f, fn in enumerate(self.functions):
                     out[f] = run_chunk(fn, list(prompts), list(completions), fields, self.timeouts[f])
             else:
+                for k, w in enumerate(self._workers):   # left busy by an interrupted call
+                    if w is not None and w.task is not None:
+                        w.kill()
+                        self._workers[k] = None
                 self._run_pool(prompts, completions, fields, out)
         return self._assemble(out, completions, time.perf_counter() - t0)
 

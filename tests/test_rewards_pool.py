@@ -257,3 +257,23 @@ def test_loaded_reward_fn_objects_are_accepted(bad_file):
         res = pool.score(["p"] * 2, ["ok", "raise"])
     assert pool.names == ["misbehave", "format"]
     assert res.per_function["misbehave"] == [1.0, 0.0] and res.status == ["ok", "error"]
+
+
+@pytest.mark.timeout(60)
+def test_interrupted_score_does_not_break_the_next_call(bad_file, monkeypatch):
+    import rewards.pool as rp
+
+    real_wait, calls = rp.wait, []
+
+    def interrupting(conns, timeout=None):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt   # e.g. Ctrl-C while a chunk is out at a worker
+        return real_wait(conns, timeout)
+
+    with RewardPool(f"{bad_file}:misbehave", num_workers=1, timeout_s=2) as pool:
+        monkeypatch.setattr(rp, "wait", interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            pool.score(["p"] * 3, ["ok"] * 3)
+        res = pool.score(["p"] * 3, ["ok", "raise", "ok"])
+    assert res.status == ["ok", "error", "ok"]

@@ -138,6 +138,8 @@ def _equal_nodes(a, b, rel_tol, abs_tol, approx=False) -> bool:
                 return False
     except (mp.ParseError, OverflowError, ZeroDivisionError, ValueError):
         return False
+    if _term_bound(a) + _term_bound(b) > 2000:
+        return True   # numerically equal at 3 points; expanding would be too expensive to confirm
     try:
         import sympy
 
@@ -149,6 +151,24 @@ def _equal_nodes(a, b, rel_tol, abs_tol, approx=False) -> bool:
         return True   # numerically equal at 3 points and not convertible: accept
     except (TypeError, ValueError, ZeroDivisionError, RecursionError):
         return False
+
+
+def _term_bound(node) -> float:
+    """Upper bound on the number of terms after expansion, to keep sympy.expand cheap."""
+    kind = node[0]
+    if kind in ("add",):
+        return _term_bound(node[1]) + _term_bound(node[2])
+    if kind in ("mul", "div"):
+        return _term_bound(node[1]) * _term_bound(node[2])
+    if kind in ("neg", "pct"):
+        return _term_bound(node[1])
+    if kind == "pow":
+        e = mp.exact(node[2])
+        base = _term_bound(node[1])
+        if e is None or e.denominator != 1:
+            return base
+        return float(base) ** min(abs(e.numerator), 64)
+    return 1.0
 
 
 @functools.lru_cache(maxsize=4096)   # GRPO groups often repeat an answer: decide it once
