@@ -277,3 +277,11 @@ def test_interrupted_score_does_not_break_the_next_call(bad_file, monkeypatch):
             pool.score(["p"] * 3, ["ok"] * 3)
         res = pool.score(["p"] * 3, ["ok", "raise", "ok"])
     assert res.status == ["ok", "error", "ok"]
+
+
+def test_unpicklable_callable_needs_in_process_mode():
+    fn = lambda prompt, completion, **f: 1.0  # noqa: E731
+    with pytest.raises(RewardPoolError, match="cannot be sent to worker processes"):
+        RewardPool(fn, num_workers=1)
+    with RewardPool(fn, num_workers=0) as pool:
+        assert pool.score(["p"], ["c"]).rewards == [1.0]
