@@ -308,7 +308,8 @@ class RewardPool:
                 bad = []
             for i in bad:
                 out[task.f][i] = (status, None, msg, time.monotonic() - start if start > 0 else 0.0)
-            rest = [i for i in task.idx if i not in set(bad)]
+            bad_set = set(bad)
+            rest = [i for i in task.idx if i not in bad_set]
             if rest:
                 queue.appendleft(_Task(task.f, rest, task.attempt + (0 if bad else 1)))
 
@@ -348,7 +349,10 @@ class RewardPool:
                         continue
                     if msg is not None:
                         continue
-                    code = w.proc.wait()
+                    try:
+                        code = w.proc.wait(5)
+                    except subprocess.TimeoutExpired:   # connection lost but still running
+                        code = None
                     record_failure(task, w, "crash", _exit_reason(code))
                     w.kill()
                     self._workers[k] = None
@@ -360,7 +364,7 @@ class RewardPool:
                     continue
                 pos, start = w.where()
                 limit = self.timeouts[task.f]
-                if limit is not None and start > 0 and now - start > 1.5 * limit + 0.5:
+                if limit is not None and start > 0 and now - start > 2 * limit + 1:
                     record_failure(task, w, "timeout",
                                    f"no result within {limit} s; worker killed and replaced")
                     w.kill()
