@@ -63,3 +63,33 @@ def test_too_long_prompts_are_dropped_and_counted(ray_local, tmp_path):
                       "wandb=false"]) == 0
     rec = read_metrics(out / "metrics.jsonl")[0]
     assert rec["data/prompts_dropped"] == 1 and rec["data/position"] == 3
+
+
+def test_one_step_off_policy_generates_with_the_previous_weights(ray_local, tmp_path):
+    out = tmp_path / "offpolicy"
+    assert grpo.main(["--config", CONFIG, "--output-dir", str(out), "steps=3", "one_step_off_policy=true",
+                      "learner.lr=1.0e-2", *FAST]) == 0
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    # step 1 is on-policy; steps 2-3 were sampled before the previous update landed: the learner's
+    # log-probs differ from the rollout's, and truncated IS sees it
+    assert recs[0]["learn/mismatch_max_ratio"] < 1.01
+    assert max(r["learn/mismatch_kl"] for r in recs[1:]) > 100 * max(recs[0]["learn/mismatch_kl"], 1e-9)
+    assert recs[2]["data/position"] == 12
+
+
+def test_demo_reward_rises(ray_local, tmp_path):
+    """The shortened demo: warm start + 60 GRPO steps; the mean reward clearly rises."""
+    from rl import demo
+
+    out = tmp_path / "demo"
+    assert demo.main(["--output-dir", str(out), "--steps", "60", "eval_every=30", "checkpoint_every=30",
+                      "wandb=false"]) == 0
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs] == list(range(1, 61))
+    first = sum(r["reward_mean"] for r in recs[:10]) / 10
+    last = sum(r["reward_mean"] for r in recs[-10:]) / 10
+    assert 0.05 < first < 0.45, first          # the warm start leaves room to learn
+    assert last > first + 0.1, (first, last)
+    assert (out / "reward.png").stat().st_size > 10_000
+    assert [s for s, _ in CheckpointManager(out / "checkpoints").checkpoints()] == [60, 30]
