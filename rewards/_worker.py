@@ -1,8 +1,8 @@
-"""Reward worker process: ``python -m rewards._worker FD MARKER_PATH``.
+"""Reward worker process: ``python -m rewards._worker SOCKET_FD MARKER_FD``.
 
-Started by `rewards.pool.RewardPool` with one end of a socket pair (FD) and a 16-byte marker file
-(mmap'ed: [position in chunk, start time of the current call or 0]) the parent reads to find the
-call that hung or crashed. Protocol (pickled tuples):
+Started by `rewards.pool.RewardPool` with one end of a socket pair and a 16-byte marker file
+(an unlinked temporary file, mmap'ed by both: [position in chunk, start time of the current call
+or 0]) the parent reads to find the call that hung or crashed. Protocol (pickled tuples):
   parent -> ("init", functions_pickle, timeouts, memory_limit_mb, parent_pid)
   worker -> ("ready", pid) | ("fatal", message)
   parent -> ("run", task_id, function_index, prompts, completions, rows) | ("stop",)
@@ -23,9 +23,9 @@ from multiprocessing.connection import Connection
 
 
 class _FileMarker:
-    def __init__(self, path: str):
-        with open(path, "r+b") as f:
-            self.mm = mmap.mmap(f.fileno(), 16)
+    def __init__(self, fd: int):
+        self.mm = mmap.mmap(fd, 16)
+        os.close(fd)
 
     def set(self, pos: int) -> None:
         self.mm[0:8] = struct.pack("d", float(pos))
@@ -67,7 +67,7 @@ def _limit_memory(mb: int | None) -> None:
 
 def main() -> int:
     conn = Connection(int(sys.argv[1]))
-    marker = _FileMarker(sys.argv[2])
+    marker = _FileMarker(int(sys.argv[2]))
     try:
         _, payload, timeouts, memory_limit_mb, parent_pid = conn.recv()
         _die_with_parent(parent_pid)

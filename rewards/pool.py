@@ -24,7 +24,6 @@ import math
 import mmap
 import os
 import pickle
-import shutil
 import socket
 import struct
 import subprocess
@@ -99,21 +98,21 @@ class _Worker:
     """One subprocess, its connection and its marker file."""
 
     def __init__(self, payload: bytes, timeouts: list[float | None], memory_limit_mb: int | None,
-                 tmpdir: str, serial: int, start_timeout_s: float):
-        self.marker_path = os.path.join(tmpdir, f"marker-{serial}")
-        with open(self.marker_path, "wb") as f:
+                 start_timeout_s: float):
+        # the marker lives in an unlinked temporary file shared by fd: nothing on disk to leak
+        with tempfile.TemporaryFile() as f:
             f.write(b"\0" * 16)
-        with open(self.marker_path, "r+b") as f:
+            f.flush()
             self.mm = mmap.mmap(f.fileno(), 16)
-        parent_sock, child_sock = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else os.getcwd() for p in sys.path)
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rewards._worker", str(child_sock.fileno()), self.marker_path],
-                pass_fds=[child_sock.fileno()], env=env, stdin=subprocess.DEVNULL)
-        finally:
-            child_sock.close()
+            parent_sock, child_sock = socket.socketpair()
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else os.getcwd() for p in sys.path)
+            try:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "rewards._worker", str(child_sock.fileno()), str(f.fileno())],
+                    pass_fds=[child_sock.fileno(), f.fileno()], env=env, stdin=subprocess.DEVNULL)
+            finally:
+                child_sock.close()
         self.conn = Connection(parent_sock.detach())
         self.task: _Task | None = None
         self.task_id = -1
@@ -176,11 +175,10 @@ def _exit_reason(code: int | None) -> str:
     return f"worker exited with code {code}"
 
 
-def _shutdown(workers: list, tmpdir: str) -> None:
+def _shutdown(workers: list) -> None:
     for w in workers:
         if w is not None:
             w.stop(wait_s=1.0)
-    shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 class RewardPool:
@@ -225,10 +223,8 @@ class RewardPool:
         self.start_timeout_s = start_timeout_s
         self._logged: set[tuple[str, str]] = set()
         self._workers: list[_Worker | None] = []
-        self._serial = 0
         self._closed = False
-        self._tmpdir = tempfile.mkdtemp(prefix="reward-pool-")
-        self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._tmpdir)
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
         if num_workers:
             try:
                 self._payload = pickle.dumps(self.functions)
@@ -245,9 +241,7 @@ class RewardPool:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _spawn(self) -> _Worker:
-        self._serial += 1
-        return _Worker(self._payload, self.timeouts, self.memory_limit_mb, self._tmpdir,
-                       self._serial, self.start_timeout_s)
+        return _Worker(self._payload, self.timeouts, self.memory_limit_mb, self.start_timeout_s)
 
     def close(self) -> None:
         """Stop and reap every worker (idempotent)."""
