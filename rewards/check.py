@@ -2,6 +2,7 @@
 
     bitmamba reward-check SPEC [SPEC ...] --data rows.jsonl [--completions completions.jsonl]
                           [--out scored.jsonl] [--workers 2] [--timeout 10] [--kwargs JSON]
+    bitmamba reward-check --config train.yaml --data rows.jsonl ...   # the config's `rewards:` list
 
 Data rows are JSON objects with ``prompt`` and any other fields (``answer``, ``schema``, ...).
 Completion rows are ``{"completion": ...}``, aligned with the data by line; without
@@ -19,7 +20,7 @@ import os
 import sys
 from typing import Any
 
-from rewards.api import CompositeReward, RewardSpec
+from rewards.api import CompositeReward, RewardSpec, parse_reward_specs
 from rewards.errors import RewardDataError, RewardError
 from rewards.pool import RewardPool, ScoreResult
 
@@ -111,10 +112,27 @@ def summarize(res: ScoreResult, completions: list[str], n_examples: int = 3) -> 
     return "\n".join(lines)
 
 
+def _specs_from_yaml(path: str) -> list[RewardSpec]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise RewardDataError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise RewardDataError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(doc, dict) or "rewards" not in doc:
+        raise RewardDataError(f"{path}: no top-level `rewards:` list")
+    return parse_reward_specs(doc["rewards"], where=f"{path}: rewards")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitmamba reward-check",
                                 description="Run reward functions over a small JSONL dataset and summarize.")
-    p.add_argument("spec", nargs="+", help="built-in name, path/to/file.py:function or module:function")
+    p.add_argument("spec", nargs="*", help="built-in name, path/to/file.py:function or module:function")
+    p.add_argument("--config", help="YAML file whose `rewards:` list (with weights and options) is checked "
+                                    "instead of SPECs; file paths in it are relative to the working directory")
     p.add_argument("--data", required=True, help="JSONL rows with 'prompt' and other fields")
     p.add_argument("--completions", help="JSONL rows {'completion': ...} aligned with --data by line")
     p.add_argument("--out", help="write one JSON row per sample with reward and status")
@@ -133,6 +151,8 @@ def main(argv: list[str]) -> int:
             raise RewardDataError(f"--workers must be >= 0, got {args.workers}")
         if args.timeout <= 0:
             raise RewardDataError(f"--timeout must be > 0, got {args.timeout}")
+        if bool(args.spec) == bool(args.config):
+            raise RewardDataError("give either reward SPECs or --config FILE.yaml")
         kwargs = {}
         if args.kwargs:
             try:
@@ -141,7 +161,13 @@ def main(argv: list[str]) -> int:
                 raise RewardDataError(f"--kwargs: invalid JSON ({e})") from None
             if not isinstance(kwargs, dict) or len(args.spec) != 1:
                 raise RewardDataError("--kwargs: expected a JSON object, with exactly one spec")
-        composite = CompositeReward([RewardSpec(spec=s, kwargs=dict(kwargs)) for s in args.spec])  # checks specs first
+        if args.config:
+            if args.kwargs:
+                raise RewardDataError("--kwargs applies to SPECs; with --config put options under `kwargs:`")
+            specs = _specs_from_yaml(args.config)
+        else:
+            specs = [RewardSpec(spec=s, kwargs=dict(kwargs)) for s in args.spec]
+        composite = CompositeReward(specs)   # every spec is checked before the data is read
         prompts, comps, fields = load_samples(args.data, args.completions)
         with RewardPool(composite, num_workers=args.workers, timeout_s=args.timeout) as pool:
             res = pool.score(prompts, comps, fields)

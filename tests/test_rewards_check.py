@@ -99,3 +99,23 @@ def test_console_router_reaches_reward_check(tmp_path, data):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "reward: mean 1.0000" in proc.stdout
+
+
+def test_config_file_rewards_list(tmp_path, capsys):
+    (tmp_path / "u.py").write_text(USER)
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"model: {{preset: tiny}}\nrewards:\n  - math\n  - spec: {tmp_path}/u.py:flaky\n    weight: 0.5\n"
+                   f"  - spec: format\n    weight: 0.25\n    kwargs: {{partial: true}}\n")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "answer": "4", "completion": "<think>r</think> 4"},
+                                              {"prompt": "p", "answer": "4", "completion": "\\boxed{5}"}])
+    out = tmp_path / "o.jsonl"
+    assert main(["--config", str(cfg), "--data", data, "--workers", "0", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "math: mean 0.5000" in text and "flaky: mean 0.0000" in text and "format: mean 0.5000" in text
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["reward"] for r in rows] == [1.0 + 0.25, 0.0]
+    cfg.write_text("rewards:\n  - spec: math\n    wieght: 2\n")
+    assert main(["--config", str(cfg), "--data", data]) == 2
+    assert "train.yaml: rewards[0]: unknown keys ['wieght']" in capsys.readouterr().err
+    assert main(["math", "--config", str(cfg), "--data", data]) == 2
+    assert "either reward SPECs or --config" in capsys.readouterr().err
