@@ -37,6 +37,27 @@ ROLES = ("system", "user", "assistant", "tool")
 _warned: set[str] = set()
 
 
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` without special tokens, for HF tokenizers and raw `tokenizers.Tokenizer`."""
+    try:
+        out = tokenizer.encode(text, add_special_tokens=False)
+    except TypeError:
+        out = tokenizer.encode(text)
+    return list(out.ids) if hasattr(out, "ids") else list(out)
+
+
+def token_id(tokenizer: Any, token: str) -> int | None:
+    """Id of a (special) token, or None if the vocabulary lacks it."""
+    for attr in ("token_to_id", "convert_tokens_to_ids"):
+        fn = getattr(tokenizer, attr, None)
+        if fn is not None:
+            i = fn(token)
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if i is not None and (i != unk or token == getattr(tokenizer, "unk_token", None)):
+                return int(i)
+    return None
+
+
 @dataclass
 class ChatEncoding:
     input_ids: list[int]        # [T]
@@ -107,8 +128,6 @@ def render_chat(messages: list[dict], reasoning: bool = True, add_generation_pro
 def encode_chat(messages: list[dict], tokenizer: Any, reasoning: bool = True,
                 add_generation_prompt: bool = False) -> ChatEncoding:
     """Token ids and assistant mask. Each piece is encoded on its own, so the mask is exact."""
-    from rl.data import encode_text, token_id
-
     ids: list[int] = []
     mask: list[bool] = []
     for text, is_asst in _segments(messages, reasoning, add_generation_prompt):

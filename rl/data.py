@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.errors import DataError
+from model.errors import ConfigError, DataError
+from rl.chat import encode_chat, encode_text, token_id
 
 IGNORE_INDEX = -100
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -55,8 +56,6 @@ class DataSource:
     max_records: int | None = None  # take only the first N records (small runs, tests)
 
     def __post_init__(self):
-        from model.errors import ConfigError
-
         if not self.name:
             self.name = Path(self.path).stem if not _looks_like_hub(self.path) else self.path
         if self.weight < 0:
@@ -65,7 +64,7 @@ class DataSource:
 
 def _looks_like_hub(path: str) -> bool:
     p = Path(path)
-    return not p.exists() and not any(c in path for c in "*?[") and path.count("/") == 1 \
+    return not p.exists() and not any(c in path for c in "*?[") and path.count("/") <= 1 \
         and not path.startswith((".", "/", "~")) and p.suffix.lower() not in _FORMATS
 
 
@@ -118,7 +117,8 @@ def load_records(source: DataSource | str, streaming: bool | None = None):
         try:
             ds = datasets.load_dataset(src.path, src.hub_config, split=src.split, streaming=stream)
         except Exception as e:  # network, unknown name, ...
-            raise DataError(f"could not load hub dataset {src.path!r} (split {src.split}): {e}") from None
+            raise DataError(f"dataset {src.path!r} is not a local file or directory, and loading it as a hub "
+                            f"dataset (split {src.split}) failed: {type(e).__name__}: {e}") from None
     else:
         files = _local_files(src.path)
         kinds = {_FORMATS.get(f.suffix.lower()) for f in files}
@@ -158,27 +158,6 @@ def load_records(source: DataSource | str, streaming: bool | None = None):
 
 
 # ----------------------------------------------------------------------------- tokenizer adapter
-
-
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` without special tokens, for HF tokenizers and raw `tokenizers.Tokenizer`."""
-    try:
-        out = tokenizer.encode(text, add_special_tokens=False)
-    except TypeError:
-        out = tokenizer.encode(text)
-    return list(out.ids) if hasattr(out, "ids") else list(out)
-
-
-def token_id(tokenizer: Any, token: str) -> int | None:
-    """Id of a (special) token, or None if the vocabulary lacks it."""
-    for attr in ("token_to_id", "convert_tokens_to_ids"):
-        fn = getattr(tokenizer, attr, None)
-        if fn is not None:
-            i = fn(token)
-            unk = getattr(tokenizer, "unk_token_id", None)
-            if i is not None and (i != unk or token == getattr(tokenizer, "unk_token", None)):
-                return int(i)
-    return None
 
 
 def eos_id(tokenizer: Any) -> int | None:
@@ -224,6 +203,7 @@ class _Cursor:
         self.epoch, self.index = 0, 0
         self._order: list[int] | None = None
         self._iter: Iterator | None = None
+        self._cur: dict | None = None
 
     def _ensure(self):
         if self.streaming:
@@ -240,7 +220,7 @@ class _Cursor:
         for _ in range(2):
             self._ensure()
             if self.streaming:
-                if not hasattr(self, "_cur") or self._cur is None:
+                if self._cur is None:
                     try:
                         self._cur = next(self._iter)
                     except StopIteration:
@@ -475,8 +455,6 @@ class SFTLoader:
         self.seed, self.reasoning_off_share, self.messages_field, self.name = seed, reasoning_off_share, messages_field, name
 
     def _encode(self, rec: dict):
-        from rl.chat import encode_chat
-
         if self.messages_field not in rec:
             raise DataError(f"{self.name}: record {self.cursor.index} has no {self.messages_field!r} field "
                             f"(fields: {sorted(rec)})")

@@ -30,7 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from model.config import QuantConfig
+from model.convert import import_hf
 from model.errors import BitMambaError, ConfigError
+from model.lm import BitMambaLM
 from model.typed import to_dict
 from rl.data import PackedBatch, PackedLoader, load_records
 from rl.optim import OptimConfig, build_optimizer
@@ -120,11 +123,7 @@ class DistillConfig:
 
 
 def load_teacher(spec: TeacherSpec) -> nn.Module:
-    from model.lm import BitMambaLM
-
     if spec.hf_path:
-        from model.convert import import_hf
-
         teacher = import_hf(spec.hf_path, no_quant=True)
     else:
         teacher = BitMambaLM.from_pretrained(spec.path)
@@ -137,9 +136,6 @@ def load_teacher(spec: TeacherSpec) -> nn.Module:
 
 def make_student(teacher: nn.Module, spec: StudentSpec, config_path: str | None = None) -> nn.Module:
     """Teacher architecture, ternary quantization with the student's scales; teacher weights copied."""
-    from model.config import QuantConfig
-    from model.lm import BitMambaLM
-
     tc = teacher.config
     if spec.weight_scale == "group":
         ins = {m.in_features for _, m in teacher.bitlinears()}

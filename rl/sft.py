@@ -19,11 +19,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
 from torch import nn
 
 from model.errors import ConfigError
+from model.lm import BitMambaLM
 from model.typed import to_dict
+from rl.chat import render_chat
 from rl.data import DataSource, SFTBatch, SFTLoader, load_records
 from rl.optim import OptimConfig, build_optimizer
 from rl.schedule import Schedule, ScheduleConfig
@@ -43,6 +46,7 @@ from rl.train_common import (
     setup_output,
     stage_argparser,
 )
+from rollout.tokenizer import has_tokenizer
 
 
 @dataclass
@@ -112,8 +116,6 @@ def assistant_loss(model: nn.Module, batches: list[SFTBatch]) -> float:
 
 
 def _stage_dataset(stage: SFTStageConfig, config_path: str | None):
-    import datasets
-
     parts = []
     for src in stage.data:
         src.path = resolve_data_path(src.path, config_path)
@@ -126,8 +128,6 @@ def _stage_dataset(stage: SFTStageConfig, config_path: str | None):
 
 
 def _tokenizer_texts(cfg: SFTConfig, config_path: str | None) -> list[str]:
-    from rl.chat import render_chat
-
     texts = []
     ds = _stage_dataset(cfg.stages[0], config_path)
     for rec in ds.select(range(min(len(ds), cfg.tokenizer.tiny_train_records))):
@@ -141,8 +141,6 @@ def run(cfg: SFTConfig, config_path: str | None = None) -> Path:
     out = setup_output(cfg.output_dir, to_dict(cfg))
     texts = None
     if cfg.tokenizer.path is None and cfg.tokenizer.tiny_train_on_data:
-        from rollout.tokenizer import has_tokenizer
-
         if not (cfg.model.init_from and has_tokenizer(cfg.model.init_from)):
             texts = _tokenizer_texts(cfg, config_path)
     tokenizer = build_tokenizer_from_spec(cfg.tokenizer, cfg.model.init_from, texts)
@@ -181,8 +179,6 @@ def run(cfg: SFTConfig, config_path: str | None = None) -> Path:
             return sdir
         prev_final = result.final_dir
     final = out / "final"
-    from model.lm import BitMambaLM
-
     BitMambaLM.from_pretrained(prev_final).save_pretrained(final)
     tokenizer.save_pretrained(str(final))
     print(f"[sft] done: final model in {final}", file=sys.stderr, flush=True)

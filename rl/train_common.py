@@ -18,9 +18,11 @@ an uninterrupted one.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -28,10 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
+from tqdm import tqdm
 
+from model.checkpoint import FORMAT, FORMAT_VERSION, check_tensors
+from model.config import BitMambaConfig
 from model.errors import BitMambaError, ConfigError
+from model.lm import BitMambaLM
+from model.typed import load_config
+from rollout.tokenizer import build_tiny_tokenizer, has_tokenizer, load_tokenizer
 from rl.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from rl.metrics import MetricsWriter, format_metrics
 from rl.optim import HybridOptimizer
@@ -201,8 +211,6 @@ class Trainer:
 
 def model_config_file(model: nn.Module) -> bytes:
     """config.json of a BitMambaLM, so a checkpoint directory is also a `from_pretrained` directory."""
-    from model.checkpoint import FORMAT, FORMAT_VERSION
-
     return (json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **model.config.to_dict()}, indent=2)
             + "\n").encode()
 
@@ -217,8 +225,6 @@ def model_state_for_save(model: nn.Module) -> dict[str, Tensor]:
 def load_model_state(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     if getattr(getattr(model, "config", None), "tie_embeddings", False) and "lm_head.weight" not in tensors:
         tensors = {**tensors, "lm_head.weight": tensors["embedding.weight"]}
-    from model.checkpoint import check_tensors
-
     check_tensors({k: v.shape for k, v in model.state_dict().items()}, tensors, Path("checkpoint"))
     with torch.no_grad():
         model.load_state_dict(tensors, strict=True)
@@ -277,6 +283,9 @@ def run_loop(spec: LoopSpec) -> LoopResult:
     ckpt = CheckpointManager(out / "checkpoints", keep=cfg.keep_checkpoints)
     trainer = Trainer(model, spec.optimizer, spec.schedule, cfg)
     start = 0
+    if not cfg.resume and ckpt.checkpoints(verify=False):
+        raise BitMambaError(f"{ckpt.root} already holds checkpoints (newest: step {ckpt.checkpoints(verify=False)[0][0]}) "
+                            f"and train.resume is false: use another --output-dir or remove them")
     latest = ckpt.latest() if cfg.resume else None
     if latest is not None:
         tensors, opt_state, extra = ckpt.load(latest, map_location="cpu")
@@ -303,8 +312,6 @@ def run_loop(spec: LoopSpec) -> LoopResult:
                  "config": spec.run_config}
         return ckpt.save(step, model_state_for_save(model), spec.optimizer.state_dict(), extra,
                          files={"config.json": model_config_file(model)})
-
-    from tqdm import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=start, desc=spec.stage, disable=not cfg.progress, file=sys.stderr,
                dynamic_ncols=True, leave=True)
@@ -374,8 +381,6 @@ def run_loop(spec: LoopSpec) -> LoopResult:
 
 
 def stage_argparser(prog: str, description: str):
-    import argparse
-
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("--output-dir", default=None, help="output directory (overrides output_dir in the config)")
@@ -386,10 +391,6 @@ def stage_argparser(prog: str, description: str):
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -422,9 +423,6 @@ class TokenizerSpec:
 
 
 def build_model_from_spec(spec: ModelSpec, config_path: str | None = None) -> nn.Module:
-    from model.config import BitMambaConfig
-    from model.lm import BitMambaLM
-
     where = f"{config_path}: " if config_path else ""
     if spec.init_from:
         model = BitMambaLM.from_pretrained(spec.init_from)
@@ -440,8 +438,6 @@ def build_model_from_spec(spec: ModelSpec, config_path: str | None = None) -> nn
 
 
 def build_tokenizer_from_spec(spec: TokenizerSpec, init_from: str | None = None, texts: list[str] | None = None):
-    from rollout.tokenizer import build_tiny_tokenizer, has_tokenizer, load_tokenizer
-
     if spec.path:
         return load_tokenizer(spec.path)
     if init_from and has_tokenizer(init_from):
@@ -470,16 +466,12 @@ def resolve_data_path(path: str, config_path: str | None) -> str:
 def setup_output(output_dir: str | Path, run_config: dict) -> Path:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import yaml
-
     (out / "config.resolved.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False), encoding="utf-8")
     return out
 
 
 def load_stage_config(cls, args, stage: str):
     """Typed config from --config + overrides; --output-dir / --no-wandb / --no-resume applied."""
-    from model.typed import load_config
-
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
