@@ -151,3 +151,22 @@ def test_composite_weights_names_and_none(user_file):
     assert total == [0.5 * 2 + 2.0 * 1 + 20.0, None]   # None in any function excludes the sample
     with pytest.raises(RewardSpecError, match="file not found"):
         CompositeReward(["math", "nowhere.py:f"])      # every function is checked at load
+
+
+def test_driver_style_mappings_with_nulls():
+    """rl/grpo.py passes each YAML entry as a dict with every key, unset ones None."""
+    specs = parse_reward_specs([{"spec": "math", "weight": 1.0, "kwargs": {}, "timeout_s": None,
+                                 "fallback": None, "name": None}])
+    assert specs == [RewardSpec(spec="math")]
+
+
+def test_package_is_standalone():
+    import subprocess
+    import sys
+
+    code = ("import sys, rewards, rewards.check, rewards.pool, rewards.builtin; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'model', 'rollout', 'rl', 'torch', 'ray'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
