@@ -17,12 +17,12 @@ EQUAL = [
     ("\\sqrt[3]{27}", "3"), ("2^{10}", "1024"), ("10^{-3}", "0.001"), ("\\pi/2", "\\frac{\\pi}{2}"),
     ("\\left(1, 2\\right)", "(1,2)"), ("x = 5", "5"), ("5 \\text{ cm}", "5"), ("$42$", "42"),
     ("90^\\circ", "90"), ("3 \\times 4", "12"), ("12 \\div 4", "3"), ("0.333333333", "1/3"),
-    ("(A)", "A"), ("\\$1,500", "1500"), ("−7", "-7"),
+    ("(A)", "A"), ("\\$1,500", "1500"), ("−7", "-7"), ("2xy", "2yx"), ("\\text{Monday}", "monday"),
 ]
 NOT_EQUAL = [
     ("3", "4"), ("1000000", "1000001"), ("x+1", "x-1"), ("0.5", "0.51"), ("(1,2)", "(2,1)"), ("2\\sqrt{2}", "\\sqrt{7}"),
     ("1,2", "12"), ("x^2", "x"), ("\\frac{1}{2}", "2"), ("-3", "3"), ("(1,2)", "(1,2,3)"),
-    ("10**10**10", "10^10"), ("9^9^9^9", "9"), ("A", "B"), ("", "0"),
+    ("10**10**10", "10^10"), ("9^9^9^9", "9"), ("A", "B"), ("", "0"), ("cat", "act"), ("2xy", "2x"),
 ]
 
 
@@ -100,7 +100,9 @@ def test_parser_rejects_unknown_input_and_bounds():
         with pytest.raises(mp.TooLarge):
             mp.check_size(mp.parse(huge))
     assert mp.exact(mp.parse("2^100")) == 2 ** 100   # big but bounded powers stay exact
-    assert mp.symbols(mp.parse("exec(1)")) == {"e", "x", "c"}   # letters are only variables
+    with pytest.raises(mp.ParseError, match="text"):
+        mp.parse("exec(1)")                                  # words are text, never names to look up
+    assert mp.symbols(mp.parse("xy(1)")) == {"x", "y"}     # short letter runs are variables
 
 
 ADVERSARIAL = [

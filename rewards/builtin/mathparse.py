@@ -1,8 +1,9 @@
 """A small, safe parser for final answers: numbers, fractions, simple expressions, basic LaTeX.
 
 Model output is untrusted, so nothing here calls ``eval``, ``sympify`` or ``parse_expr``. The text
-is normalized, tokenized against a whitelist (digits, single-letter variables, + - * / ^ ( ) { } [ ] ,
-%, and the LaTeX commands \\frac \\dfrac \\tfrac \\sqrt \\cdot \\times \\div \\pi), parsed by a
+is normalized, tokenized against a whitelist (digits, single-letter variables; ``xy`` is x*y but a
+run of 3+ letters is text and compared as a string; + - * / ^ ( ) { } [ ] , %, and the LaTeX
+commands \\frac \\dfrac \\tfrac \\sqrt \\cdot \\times \\div \\pi), parsed by a
 recursive-descent parser with bounded length (`MAX_CHARS`), nesting depth (`MAX_DEPTH`), number of
 nodes (`MAX_NODES`) and digits, into a tuple AST. Values are computed by our own evaluator: exactly
 with `fractions.Fraction` where the result is rational, otherwise in floating point; powers are
@@ -90,7 +91,9 @@ def tokenize(s: str) -> list[tuple[str, str]]:
         elif word is not None:
             if word in _WORDS:
                 out.append(("cmd", _WORDS[word]))
-            else:   # a run of letters is a product of single-letter variables (xy = x*y)
+            elif len(word) > 2:   # a word: a text answer, compared as a string ("cat" != "act")
+                raise ParseError(f"text {word!r}")
+            else:                 # xy = x*y
                 out.extend(("sym", ch) for ch in word)
         else:
             out.append(("op", op))
