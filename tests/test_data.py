@@ -194,3 +194,19 @@ def test_sft_loader_reasoning_share_and_resume(tmp_path, tok):
     ld2.load_state_dict(json.loads(json.dumps({"epoch": 0, "index": 12})))
     assert torch.equal(ld2.next_batch().input_ids, batches[3].input_ids)
     assert all(b.input_ids.shape[1] <= 64 for b in batches)
+
+
+def test_streaming_packed_loader_resumes_across_epochs(tmp_path, tok):
+    docs = [{"text": f"streamed document {i} " + "more words " * (i % 5)} for i in range(12)]
+    src = DataSource(path=str(_write_jsonl(tmp_path / "st.jsonl", docs)), streaming=True)
+    mk = lambda: PackedLoader([(src, load_records(src))], tok, seq_len=32, batch_size=2, seed=3)  # noqa: E731
+    a = mk()
+    for _ in range(3):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))
+    rest = [a.next_batch() for _ in range(12)]
+    assert a.state_dict()["sources"]["st"]["epoch"] >= 1
+    b = mk()
+    b.load_state_dict(state)
+    assert all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.seq_idx, y.seq_idx)
+               for x, y in zip(rest, [b.next_batch() for _ in range(12)]))
