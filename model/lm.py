@@ -136,7 +136,7 @@ class BitMambaLM(nn.Module):
         if loss_mask is not None:
             valid = valid & loss_mask.bool()
         hf = h.reshape(-1, h.shape[-1])
-        lab = labels.reshape(-1).clamp(min=0)
+        lab = labels.reshape(-1).long().clamp(min=0)
         val = valid.reshape(-1)
         w = self._head_weight()
         use_ckpt = torch.is_grad_enabled()
@@ -159,7 +159,7 @@ class BitMambaLM(nn.Module):
         h = self.hidden_states(input_ids, seq_idx=seq_idx)
         B, T = targets.shape
         hf = h.reshape(-1, h.shape[-1])
-        tg = targets.reshape(-1)
+        tg = targets.reshape(-1).long()
         w = self._head_weight()
         use_ckpt = torch.is_grad_enabled()
         lps, ents = [], []

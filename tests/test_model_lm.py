@@ -80,6 +80,9 @@ def test_chunked_loss_equals_cross_entropy(train):
     assert out.n_tokens.item() == (lab != -100).sum().item() == 20
     torch.testing.assert_close(out.loss_sum, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out.loss, ref / 20, rtol=1e-5, atol=1e-5)
+    out32 = m(ids, labels=labels.int(), loss_mask=mask.bool(), return_logits=False)  # int32 labels, bool mask
+    torch.testing.assert_close(out32.loss, out.loss)
+    assert out32.logits is None
     # several chunks (chunk 5 over 26 tokens) give the same sum and the same gradients
     h = m.hidden_states(ids)
     s_small, n_small = m.chunked_ce(h, labels, mask, chunk=5)
