@@ -112,9 +112,12 @@ class Mamba2Mixer(nn.Module):
         conv_out, new_hist = causal_conv(conv_in, self.conv1d.weight, self.conv1d.bias,
                                          None if state is None else state.conv, seq_idx)
         conv_out = F.silu(conv_out)
-        xBC = conv_out if passthrough is None else torch.cat([conv_out, passthrough], dim=-1)
         gn = self.ngroups * self.d_state
-        x, Bm, Cm = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
+        if passthrough is None:
+            x, Bm, Cm = torch.split(conv_out, [self.d_inner, gn, gn], dim=-1)
+        else:  # BitMamba-2: B, C skip the conv (views of in_proj's output, no copy)
+            x = conv_out
+            Bm, Cm = torch.split(passthrough, [gn, gn], dim=-1)
         A = -torch.exp(self.A_log.float())
         res = ssd_scan(
             x.reshape(Bsz, T, self.n_heads, self.headdim), dt, A,
