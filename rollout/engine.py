@@ -99,7 +99,8 @@ class Engine:
     slots: rows decoded together (the batch size of every `step`).
     sync_every: decode steps between host checks for finished samples (tokens past a stop are
       computed and discarded; larger = fewer syncs, more waste).
-    max_len: state capacity per slot (prompt + completion); default: sized per `generate` call.
+    max_len: state capacity per slot (prompt + completion); default: the longest need so far rounded
+      up to a multiple of 256 (it never shrinks, so backends keep their buffers and CUDA graphs).
     on_stop: the pause hook (see module doc); needs a backend with `save_rows` and `extend`.
     noise: where the sampling randomness comes from, both replay a sample exactly whatever the
       batching: "generator" (a torch.Generator per sample; one small launch per row and step) or
@@ -123,6 +124,7 @@ class Engine:
             raise BitMambaError(f"Engine: noise must be 'generator' or 'hash', got {noise!r}")
         self.noise = noise
         self.last_stats = GenStats()
+        self._auto_max_len = 0
 
     @property
     def device(self) -> torch.device:
@@ -197,7 +199,10 @@ class Engine:
             remaining_by_key[key] = remaining_by_key.get(key, 0) + p.n
         n_samples = order
         need = max(len(s.key) + s.params.max_new_tokens for s in queue) + 1
-        max_len = self.max_len or -(-need // 64) * 64
+        # never shrink: a backend keeps per-(slots, max_len) buffers and CUDA graphs, so a stable size
+        # across calls avoids re-allocation and re-capture (pass max_len= to fix it up front)
+        max_len = self.max_len or max(self._auto_max_len, -(-need // 256) * 256)
+        self._auto_max_len = max_len if not self.max_len else 0
         if max_len < need:
             raise BitMambaError(f"Engine max_len {max_len} < longest prompt + max_new_tokens + 1 = {need}")
         be.allocate(S, max_len)
