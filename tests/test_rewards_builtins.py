@@ -82,6 +82,16 @@ def test_tool_calls_against_declared_tools():
         one(t, call("now", {}))
 
 
+def test_unclosed_tags_are_linear_time():
+    import time
+
+    t0 = time.monotonic()
+    assert one(load_reward("tool_call"), "</tool_call>" + "<tool_call>" * 9000, tools=TOOLS) == 0.0
+    assert one(load_reward("format", partial=True), "<think>" * 20000) == pytest.approx(0.0)
+    assert one(load_reward("json"), "```json\n" * 12000) == 0.0
+    assert time.monotonic() - t0 < 1.0
+
+
 def test_overlong_dapo_ramp_in_tokens_and_words():
     o = load_reward("overlong", max_len=100, buffer=20)
     assert [one(o, "", completion_tokens=n) for n in (10, 80, 90, 95, 100, 130)] == \

@@ -18,6 +18,7 @@ EQUAL = [
     ("\\left(1, 2\\right)", "(1,2)"), ("x = 5", "5"), ("5 \\text{ cm}", "5"), ("$42$", "42"),
     ("90^\\circ", "90"), ("3 \\times 4", "12"), ("12 \\div 4", "3"), ("0.333333333", "1/3"),
     ("(A)", "A"), ("\\$1,500", "1500"), ("−7", "-7"), ("2xy", "2yx"), ("\\text{Monday}", "monday"),
+    ("12 cm", "12"), ("5 square meters", "5"), ("2 x", "2x"),
 ]
 NOT_EQUAL = [
     ("3", "4"), ("1000000", "1000001"), ("x+1", "x-1"), ("0.5", "0.51"), ("(1,2)", "(2,1)"), ("2\\sqrt{2}", "\\sqrt{7}"),
@@ -122,6 +123,8 @@ ADVERSARIAL = [
     "\\boxed{x^{1000000}}",
     "\\boxed{" + "1" * 100000 + "}",
     "1" * 200000,
+    "\\boxed{" * 5000,                  # unclosed: a naive scan per \\boxed is quadratic
+    "<answer>" * 5000,
 ]
 
 
@@ -144,6 +147,14 @@ def test_adversarial_completions_have_no_effect_and_finish(tmp_path, monkeypatch
     # only the last 10k characters are read: item 6 loses its \\boxed{ and falls back to the last number
     assert res.rewards[6] == 1.0
     assert all(r == 0.0 for k, r in enumerate(res.rewards) if k not in (6, 9)), res.rewards
+
+
+def test_normalization_has_no_regex_blowup():
+    t0 = time.monotonic()
+    for s in ["1 " + "a" * 20000 + "!", "1" + " ab" * 5000 + "!", "1," * 20000 + "x", "\\text{" * 5000]:
+        is_equiv(s, "1")
+        mp.normalize(s)
+    assert time.monotonic() - t0 < 2.0
 
 
 def test_adversarial_in_process_is_fast():

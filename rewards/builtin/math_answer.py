@@ -24,37 +24,58 @@ from rewards.builtin import mathparse as mp
 
 METHODS = ("boxed", "answer_tag", "hash", "last_number")
 _BOXED = re.compile(r"\\(?:boxed|fbox)")
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _HASH = re.compile(r"####[ \t]*([^\n]*)")
 _NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?")
 
 
+def _matching_braces(text: str) -> dict[int, int]:
+    """Position of each '{' -> position of its '}' (unmatched ones absent); one pass, O(n)."""
+    stack: list[int] = []
+    match: dict[int, int] = {}
+    for j, c in enumerate(text):
+        if c == "{":
+            stack.append(j)
+        elif c == "}" and stack:
+            match[stack.pop()] = j
+    return match
+
+
 def _boxed(text: str) -> str | None:
     starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    match = _matching_braces(text) if "{" in text else {}
     for start in reversed(starts):
         i = start
         while i < len(text) and text[i] == " ":
             i += 1
         if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                c = text[j]
-                if c == "{":
-                    depth += 1
-                elif c == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1:j]
-                j += 1
+            if i in match:
+                return text[i + 1:match[i]]
             continue   # unbalanced: try an earlier one
-        m = re.match(r"[^\s$]+", text[i:])   # \boxed 5
+        m = re.match(r"[^\s$]+", text[i:i + 200])   # \boxed 5
         if m:
             return m.group(0)
     return None
 
 
+def blocks(text: str, open_tag: str, close_tag: str) -> list[str]:
+    """Contents of every ``open_tag ... close_tag`` (non-nested, first close wins), in linear time
+    (a regex ``(.*?)`` rescans to the end for every unclosed tag)."""
+    out, pos = [], 0
+    while True:
+        a = text.find(open_tag, pos)
+        if a < 0:
+            return out
+        b = text.find(close_tag, a + len(open_tag))
+        if b < 0:
+            return out
+        out.append(text[a + len(open_tag):b])
+        pos = b + len(close_tag)
+
+
 def _answer_tag(text: str) -> str | None:
-    found = _ANSWER_TAG.findall(text)
+    found = blocks(text, "<answer>", "</answer>")
     if not found:
         return None
     inner = found[-1]

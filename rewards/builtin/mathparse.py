@@ -35,6 +35,7 @@ class ParseError(ValueError):
 # -- normalization -----------------------------------------------------------------------------
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]{0,100})\}")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_TRAILING_UNITS = re.compile(r"(?<=\d)\s+[A-Za-z]{2,}(?:\s+[A-Za-z]{2,})*\.?$")   # "12 cm", "3 apples", "5 square meters"
 _REPLACE = [
     ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", ""),
     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\%", "%"), ("\\$", ""), ("$", ""), ("~", ""),
@@ -45,7 +46,8 @@ _REPLACE = [
 
 
 def normalize(s: str) -> str:
-    """Strip LaTeX decoration, units in \\text{}, dollar signs, thousands separators, 'x =' prefixes."""
+    """Strip LaTeX decoration, units (in \\text{} or words after a number), dollar signs, thousands
+    separators, 'x =' prefixes."""
     s = s.strip()
     for a, b in (("\\(", ""), ("\\)", ""), ("\\[", ""), ("\\]", "")):
         s = s.replace(a, b)
@@ -54,6 +56,7 @@ def normalize(s: str) -> str:
     stripped = _TEXT_CMD.sub("", s).strip()
     s = stripped if stripped else _TEXT_CMD.sub(r"\1", s)
     s = _THOUSANDS.sub("", s)
+    s = _TRAILING_UNITS.sub("", s)
     if s.count("=") == 1:
         lhs, rhs = s.split("=")
         if re.fullmatch(r"\s*[A-Za-z](_\{?\w\}?)?\s*", lhs) and rhs.strip():

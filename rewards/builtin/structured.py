@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import re
 
+from rewards.builtin.math_answer import blocks
+
 _FENCE = re.compile(r"```(?:json)?\s*\n(.*?)```", re.DOTALL)
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
 def _load_json(text: str):
@@ -108,7 +109,7 @@ class ToolCallReward:
         tools = _tools(fields[self.tools_field])
         if len(completion) > self.max_chars:
             return 0.0
-        calls = _TOOL_CALL.findall(completion)
+        calls = blocks(completion, "<tool_call>", "</tool_call>")
         if not calls:
             return self.no_call
         validators: dict[str, object] = {}
