@@ -10,20 +10,30 @@ Training (module.training): straight-through estimator, y = x_eff @ W_eff^T, wit
 Eval: exactly what the packed path computes, in fp32:
     y = (x_q @ W_t^T) / (s_x * s)        grouped: sum_g (x_q[:, g] @ W_t[:, g]^T) / s[:, g] / s_x
 An optional own RMSNorm (`norm=True`) acts on the input before quantization.
+The training path's activation quantization runs as one fused Triton kernel on CUDA
+(`act_quant_dequant_triton`) beside its pure-torch twin (`act_quant_dequant_ref`, used on CPU); the
+choice is logged once and `BITMAMBA_ACTQ=torch|triton` forces one. Both give identical fp32 numbers.
 `quant.ternary=False` makes it a plain linear layer (still with the optional norm).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import Tensor, nn
 
 from model.config import QuantConfig
 from model.errors import ConfigError
 from model.norm import RMSNorm, rms_norm
+
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
 
 
 def round_half_away(x: Tensor) -> Tensor:
@@ -59,9 +69,75 @@ def expand_scale(s: Tensor, in_features: int) -> Tensor:
 def act_quant(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token int8 absmax: x [..., in] -> (x_q fp32 integer values [..., in], s_x fp32 [..., 1])."""
     xf = x.float()
-    s_x = 127.0 / (xf.abs().amax(-1, keepdim=True) + 1e-5)
+    den = xf.abs().amax(-1, keepdim=True) + 1e-5
+    s_x = torch.full_like(den, 127.0) / den  # true division (`127.0 / t` is reciprocal * 127 in torch)
     x_q = round_half_away(xf * s_x).clamp(-128, 127)
     return x_q, s_x
+
+
+def act_quant_dequant_ref(x: Tensor) -> Tensor:
+    """x_q / s_x computed in fp32 (pure torch), returned in x.dtype. x [..., in]."""
+    x_q, s_x = act_quant(x)
+    return (x_q / s_x).to(x.dtype)
+
+
+@triton.jit
+def _act_quant_dequant_kernel(X, Y, K, stride_x, stride_y, BLOCK: tl.constexpr):
+    """One row per program: y = clip(round_half_away(x * s), -128, 127) / s, s = 127 / (max|x| + 1e-5)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    den = tl.max(tl.abs(x), axis=0) + 1e-5
+    s = tl.math.div_rn(tl.full([BLOCK], 127.0, tl.float32), den)  # correctly rounded, like the engine
+    v = x * s
+    q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
+    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+    tl.store(Y + row * stride_y + cols, tl.math.div_rn(q, s).to(Y.dtype.element_ty), mask=mask)
+
+
+def act_quant_dequant_triton(x: Tensor) -> Tensor:
+    """Fused Triton twin of `act_quant_dequant_ref` (one kernel instead of ~12 elementwise ops)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(K)
+        warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+        _act_quant_dequant_kernel[(x2.shape[0],)](x2, y, K, x2.stride(0), y.stride(0), BLOCK=block,
+                                                  num_warps=warps)
+    return y.reshape(x.shape)
+
+
+def _act_backend(x: Tensor) -> str:
+    forced = os.environ.get("BITMAMBA_ACTQ", "").strip().lower()
+    if forced not in ("", "torch", "triton"):
+        raise ValueError(f"BITMAMBA_ACTQ must be 'torch' or 'triton', got {forced!r}")
+    backend = forced or ("triton" if x.is_cuda else "torch")
+    if backend not in _logged:
+        _logged.add(backend)
+        log.info("BitLinear activation quantization (training path): %s%s", backend,
+                 " (forced by BITMAMBA_ACTQ)" if forced else "")
+    return backend
+
+
+class _ActQuantSTE(torch.autograd.Function):
+    """Forward: x_q / s_x (fp32 math, output in x.dtype); backward: straight-through (identity)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return act_quant_dequant_triton(x) if _act_backend(x) == "triton" else act_quant_dequant_ref(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def act_quant_ste(x: Tensor) -> Tensor:
+    """Straight-through int8 per-token activation quantization, x [..., in] -> same shape and dtype."""
+    return _ActQuantSTE.apply(x)
 
 
 def pack_ternary(codes: Tensor) -> Tensor:
@@ -201,9 +277,7 @@ class BitLinear(nn.Module):
         if w_eff is None:
             w_eff = self.effective_weight()
         if self.act_quant:
-            x_q, s_x = act_quant(x)
-            xf = x.float()
-            x = (xf + (x_q / s_x - xf).detach()).to(x.dtype)
+            x = act_quant_ste(x)
         if torch.is_autocast_enabled(x.device.type):
             return F.linear(x, w_eff)
         return F.linear(x.to(w_eff.dtype), w_eff).to(x.dtype)

@@ -117,3 +117,15 @@ def test_decode_step_matches_triton_prefill(monkeypatch, name):
         pre = m(ids[:, :101], state=st).logits
         steps = torch.stack([m.step(ids[:, t], st) for t in range(101, 150)], 1)
     assert rel(torch.cat([pre, steps], 1), ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_quant_triton_equals_torch_on_cuda(dtype):
+    """The fused training-path activation quantization kernel gives the torch twin's exact numbers."""
+    from model.bitlinear import act_quant_dequant_ref, act_quant_dequant_triton
+
+    x = (torch.randn(333, 4096, device="cuda") * torch.logspace(-3, 3, 333, device="cuda")[:, None]).to(dtype)
+    x[7] = 0
+    assert torch.equal(act_quant_dequant_triton(x), act_quant_dequant_ref(x))
+    xs = torch.randn(64, 2 * 1000, device="cuda").to(dtype)[:, ::2]
+    assert torch.equal(act_quant_dequant_triton(xs), act_quant_dequant_ref(xs))
