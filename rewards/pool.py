@@ -226,6 +226,12 @@ class RewardPool:
         self._closed = False
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
         if num_workers:
+            in_main = [f.name for f in self.functions if f.spec is None and getattr(f.fn, "__module__", "") == "__main__"]
+            if in_main:
+                self.close()
+                raise RewardPoolError(f"reward functions {in_main} are defined in the __main__ script, which "
+                                      "worker processes cannot import; load them by spec (file.py:function) "
+                                      "or use num_workers=0")
             try:
                 self._payload = pickle.dumps(self.functions)
             except Exception as e:

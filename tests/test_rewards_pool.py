@@ -285,3 +285,17 @@ def test_unpicklable_callable_needs_in_process_mode():
         RewardPool(fn, num_workers=1)
     with RewardPool(fn, num_workers=0) as pool:
         assert pool.score(["p"], ["c"]).rewards == [1.0]
+
+
+def test_function_from_main_script_gets_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text("from rewards import RewardPool, RewardPoolError\n"
+                      "def f(prompt, completion):\n    return 1.0\n"
+                      "try:\n    RewardPool(f, num_workers=1)\nexcept RewardPoolError as e:\n    print(e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert "defined in the __main__ script" in out.stdout and "file.py:function" in out.stdout
