@@ -88,10 +88,8 @@ def _classify(value: Any) -> tuple[str, float | None, str | None]:
 def _exception_outcome(e: BaseException, timeout_s: float | None) -> tuple[str, None, str]:
     if isinstance(e, (CallTimeout, asyncio.TimeoutError)):
         return "timeout", None, f"no result within {timeout_s} s"
-    if isinstance(e, MemoryError):
-        return "crash", None, f"MemoryError (memory limit reached){_describe(e)[11:]}"
-    if isinstance(e, RecursionError):
-        return "error", None, _describe(e)
+    if isinstance(e, MemoryError):   # the worker's memory limit: counted with the crashes
+        return "crash", None, f"{_describe(e)} (memory limit reached)"
     return "error", None, _describe(e)
 
 
