@@ -27,7 +27,8 @@ Reference it from the YAML config (several functions are combined with weights):
         kwargs: {}                          # options: built-in options / extra keyword arguments
         timeout_s: 5                        # per call (default: the pool's, 10 s)
 
-and try it before training: ``bitmamba reward-check my_rewards.py:brevity --data rows.jsonl``.
+and try it before training: ``bitmamba reward-check my_rewards.py:brevity --data rows.jsonl``
+(or ``--config train.yaml`` for the config's whole ``rewards:`` list). See docs/rewards.md.
 Loading checks the file, the function and its signature at once (`RewardSpecError` names what is
 wrong). During training the functions run in `RewardPool` worker processes: an exception, a hang,
 a crash, NaN or a wrong return type gives the fallback reward (0.0) and is counted, never fatal.

@@ -266,6 +266,10 @@ class RewardPool:
     # -- scoring ------------------------------------------------------------------------------
     def score(self, prompts: Sequence[str], completions: Sequence[str],
               fields: Sequence[Mapping[str, Any]] | None = None) -> ScoreResult:
+        """Score n samples with every function. `fields[i]` is sample i's dataset row (its other
+        columns, e.g. ``answer``; add ``completion_tokens`` for token-based length rewards).
+        Always returns a value or fallback for every sample; raises only on mismatched lengths or
+        when a replacement worker cannot start."""
         if self._closed:
             raise RewardPoolError("score() on a closed RewardPool")
         n = len(completions)
