@@ -172,12 +172,17 @@ def build_mamba_ssm(c: BitMambaConfig, d_state: int):
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     attn = c.attention_layer_indices
+    try:  # mamba-ssm's MHA needs flash-attn's rotary embedding; without it, attention runs without RoPE
+        import flash_attn.layers.rotary  # noqa: F401
+        rotary = c.attn_head_dim
+    except ImportError:
+        rotary = 0
     mc = MambaConfig(
         d_model=c.d_model, d_intermediate=0, n_layer=c.n_layers, vocab_size=c.vocab_size,
         ssm_cfg=dict(layer="Mamba2", d_state=d_state, headdim=c.headdim, ngroups=c.ngroups,
                      d_conv=c.d_conv, expand=c.expand),
         attn_layer_idx=attn, attn_cfg=(dict(num_heads=c.attn_heads, num_heads_kv=c.attn_kv_heads,
-                                            head_dim=c.attn_head_dim, rotary_emb_dim=c.attn_head_dim)
+                                            head_dim=c.attn_head_dim, rotary_emb_dim=rotary)
                                        if attn else {}),
         rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=16,
         tie_embeddings=False)

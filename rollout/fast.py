@@ -10,6 +10,7 @@
 One decode step, per Mamba layer (launches on CUDA):
     rmsnorm_quant (pre-norm + int8) -> ternary_matmul (in_proj) -> mamba_step (1 or 2) ->
     rmsnorm_quant (gated / out_proj norm + int8) -> ternary_matmul (out_proj, + residual in the epilogue)
+At batch <= 8 each norm+quant is fused into its GEMV (`norm_ternary_matmul`): 3-4 launches per layer.
 Attention layers: ternary q/k/v/o through the same kernels, RoPE + KV-cache write + SDPA in torch over
 the full cache with a position mask (static shapes, no host sync). Then norm_f and the head.
 
@@ -41,7 +42,7 @@ from rollout.backend import write_rows
 from rollout.kernels._dispatch import FastPathUnavailable
 from rollout.kernels.act_quant import rmsnorm_quant
 from rollout.kernels.mamba_step import MambaDims, mamba_step
-from rollout.kernels.ternary_matmul import ternary_matmul
+from rollout.kernels.ternary_matmul import norm_ternary_matmul, ternary_matmul
 
 if TYPE_CHECKING:
     from model.lm import BitMambaLM
@@ -93,12 +94,13 @@ class FastBackend:
 
     state_dtype: conv window and KV cache dtype (like TorchBackend); ssm_dtype: SSM state dtype (fp32
     default; bf16 halves the state traffic). use_graphs: None -> on CUDA. impl: force the kernels
-    ("triton" | "ref"; None = dispatch by device, BITMAMBA_KERNELS env).
+    ("triton" | "ref"; None = dispatch by device, BITMAMBA_KERNELS env). fuse_norm: at M <= 8 run the
+    RMSNorm + int8 quant inside the GEMV (one launch per BitLinear instead of two).
     """
 
     def __init__(self, model: "BitMambaLM", state_dtype: torch.dtype = torch.float32,
                  ssm_dtype: torch.dtype = torch.float32, use_graphs: bool | None = None,
-                 impl: str | None = None):
+                 impl: str | None = None, fuse_norm: bool = True):
         c = model.config
         if not c.quant.ternary:
             raise FastPathUnavailable("FastBackend: the model has no ternary layers (quant.ternary is false); "
@@ -108,6 +110,7 @@ class FastBackend:
         self.state_dtype = state_dtype
         self.ssm_dtype = ssm_dtype
         self.impl = impl
+        self.fuse_norm = fuse_norm
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         if self.use_graphs and self.device.type != "cuda":
             raise FastPathUnavailable("FastBackend: CUDA graphs need the model on a CUDA device")
@@ -171,6 +174,10 @@ class FastBackend:
         for n in norms[:-1]:
             h, _ = rmsnorm_quant(h, n.weight, n.eps, False, n.groups, impl=self.impl)
         last = norms[-1] if norms else None
+        if self.fuse_norm and (last is None or last.groups == 1):
+            return norm_ternary_matmul(h, None if last is None else last.weight, last.eps if last else 0.0,
+                                       p.act_quant, p.codes, p.scale, p.group_size, out_dtype=out_dtype,
+                                       residual=residual, out=residual, impl=self.impl)
         xq, sx = rmsnorm_quant(h, None if last is None else last.weight, last.eps if last else 0.0, p.act_quant,
                                last.groups if last else 1, impl=self.impl)
         return ternary_matmul(xq, sx, p.codes, p.scale, p.group_size, out_dtype=out_dtype, residual=residual,

@@ -177,3 +177,17 @@ def test_engine_on_fast_backend_matches_torch_backend():
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(torch.tensor(a.model_logprobs), torch.tensor(b.model_logprobs), rtol=1e-4,
                                    atol=1e-4)
+
+
+@pytest.mark.skipif(not _dispatch.interpreting(), reason="kernels imported before TRITON_INTERPRET=1")
+def test_fused_and_unfused_norm_paths_agree_in_interpreter():
+    m = _model("tiny-bitmamba2")
+    ids = torch.randint(0, m.config.vocab_size, (6,))
+    outs = []
+    for fuse in (True, False):
+        fast = FastBackend(m, impl="triton", fuse_norm=fuse)
+        fast.allocate(1, 16)
+        _, st = fast.prefill(ids[:4])
+        fast.load_rows(st, torch.tensor([0]))
+        outs.append(torch.stack([fast.step(ids[t:t + 1])[0] for t in range(4, 6)]))
+    torch.testing.assert_close(outs[0], outs[1], **TOL)

@@ -171,6 +171,83 @@ if triton is not None:
             acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _tmm_gemv_norm_kernel(
+        x_ptr, nw_ptr, c_ptr, sc_ptr, y_ptr, r_ptr,
+        M, N, K, GS, NG, eps,
+        stride_xm, stride_cn, stride_sn, stride_ym, stride_rm,
+        HAS_NORM: tl.constexpr, ACT_INT8: tl.constexpr, HAS_RES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """GEMV with the RMSNorm + int8 quant of the (few) input rows fused in as a prologue: every
+        program recomputes the rows' rsqrt(mean x^2) and absmax from L2 (cheap at M <= 8) instead of
+        a separate launch. Same math and op order as rmsnorm_quant followed by _tmm_gemv_kernel."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        BK4: tl.constexpr = BLOCK_K // 4
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_kc = tl.arange(0, BLOCK_K)
+        offs_k4 = tl.arange(0, BK4)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        K4 = K // 4
+        xrow = x_ptr + offs_m[:, None] * stride_xm
+        rs = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        if HAS_NORM:
+            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_kc
+                xv = tl.load(xrow + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                ss += tl.sum(xv * xv, axis=1)
+            rs = tl.rsqrt(ss / K + eps)
+        s = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        if ACT_INT8:
+            am = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_kc
+                mk = kk < K
+                xv = tl.load(xrow + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0).to(tl.float32)
+                if HAS_NORM:
+                    wv = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+                    xv = xv * rs[:, None] * wv[None, :]
+                am = tl.maximum(am, tl.max(tl.abs(xv), axis=1))
+            s = 127.0 / (am + 1e-5)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in range(NG):
+            if ACT_INT8:
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            else:
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for kb in range(0, GS, BLOCK_K):
+                kk4 = (g * GS + kb) // 4 + offs_k4
+                mask_k = kk4 < K4
+                c = tl.load(c_ptr + offs_n[:, None] * stride_cn + kk4[None, :],
+                            mask=mask_n[:, None] & mask_k[None, :], other=1)    # [BN, BK4] uint8
+                for j in tl.static_range(4):
+                    kj = kk4 * 4 + j
+                    xj = tl.load(xrow + kj[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                    if HAS_NORM:
+                        wj = tl.load(nw_ptr + kj, mask=mask_k, other=0.0).to(tl.float32)
+                        xj = xj * rs[:, None] * wj[None, :]
+                    if ACT_INT8:
+                        v = xj * s[:, None]
+                        q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
+                        q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32)
+                        w = ((c >> (2 * j)) & 3).to(tl.int32) - 1
+                        part += tl.sum(q[:, None, :] * w[None, :, :], axis=2)
+                    else:
+                        w = ((c >> (2 * j)) & 3).to(tl.float32) - 1.0
+                        part += tl.sum(xj[:, None, :] * w[None, :, :], axis=2)
+            sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
+            acc += part.to(tl.float32) / sc[None, :]
+        if ACT_INT8:
+            acc = acc / s[:, None]
+        mask = mask_m[:, None] & mask_n[None, :]
+        if HAS_RES:
+            acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
     def _prune(configs, named_args, **kwargs):
         gs = named_args["GS"]
         ng = named_args["NG"]
@@ -180,6 +257,7 @@ if triton is not None:
     if interpreting():
         _dot = _tmm_dot_kernel
         _gemv = _tmm_gemv_kernel
+        _gemv_norm = _tmm_gemv_norm_kernel
     else:
         _dot = triton.autotune(
             configs=[
@@ -201,6 +279,15 @@ if triton is not None:
             key=["N", "K", "NG", "BLOCK_M"],
             prune_configs_by={"early_config_prune": _prune},
         )(_tmm_gemv_kernel)
+        _gemv_norm = triton.autotune(
+            configs=[
+                triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
+                triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+                triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=2, num_stages=4),
+            ],
+            key=["N", "K", "NG", "BLOCK_M"],
+            prune_configs_by={"early_config_prune": _prune},
+        )(_tmm_gemv_norm_kernel)
 
 
 def ternary_matmul(
@@ -261,4 +348,51 @@ def ternary_matmul(
         extra = {} if not interpreting() else {"BLOCK_N": 32, "BLOCK_K": 128}
         _dot[grid](*common, ACT_INT8=act_int8, IEEE=x.dtype == torch.float32, HAS_RES=residual is not None,
                    BLOCK_M=bm, **extra)
+    return out
+
+
+def norm_ternary_matmul(
+    x: torch.Tensor,
+    norm_w: torch.Tensor | None,
+    eps: float,
+    act_quant: bool,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    *,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    residual: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """rmsnorm_quant(x, norm_w, eps, act_quant) followed by ternary_matmul, in one launch when M is
+    small (x [M, K] float; norm_w None = no norm, quant only). Larger M (or the reference) runs the two
+    kernels; the result is the same up to fp rounding of the row statistics."""
+    from rollout.kernels.act_quant import rmsnorm_quant
+
+    M, K = x.shape
+    N = codes.shape[0]
+    which = resolve("norm_ternary_matmul", x.device, impl)
+    per_tensor = scale.numel() == 1
+    grouped_ok = per_tensor or K // group_size == 1 or group_size % _MIN_GROUP == 0
+    if which == "ref" or M > GEMV_MAX_M or not grouped_ok:
+        xq, sx = rmsnorm_quant(x, norm_w, eps, act_quant, impl=which)
+        return ternary_matmul(xq, sx, codes, scale, group_size, out=out, out_dtype=out_dtype, residual=residual,
+                              impl=which)
+    if codes.shape[1] * 4 != K:
+        raise ValueError(f"norm_ternary_matmul: codes {tuple(codes.shape)} do not match K={K}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    scale = scale.float().contiguous()
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=out_dtype)
+    gs, ng, stride_sn = (K, 1, 0) if per_tensor else (group_size, K // group_size, scale.stride(0))
+    res = residual if residual is not None else out
+    bm = next_pow2(M)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))  # noqa: E731
+    extra = {} if not interpreting() else {"BLOCK_N": 16, "BLOCK_K": 128}
+    _gemv_norm[grid](x, norm_w if norm_w is not None else x, codes, scale, out, res, M, N, K, gs, ng, float(eps),
+                     x.stride(0), codes.stride(0), stride_sn, out.stride(0), res.stride(0),
+                     HAS_NORM=norm_w is not None, ACT_INT8=act_quant, HAS_RES=residual is not None, BLOCK_M=bm,
+                     **extra)
     return out
