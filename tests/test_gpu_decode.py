@@ -72,6 +72,26 @@ def test_ternary_matmul_gpu(M, N, K, gs):
     torch.testing.assert_close(yab, ternary_matmul_ref(xbf, None, codes, scale, gs), rtol=1e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("N,K,gs", [(8288, 2048, 2048), (2048, 4096, 128)])
+def test_norm_ternary_matmul_fused_gpu(M, N, K, gs):
+    from rollout.kernels.act_quant import rmsnorm_quant_ref
+    from rollout.kernels.ternary_matmul import norm_ternary_matmul, ternary_matmul_ref
+
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    codes = _codes(N, K, gen)
+    scale = (torch.rand(1, 1, device=DEV) + 0.5) if gs == K else (torch.rand(N, K // gs, device=DEV) + 0.5)
+    x = torch.randn(M, K, device=DEV) * 3
+    w = torch.randn(K, device=DEV)
+    r = torch.randn(M, N, device=DEV)
+    for act_quant in (True, False):
+        y = norm_ternary_matmul(x, w, 1e-6, act_quant, codes, scale, gs, residual=r.clone(), impl="triton")
+        xq, sx = rmsnorm_quant_ref(x, w, 1e-6, act_quant)
+        yr = ternary_matmul_ref(xq, sx, codes, scale, gs, residual=r)
+        # an ulp in the row statistics may move a rare int8 code by one: ~|x|max/127 on one product
+        torch.testing.assert_close(y, yr, rtol=1e-3, atol=5e-2)
+
+
 @pytest.mark.parametrize("preset", ["bitmamba2-1b", "mini-agent-hybrid"])
 @pytest.mark.parametrize("Bsz", [1, 64])
 @pytest.mark.parametrize("ssm_dtype", [torch.float32, torch.bfloat16])
