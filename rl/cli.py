@@ -44,10 +44,11 @@ def _usage() -> str:
 def run_main(fn: Callable[[list[str]], int], argv: list[str]) -> int:
     """Run a sub-command, turning user errors into one clean line on stderr (exit 2)."""
     from model.errors import BitMambaError
+    from rewards.errors import RewardError  # rewards/ is standalone, so its errors are not BitMambaErrors
 
     try:
         return int(fn(argv) or 0)
-    except BitMambaError as e:
+    except (BitMambaError, RewardError) as e:
         if os.environ.get("BITMAMBA_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
