@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from model.checkpoint import FORMAT as CKPT_FORMAT
@@ -147,10 +148,13 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _init_single_process_dist() -> None:
-    """DeepSpeed wants a process group; a learner of one process gets a private one on a free port."""
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    """DeepSpeed wants a process group; this learner is one process and gets a private one on a free
+    port. Set unconditionally: inherited MASTER_PORT values (a parent that ran a learner before) would
+    collide with a port still held by an earlier learner."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())})
 
 
 class Learner:

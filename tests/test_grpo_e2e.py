@@ -67,8 +67,10 @@ def test_too_long_prompts_are_dropped_and_counted(ray_local, tmp_path):
 
 def test_one_step_off_policy_generates_with_the_previous_weights(ray_local, tmp_path):
     out = tmp_path / "offpolicy"
+    rew = tmp_path / "lenreward.py"        # varies within every group, so every update moves the policy
+    rew.write_text("def length(prompt, completion, **fields):\n    return float(len(completion))\n")
     assert grpo.main(["--config", CONFIG, "--output-dir", str(out), "steps=3", "one_step_off_policy=true",
-                      "learner.lr=1.0e-2", *FAST]) == 0
+                      "learner.lr=1.0e-2", f"rewards=[{{spec: '{rew}:length'}}]", *FAST]) == 0
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3]
     # step 1 is on-policy; steps 2-3 were sampled before the previous update landed: the learner's
