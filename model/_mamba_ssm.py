@@ -44,6 +44,15 @@ def mamba_chunk_scan_combined():
 
 
 @lru_cache(maxsize=None)
+def rmsnorm_fn():
+    """Return mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn (fused (gated) RMSNorm, fwd + bwd)."""
+    _install_placeholder()
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as fn
+
+    return fn
+
+
+@lru_cache(maxsize=None)
 def mamba2_module():
     """Return mamba_ssm.modules.mamba2.Mamba2 (for benchmarks against the unquantized stack)."""
     _install_placeholder()
