@@ -3,6 +3,10 @@
 Run on the GPU machine: `python -m pytest -q tests/test_gpu_model.py` (mamba-ssm installed per the [gpu]
 extra). Errors are norm-wise relative errors ||a - b|| / ||b||.
 
+Kernels covered: mamba-ssm's Triton SSD (`BITMAMBA_SSD`), mamba-ssm's fused (gated) RMSNorm (`BITMAMBA_NORM`),
+our fused activation-quantization kernel (`BITMAMBA_ACTQ`). The whole-model test switches only the SSD
+backend; the norm and act-quant kernels have their own exact/near-exact tests below.
+
 Tolerances and why:
 - fp32 scan: 5e-3 for outputs/states, 1e-2 for gradients. The Triton kernels run their tl.dot products
   in TF32 (10-bit mantissa, ~5e-4 relative per product) and sum chunk products in a different order
@@ -129,3 +133,24 @@ def test_act_quant_triton_equals_torch_on_cuda(dtype):
     assert torch.equal(act_quant_dequant_triton(x), act_quant_dequant_ref(x))
     xs = torch.randn(64, 2 * 1000, device="cuda").to(dtype)[:, ::2]
     assert torch.equal(act_quant_dequant_triton(xs), act_quant_dequant_ref(xs))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_triton_norms_match_torch_on_cuda(dtype, tol):
+    """mamba-ssm's fused (gated) RMSNorm vs our torch twin: forward and gradients (fp32 math inside both;
+    bf16 tolerance = output rounding)."""
+    from model.norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref
+
+    x = torch.randn(4, 512, 2048, device="cuda").to(dtype)
+    z = torch.randn(4, 512, 2048, device="cuda").to(dtype)
+    w = torch.rand(2048, device="cuda") + 0.5
+    gy = torch.randn(4, 512, 2048, device="cuda")
+    for fast, ref, extra in ((rms_norm, rms_norm_ref, None), (gated_rms_norm, gated_rms_norm_ref, 256)):
+        outs = []
+        for fn in (fast, ref):
+            xi, zi, wi = (t.clone().requires_grad_() for t in (x, z, w))
+            y = fn(xi, wi, 1e-5) if extra is None else fn(xi, zi, wi, 1e-5, extra)
+            (y.float() * gy).sum().backward()
+            outs.append([y, xi.grad, wi.grad] + ([zi.grad] if extra else []))
+        for a, b in zip(*outs):
+            assert rel(a, b) < tol, (fast.__name__, rel(a, b))
