@@ -5,9 +5,9 @@ Formulas (docs/DESIGN.md, ANCHORS §1), all computed in fp32 (also under autocas
               W_t = clip(round_half_away(W * s), -1, 1);  effective W_t / s
     acts      s_x = 127 / (max|x| + 1e-5)           per token (row of x)
               x_q = clip(round_half_away(x * s_x), -128, 127);  effective x_q / s_x
-Training (module.training): straight-through estimator, y = x_eff @ W_eff^T, with
-`w + (q(w) - w).detach()` so d loss / d W = d loss / d W_eff.
-Eval: exactly what the packed path computes, in fp32:
+Training (module.training or grad enabled): straight-through estimator, y = x_eff @ W_eff^T, with
+`w + (q(w) - w).detach()` so d loss / d W = d loss / d W_eff, and an identity backward for x_eff.
+Eval mode under no_grad: exactly what the packed path computes, in fp32:
     y = (x_q @ W_t^T) / (s_x * s)        grouped: sum_g (x_q[:, g] @ W_t[:, g]^T) / s[:, g] / s_x
 An optional own RMSNorm (`norm=True`) acts on the input before quantization.
 The training path's activation quantization runs as one fused Triton kernel on CUDA
