@@ -61,8 +61,9 @@ def mamba2_module():
     return Mamba2
 
 
+@lru_cache(maxsize=None)
 def available() -> bool:
-    """True if the Triton SSD kernel can be imported."""
+    """True if the Triton SSD kernel can be imported (answer cached: failed imports are not)."""
     try:
         mamba_chunk_scan_combined()
         return True
