@@ -340,12 +340,15 @@ class Driver:
             prefetched = None
             batch = self.train_batch(ro)
             t0 = time.perf_counter()
-            update = self.learner.update.remote(batch)                            # 5 (async)
+            empty = len(batch) == 0 or not any(any(m) for m in batch.loss_mask)
+            if empty:   # dynamic sampling found no informative group: nothing to learn from this step
+                log.warning("step %d: no sample carries a learning signal; update skipped", self.step)
+            update = None if empty else self.learner.update.remote(batch)        # 5 (async)
             if cfg.one_step_off_policy and self.step < cfg.steps:
                 prefetched = self.rollout()                                       # overlaps the update
-            learn = ray.get(update)
+            learn = {"learn/skipped": 1.0} if update is None else {**ray.get(update), "learn/skipped": 0.0}
             t_learn = time.perf_counter() - t0
-            sync = self.sync_weights()                                            # 6
+            sync = self.sync_weights() if update is not None else {"sync/seconds": 0.0, "sync/bytes": 0.0}  # 6
             m = dict(ro.metrics)
             m.update(learn)
             m.update(sync)

@@ -240,6 +240,7 @@ class Learner:
         weights: dict[str, float] = {}
         extremes = {"mismatch_max_ratio": -float("inf"), "mismatch_min_ratio": float("inf")}
         grad_norms: list[float] = []
+        bad = 0
         bounds = [round(k * n / n_mb) for k in range(n_mb + 1)]
         for _ in range(self.sec.epochs):
             for k in range(n_mb):
@@ -267,6 +268,12 @@ class Learner:
                         logp, old_lp, mb.advantages.to(self.device), mask, self.loss_cfg,
                         rollout_logp=mb.rollout_logp.to(self.device), ref_logp=ref_lp, entropy=ent,
                         n_tokens=n_tokens, n_seqs=n_seqs)
+                    if not torch.isfinite(loss):
+                        # a NaN/inf micro-batch contributes nothing: a zero loss through the weights
+                        # keeps DeepSpeed's accumulation count; it is counted, never applied
+                        bad += 1
+                        loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+                        m = {}
                     if self.engine is not None:
                         self.engine.backward(loss, scale_wrt_gas=False)
                         self.engine.step()
@@ -291,6 +298,9 @@ class Learner:
         finite = [g for g in grad_norms if g is not None]
         out["learn/grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
         out["learn/optimizer_steps"] = float(n_opt_steps)
+        out["learn/bad_micro_batches"] = float(bad)
+        if bad:
+            log.warning("update %d: %d micro-batch(es) with a non-finite loss were left out", self.version, bad)
         out["learn/tokens"] = float(sum(sum(m) for m in batch.loss_mask))
         out["learn/seconds"] = time.perf_counter() - t0
         return out

@@ -80,6 +80,17 @@ def test_one_step_off_policy_generates_with_the_previous_weights(ray_local, tmp_
     assert recs[2]["data/position"] == 12
 
 
+def test_dynamic_sampling_drops_flat_groups_and_draws_more(ray_local, tmp_path):
+    # the untrained tiny model never solves a sum: every group is flat, all rounds are used, no update
+    out = tmp_path / "flat"
+    assert grpo.main(["--config", CONFIG, "--output-dir", str(out), "steps=1", "algo.dynamic_sampling=true",
+                      "algo.max_resample_rounds=1", "eval_every=0", *FAST[:2], "wandb=false"]) == 0
+    rec = read_metrics(out / "metrics.jsonl")[0]
+    assert rec["rollout/rounds"] == 2 and rec["rollout/groups_kept"] == 0
+    assert rec["learn/skipped"] == 1.0 and rec["data/position"] == 8
+    assert rec["frac_zero_std_groups"] == 1.0
+
+
 def test_demo_reward_rises(ray_local, tmp_path):
     """The shortened demo: warm start + 60 GRPO steps; the mean reward clearly rises."""
     from rl import demo

@@ -126,3 +126,20 @@ def test_micro_batch_accumulation_matches_one_big_batch_and_checkpoint_roundtrip
     again.update(batch)
     for (n, a), (_, b) in zip(big.model.named_parameters(), again.model.named_parameters()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.slow
+def test_non_finite_micro_batch_is_left_out():
+    learner = Learner(make_cfg(micro_batch_tokens=8))        # one sample per micro-batch
+    P, C = make_batch(n=2, seed=4)
+    lp = [[-5.0] * len(c) for c in C]
+    lp[0][2] = float("nan")                                   # a broken rollout log-prob
+    batch = TrainBatch(P, C, lp, [[1.0] * len(c) for c in C], [1.0, -1.0])
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    m = learner.update(batch)
+    assert m["learn/bad_micro_batches"] == 1.0
+    moved = False
+    for n, p in learner.model.named_parameters():
+        assert torch.isfinite(p).all(), n
+        moved |= not torch.equal(p, before[n])
+    assert moved                                              # the healthy sample was still applied
