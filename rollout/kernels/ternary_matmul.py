@@ -249,9 +249,24 @@ if triton is not None:
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     def _prune(configs, named_args, **kwargs):
-        gs = named_args["GS"]
-        ng = named_args["NG"]
-        keep = [c for c in configs if ng == 1 or gs % c.kwargs["BLOCK_K"] == 0]
+        """Drop configs whose K tile straddles a scale group, whose M tile is far larger than M, or
+        whose GEMV register tile (BLOCK_M x BLOCK_N x BLOCK_K/4) would spill."""
+        def arg(name, default):
+            return named_args.get(name, kwargs.get(name, default))
+
+        gs, ng, M = arg("GS", 1), arg("NG", 1), arg("M", 1)
+        bm_fixed = arg("BLOCK_M", 1)
+        keep = []
+        for c in configs:
+            bk = c.kwargs["BLOCK_K"]
+            bm = c.kwargs.get("BLOCK_M", bm_fixed)
+            if ng > 1 and gs % bk:
+                continue
+            if "BLOCK_M" in c.kwargs and bm > max(16, next_pow2(M)):
+                continue
+            if "BLOCK_M" not in c.kwargs and bm * c.kwargs["BLOCK_N"] * bk // 4 > 8192:
+                continue
+            keep.append(c)
         return keep or configs[:1]
 
     if interpreting():
@@ -259,35 +274,28 @@ if triton is not None:
         _gemv = _tmm_gemv_kernel
         _gemv_norm = _tmm_gemv_norm_kernel
     else:
-        _dot = triton.autotune(
-            configs=[
-                triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-                triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-                triton.Config({"BLOCK_N": 128, "BLOCK_K": 256}, num_warps=8, num_stages=3),
-                triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4, num_stages=4),
-            ],
-            key=["N", "K", "NG", "BLOCK_M"],
-            prune_configs_by={"early_config_prune": _prune},
-        )(_tmm_dot_kernel)
-        _gemv = triton.autotune(
-            configs=[
-                triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
-                triton.Config({"BLOCK_N": 8, "BLOCK_K": 512}, num_warps=4, num_stages=3),
-                triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-                triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=2, num_stages=4),
-            ],
-            key=["N", "K", "NG", "BLOCK_M"],
-            prune_configs_by={"early_config_prune": _prune},
-        )(_tmm_gemv_kernel)
-        _gemv_norm = triton.autotune(
-            configs=[
-                triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
-                triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-                triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=2, num_stages=4),
-            ],
-            key=["N", "K", "NG", "BLOCK_M"],
-            prune_configs_by={"early_config_prune": _prune},
-        )(_tmm_gemv_norm_kernel)
+        _DOT_CONFIGS = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in [
+                (16, 16, 256, 4, 4), (16, 32, 256, 4, 4), (16, 16, 128, 4, 4), (32, 32, 256, 4, 4),
+                (32, 32, 128, 4, 4), (32, 64, 128, 4, 4), (64, 32, 256, 4, 3), (64, 64, 128, 4, 4),
+                (64, 64, 256, 8, 3), (128, 64, 128, 8, 3),
+            ]
+        ]
+        _GEMV_CONFIGS = [
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in [
+                (16, 1024, 4, 3), (8, 1024, 4, 3), (16, 512, 4, 4), (32, 512, 8, 3), (8, 512, 2, 4),
+                (4, 512, 2, 4), (16, 128, 4, 4), (32, 128, 4, 4), (8, 128, 2, 4),
+            ]
+        ]
+        _prune_by = {"early_config_prune": _prune}
+        _dot = triton.autotune(configs=_DOT_CONFIGS, key=["M", "N", "K", "NG"],
+                               prune_configs_by=_prune_by)(_tmm_dot_kernel)
+        _gemv = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "NG", "BLOCK_M"],
+                                prune_configs_by=_prune_by)(_tmm_gemv_kernel)
+        _gemv_norm = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "NG", "BLOCK_M"],
+                                     prune_configs_by=_prune_by)(_tmm_gemv_norm_kernel)
 
 
 def ternary_matmul(
@@ -341,13 +349,11 @@ def ternary_matmul(
         extra = {} if not interpreting() else {"BLOCK_N": 16, "BLOCK_K": 128}
         _gemv[grid](*common, ACT_INT8=act_int8, HAS_RES=residual is not None, BLOCK_M=bm, **extra)
     else:
-        bm = min(128, max(16, next_pow2(M)))
-        if bm == 128 and M < 256:
-            bm = 64
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))  # noqa: E731
-        extra = {} if not interpreting() else {"BLOCK_N": 32, "BLOCK_K": 128}
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+        extra = {} if not interpreting() else {"BLOCK_M": min(64, max(16, next_pow2(M))), "BLOCK_N": 32,
+                                               "BLOCK_K": 128}
         _dot[grid](*common, ACT_INT8=act_int8, IEEE=x.dtype == torch.float32, HAS_RES=residual is not None,
-                   BLOCK_M=bm, **extra)
+                   **extra)
     return out
 
 
