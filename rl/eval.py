@@ -1,0 +1,233 @@
+"""`bitmamba eval DIR ...`: zero-shot benchmarks through lm-eval, or pass@k generation evals.
+
+    bitmamba eval runs/ckpt --tasks arc_easy,piqa,boolq,hellaswag,wikitext      # hub tasks (network)
+    bitmamba eval runs/ckpt --task-file my_task.yaml --limit 100 --out results.json   # local task YAML
+    bitmamba eval runs/ckpt --gen heldout.jsonl --reward math --samples 8 --k 1,4
+
+Benchmarks run `lm_eval.simple_evaluate` with the "bitmamba" adapter (`rl/eval_lm.py`) and print each
+task's metrics beside the published BitMamba-2 numbers (`--reference 1b|255m|none`). A local task YAML
+(`dataset_path: json`, `dataset_kwargs: {data_files: ...}`) runs offline; relative `data_files` paths in
+it are taken relative to the YAML file. Generation evals use `rl.eval_gen.evaluate_generation`, the
+function the GRPO driver's held-out eval can call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.errors import BitMambaError, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Published BitMamba-2 zero-shot numbers (shared/reference/ANCHORS.md): task -> (metric, value).
+# Accuracies in percent; wikitext is perplexity (lower is better).
+PUBLISHED: dict[str, dict[str, tuple[str, float]]] = {
+    "1b": {"arc_easy": ("acc", 63.3), "piqa": ("acc", 68.8), "boolq": ("acc", 62.4),
+           "hellaswag": ("acc_norm", 45.6), "wikitext": ("word_perplexity", 29.6)},
+    "255m": {"arc_easy": ("acc", 55.5), "wikitext": ("word_perplexity", 51.7)},
+}
+_PERCENT = ("acc", "acc_norm", "exact_match")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitmamba eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", metavar="DIR", help="checkpoint directory (config.json + model.safetensors + tokenizer)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tasks", help="comma-separated lm-eval task names (hub datasets need network)")
+    src.add_argument("--task-file", action="append", metavar="YAML", help="local lm-eval task YAML (repeatable)")
+    src.add_argument("--gen", metavar="JSONL", help="generation eval: JSONL of {prompt, ...fields}")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: DIR)")
+    p.add_argument("--limit", type=float, help="examples per task (an int, or a fraction < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16, help="contexts per prefill batch / generation slots")
+    p.add_argument("--max-length", type=int, default=2048, help="forward window in tokens (state carried over)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--no-prefix-reuse", action="store_true", help="score every request by its own full forward")
+    p.add_argument("--backend", choices=["auto", "torch", "fast"], default="auto", help="decode backend")
+    p.add_argument("--reference", choices=["1b", "255m", "none"], default="1b",
+                   help="published BitMamba-2 numbers to print beside ours")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("generation eval (--gen)")
+    g.add_argument("--reward", action="append", help="reward spec (repeatable; see docs/rewards.md)")
+    g.add_argument("--samples", type=int, default=4, help="completions per prompt (n)")
+    g.add_argument("--k", default="1", help="comma-separated k values for pass@k (each <= --samples)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--correct-threshold", type=float, default=1.0, help="a sample is correct if reward >= this")
+    g.add_argument("--prompt-key", default="prompt")
+    g.add_argument("--reward-workers", type=int, default=2)
+    return p
+
+
+# ---- local task files ------------------------------------------------------------------------
+def load_task_file(path: str | Path) -> dict[str, Any]:
+    """Read a local lm-eval task YAML into a task config dict; relative `dataset_kwargs.data_files`
+    paths are resolved against the YAML's directory (lm-eval itself would resolve them against the cwd)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such task file")
+    try:
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("task"), str):
+        raise ConfigError(f"{p}: expected a mapping with a 'task' name")
+    if "include" in cfg:
+        raise ConfigError(f"{p}: 'include' is not supported in --task-file YAMLs; inline the settings")
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    if files is not None:
+        def fix(x):
+            if isinstance(x, str):
+                q = Path(x)
+                r = q if q.is_absolute() or "://" in x else (p.parent / q)
+                if "://" not in x and not r.exists():
+                    raise ConfigError(f"{p}: data_files entry {x!r}: no such file ({r})")
+                return str(r)
+            if isinstance(x, list):
+                return [fix(v) for v in x]
+            if isinstance(x, dict):
+                return {k: fix(v) for k, v in x.items()}
+            raise ConfigError(f"{p}: dataset_kwargs.data_files: expected a path, list or mapping, got {x!r}")
+        cfg["dataset_kwargs"] = dict(cfg["dataset_kwargs"], data_files=fix(files))
+    return cfg
+
+
+def run_lm_eval(lm, tasks: list[str | dict], *, limit: float | None = None, num_fewshot: int | None = None,
+                seed: int = 0, include_defaults: bool = True) -> dict[str, Any]:
+    """`lm_eval.simple_evaluate` on the adapter `lm` -> lm-eval's results dict (without samples)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_defaults=include_defaults)
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=tm,
+                                  log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                  torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
+    if res is None:
+        raise BitMambaError("lm-eval returned no results")
+    return res
+
+
+def result_rows(results: dict[str, Any], reference: str = "1b") -> list[dict[str, Any]]:
+    """lm-eval results -> rows {task, metric, value, stderr, published} (accuracies in percent)."""
+    pub = PUBLISHED.get(reference, {})
+    rows = []
+    for task, metrics in results.get("results", {}).items():
+        for key, val in metrics.items():
+            if "," not in key or key.startswith("alias") or "_stderr" in key:
+                continue
+            name = key.split(",")[0]
+            if not isinstance(val, (int, float)) or isinstance(val, bool):
+                continue
+            stderr = metrics.get(f"{name}_stderr,{key.split(',', 1)[1]}")
+            scale = 100.0 if name in _PERCENT else 1.0
+            ref = pub.get(task)
+            rows.append({"task": task, "metric": name, "value": val * scale,
+                         "stderr": stderr * scale if isinstance(stderr, (int, float)) else None,
+                         "published": ref[1] if ref and ref[0] == name else None})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], reference: str = "1b") -> str:
+    head = f"{'task':<24} {'metric':<16} {'ours':>10} {'stderr':>8} {'BitMamba-2 ' + reference:>16}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        se = f"{r['stderr']:.2f}" if r["stderr"] is not None and math.isfinite(r["stderr"]) else ""
+        pub = f"{r['published']:.1f}" if r["published"] is not None else ""
+        lines.append(f"{r['task']:<24} {r['metric']:<16} {r['value']:>10.2f} {se:>8} {pub:>16}")
+    return "\n".join(lines)
+
+
+# ---- the command -------------------------------------------------------------------------------
+def _write(path: str | None, obj: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        print(f"wrote {path}")
+
+
+def _run_gen(args, device: str) -> int:
+    from model.lm import BitMambaLM
+    from rewards import RewardPool
+    from rl.eval_gen import evaluate_generation, load_prompt_rows
+    from rollout.backend import make_backend
+    from rollout.engine import Engine
+    from rollout.tokenizer import load_tokenizer
+    from rollout.types import SamplingParams
+
+    if not args.reward:
+        raise BitMambaError("--gen needs --reward SPEC")
+    try:
+        ks = [int(k) for k in args.k.split(",") if k.strip()]
+    except ValueError:
+        raise BitMambaError(f"--k: expected comma-separated integers, got {args.k!r}") from None
+    if not ks or any(k < 1 or k > args.samples for k in ks):
+        raise BitMambaError(f"--k {args.k}: each k must be in 1..--samples ({args.samples})")
+    rows = load_prompt_rows(args.gen, args.prompt_key)
+    if args.limit is not None:
+        rows = rows[:int(args.limit) if args.limit >= 1 else max(1, int(len(rows) * args.limit))]
+    model = BitMambaLM.from_pretrained(args.model_dir, device=device).eval()
+    tok = load_tokenizer(args.tokenizer or args.model_dir)
+    engine = Engine(make_backend(model, kind=args.backend), tokenizer=tok,
+                    slots=max(1, min(args.batch_size * args.samples, 256)))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    with RewardPool(args.reward, num_workers=args.reward_workers) as pool:
+        m = evaluate_generation(engine, tok, rows, pool, args.samples, ks, params,
+                                correct_threshold=args.correct_threshold, seed=args.seed)
+    print(f"{'metric':<24} {'value':>10}")
+    for key in ["reward_mean", "correct_rate"] + [f"pass@{k}" for k in ks] + ["completion_tokens_mean"]:
+        print(f"{key:<24} {m[key]:>10.4f}")
+    print(f"{m['n_prompts']} prompts x {m['n_samples']} samples in {m['seconds']:.1f}s")
+    _write(args.out, {"kind": "generation", "model_dir": args.model_dir, "data": args.gen,
+                      "rewards": args.reward, **m})
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BitMambaError("--device cuda: CUDA is not available")
+    if args.gen:
+        return _run_gen(args, device)
+
+    from rl.eval_lm import BitMambaEvalLM
+
+    if args.task_file:
+        tasks: list = [load_task_file(f) for f in args.task_file]
+    else:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise BitMambaError("--tasks: no task names")
+    lm = BitMambaEvalLM(args.model_dir, tokenizer=args.tokenizer, device=device, batch_size=args.batch_size,
+                        max_length=args.max_length, dtype=args.dtype, reuse_prefix=not args.no_prefix_reuse,
+                        backend=args.backend)
+    res = run_lm_eval(lm, tasks, limit=args.limit, num_fewshot=args.num_fewshot, seed=args.seed,
+                      include_defaults=not args.task_file)
+    rows = result_rows(res, args.reference)
+    print(format_table(rows, args.reference))
+    _write(args.out, {"kind": "lm-eval", "model_dir": args.model_dir, "rows": rows,
+                      "results": res.get("results", {}), "n_samples": res.get("n-samples", {}),
+                      "adapter_stats": lm.scorer.stats})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
