@@ -91,14 +91,14 @@ class PromptSource:
     truncated: int = 0
     dropped: int = 0
 
-    def encode(self, text: str) -> list[int] | None:
+    def encode(self, text: str, count: bool = True) -> list[int] | None:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) <= self.limit:
             return ids
         if self.policy == "drop":
-            self.dropped += 1
+            self.dropped += count
             return None
-        self.truncated += 1
+        self.truncated += count
         return ids[-self.limit:]          # keep the end of the prompt (where the question is)
 
     def take(self, count: int) -> list[PromptRow]:
@@ -134,6 +134,7 @@ class Rollout:
     rewards: list[float | None]          # [N] after shaping
     advantages: list[float]              # [N]
     valid: list[bool]                    # [N]
+    start_pos: int                       # data position before this rollout took its prompts
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -227,6 +228,7 @@ class Driver:
         rounds = 0
         score_metrics: dict[str, float] = {}
         need = cfg.prompts_per_step
+        start_pos = self.prompts.pos
         too_long = (self.prompts.truncated, self.prompts.dropped)
         while need > 0:
             rows = self.prompts.take(need)
@@ -285,7 +287,7 @@ class Driver:
             "data/prompts_truncated": float(self.prompts.truncated),
             "data/prompts_dropped": float(self.prompts.dropped),
         })
-        return Rollout(kept_rows, kept_res, kept_rew, adv.tolist(), valid.tolist(), m)
+        return Rollout(kept_rows, kept_res, kept_rew, adv.tolist(), valid.tolist(), start_pos, m)
 
     def train_batch(self, ro: Rollout) -> TrainBatch:
         masks = []
@@ -304,7 +306,7 @@ class Driver:
         rows = []
         for i in range(cfg.task.eval_size):
             row = self.task.row("eval", i)
-            ids = self.prompts.encode(row["prompt"])
+            ids = self.prompts.encode(row["prompt"], count=False)
             if ids is not None:
                 rows.append(PromptRow(i, row, ids))
         if not rows:
@@ -358,7 +360,7 @@ class Driver:
                 m.update(self.evaluate())                                          # 7
             if prefetched is not None:
                 # the prefetched prompts are consumed: a checkpoint now must not skip them on resume
-                data_pos, self.prompts.pos = self.prompts.pos, self.prompts.pos - len(prefetched.prompts)
+                data_pos, self.prompts.pos = self.prompts.pos, prefetched.start_pos
             if (cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
                 self.checkpoint()
             if prefetched is not None:

@@ -48,8 +48,14 @@ def test_micro_batch_packing_respects_budget():
     assert mb.mask[0].sum() == len(C[0]) and mb.mask[0, :4].sum() == 0
 
 
-def test_export_load_reproduces_codes_and_logits():
-    cfg = make_cfg()
+@pytest.mark.parametrize("preset,overrides", [
+    ("tiny", {}),
+    ("tiny", {"quant": {"weight_scale": "group", "group_size": 16}}),
+    ("tiny-bitmamba2", {}),              # BitLinear norms, ternary head
+    ("tiny-hybrid", {}),                 # attention layer with ternary q/k/v/o
+])
+def test_export_load_reproduces_codes_and_logits(preset, overrides):
+    cfg = load_grpo_config(data={"model": {"preset": preset, "overrides": {"vocab_size": 384, **overrides}}})
     src = build_model(cfg.model)
     perturb(src)
     w = export_policy(src, version=3)
