@@ -79,3 +79,15 @@ def test_jsonl_task_errors(tmp_path):
     good.write_text('{"prompt": "p0", "answer": "1"}\n{"prompt": "p1", "answer": "2"}\n')
     t = make_task(path=str(good))
     assert [t.row("train", i)["prompt"] for i in range(3)] == ["p0", "p1", "p0"]
+
+
+def test_cli_config_error_is_one_clean_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rl.grpo", "--config", str(ROOT / "configs/grpo_tiny.yaml"),
+                          "learner.bogus=1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    err = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "learner.bogus" in err[0] and "grpo_tiny.yaml" in err[0]
+    assert "Traceback" not in out.stderr
