@@ -39,11 +39,12 @@ import importlib.util
 import inspect
 import json
 import os
+import queue
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Protocol, runtime_checkable
@@ -506,7 +507,7 @@ class ToolSet:
         self.timeout_s = timeout_s
         self.max_result_chars = max_result_chars
         self.validate_arguments = validate_arguments
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tool")
+        self._pool = _DaemonPool(workers)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._validators: dict[str, Any] = {}
@@ -516,7 +517,7 @@ class ToolSet:
         return [tool_schema(t) for t in self.tools.values()]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
@@ -617,8 +618,42 @@ class ToolSet:
                 resolve(self._finish_text(t(**arguments)))
             except BaseException as e:   # the tool's own failure is text for the model
                 resolve(on_error(e))
-        try:
-            self._pool.submit(run_sync)
-        except RuntimeError as e:   # pool shut down
-            resolve(on_error(e))
+        if not self._pool.submit(run_sync):
+            resolve(ToolOutcome("error: the tool set is closed", "error"))
         return out
+
+
+class _DaemonPool:
+    """A fixed set of daemon threads over a queue: a tool that never returns holds one thread but
+    cannot block interpreter exit (ThreadPoolExecutor joins its threads at exit)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def _run(self) -> None:
+        while True:
+            fn = self._q.get()
+            if fn is None:
+                return
+            fn()
+
+    def submit(self, fn: Callable[[], None]) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            if len(self._threads) < self.workers:
+                t = threading.Thread(target=self._run, name=f"tool-{len(self._threads)}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        self._q.put(fn)
+        return True
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            for _ in self._threads:
+                self._q.put(None)
