@@ -138,7 +138,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         if hasattr(model, "gradient_checkpointing"):
             model.gradient_checkpointing = cfg.gradient_checkpointing
-        self.forward_model = torch.compile(model) if cfg.compile else model
+        # dynamic=False: one static graph per context length (phases change it rarely); dynamic-shape
+        # tracing of the chunked SSD scan is far slower to compile
+        self.forward_model = torch.compile(model, dynamic=False) if cfg.compile else model
         self.bad_in_a_row = 0
 
     def autocast(self):
