@@ -198,3 +198,33 @@ def test_registered_as_bitmamba_and_builds_from_a_directory(tok, tmp_path):
     (lp, _), = lm.scorer.loglikelihood([(ctx, cont)])
     assert lp == pytest.approx(direct_ll(model, ctx, cont)[0], abs=1e-4)
     assert lm.scorer.batch_size == 2 and lm.max_length == 64
+
+
+def test_cli_task_file_prints_table_and_writes_json(tok, tmp_path, capsys):
+    from rl.eval import main
+
+    model = _model("tiny-bitmamba2")
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "res.json"
+    rc = main([str(tmp_path / "ckpt"), "--task-file", str(FIX / "mc_task.yaml"), "--limit", "4",
+               "--batch-size", "2", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    acc = {r["metric"]: r["value"] for r in res["rows"] if r["task"] == "bitmamba_local_mc"}["acc"]
+    assert 0.0 <= acc <= 100.0
+    assert res["n_samples"]["bitmamba_local_mc"]["effective"] == 4
+    assert res["adapter_stats"]["prefills"] == 4
+    printed = capsys.readouterr().out
+    assert "bitmamba_local_mc" in printed and "BitMamba-2 1b" in printed
+
+
+def test_task_file_errors(tmp_path):
+    from model.errors import ConfigError
+
+    bad = tmp_path / "t.yaml"
+    bad.write_text("task: x\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: missing.jsonl\n")
+    with pytest.raises(ConfigError, match="missing.jsonl"):
+        load_task_file(bad)
+    cfg = load_task_file(FIX / "mc_task.yaml")
+    assert Path(cfg["dataset_kwargs"]["data_files"]["test"]) == FIX / "mc.jsonl"
