@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import Tensor, nn
 
 from model.config import QuantConfig
@@ -81,23 +79,34 @@ def act_quant_dequant_ref(x: Tensor) -> Tensor:
     return (x_q / s_x).to(x.dtype)
 
 
-@triton.jit
-def _act_quant_dequant_kernel(X, Y, K, stride_x, stride_y, BLOCK: tl.constexpr):
-    """One row per program: y = clip(round_half_away(x * s), -128, 127) / s, s = 127 / (max|x| + 1e-5)."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < K
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    den = tl.max(tl.abs(x), axis=0) + 1e-5
-    s = tl.math.div_rn(tl.full([BLOCK], 127.0, tl.float32), den)  # correctly rounded, like the engine
-    v = x * s
-    q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
-    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-    tl.store(Y + row * stride_y + cols, tl.math.div_rn(q, s).to(Y.dtype.element_ty), mask=mask)
+# Triton is imported (and the kernel defined) only where it can run: with CUDA, or under TRITON_INTERPRET=1.
+# Importing triton.language on a CPU-only process would fix its interpreter mode for the whole process (Triton
+# decides it when a kernel is defined), breaking later TRITON_INTERPRET=1 users in the same process.
+TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if TRITON_OK:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _act_quant_dequant_kernel(X, Y, K, stride_x, stride_y, BLOCK: tl.constexpr):
+        """One row per program: y = clip(round_half_away(x * s), -128, 127) / s, s = 127 / (max|x| + 1e-5)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < K
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        den = tl.max(tl.abs(x), axis=0) + 1e-5
+        s = tl.math.div_rn(tl.full([BLOCK], 127.0, tl.float32), den)  # correctly rounded, like the engine
+        v = x * s
+        q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
+        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        tl.store(Y + row * stride_y + cols, tl.math.div_rn(q, s).to(Y.dtype.element_ty), mask=mask)
 
 
 def act_quant_dequant_triton(x: Tensor) -> Tensor:
     """Fused Triton twin of `act_quant_dequant_ref` (one kernel instead of ~12 elementwise ops)."""
+    if not TRITON_OK:
+        raise RuntimeError("act_quant_dequant_triton needs CUDA or TRITON_INTERPRET=1 set before importing "
+                           "model.bitlinear")
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:

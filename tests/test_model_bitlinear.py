@@ -204,3 +204,26 @@ def test_act_quant_backend_forcing(monkeypatch):
         bitlinear.act_quant_ste(x)
     monkeypatch.setenv("BITMAMBA_ACTQ", "torch")
     torch.testing.assert_close(bitlinear.act_quant_ste(x), bitlinear.act_quant_dequant_ref(x), rtol=0, atol=0)
+
+
+def test_model_import_does_not_import_triton_on_cpu(tmp_path):
+    """Triton fixes its interpreter mode when kernels are defined: a CPU process importing the model must
+    leave triton alone so later TRITON_INTERPRET=1 users (rollout kernel tests) still work."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the model imports triton on purpose")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + sys.path)
+    code = ("import sys, torch, model.lm, model.checkpoint\n"
+            "m = model.lm.BitMambaLM(model.config.BitMambaConfig.preset('tiny-hybrid')).train()\n"
+            "m(torch.randint(0, 256, (1, 9)), labels=torch.randint(0, 256, (1, 9))).loss.backward()\n"
+            "print('triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
