@@ -95,6 +95,16 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _check_file_name(name: str) -> None:
     p = Path(name)
     if not name or p.is_absolute() or ".." in p.parts or name in _RESERVED or name.startswith("."):
@@ -180,6 +190,7 @@ class CheckpointManager:
         tmp = self.root / f".tmp_{final.name}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            self.clean_stale()
             tmp.mkdir()
             from safetensors.torch import save_file
 
@@ -205,7 +216,7 @@ class CheckpointManager:
             _fsync_dir(tmp)
             old = None
             if final.exists():  # re-saving the same step: move the old one aside, then swap
-                old = self.root / f".old_{final.name}_{uuid.uuid4().hex[:8]}"
+                old = self.root / f".old_{final.name}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
                 os.rename(final, old)
             os.rename(tmp, final)
             _fsync_dir(self.root)
@@ -224,6 +235,22 @@ class CheckpointManager:
             raise
         self._prune()
         return final
+
+    def clean_stale(self) -> list[Path]:
+        """Remove temp dirs left by saves that were killed midway (their process is gone); return them."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for p in self.root.iterdir():
+            m = re.match(r"^\.(tmp|old)_step_\d+_(\d+_)?", p.name)
+            if not m or not p.is_dir():
+                continue
+            pid = int(m.group(2)[:-1]) if m.group(2) else None
+            if pid is not None and _pid_alive(pid):
+                continue  # a live process (maybe this one) is writing it
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        return removed
 
     def _prune(self) -> None:
         if not self.keep:

@@ -224,3 +224,22 @@ def test_metrics_wandb_offline(tmp_path, monkeypatch):
         mw.close()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     assert read_metrics(tmp_path)[0]["loss"] == 1.0
+
+
+def test_killed_save_leftovers_cleaned(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mgr = CheckpointManager(tmp_path)
+    prev = mgr.save(1, {"w": torch.ones(2)})
+    stale = tmp_path / f".tmp_step_00000002_{dead.pid}_deadbeef"  # a save killed midway
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    live = tmp_path / f".tmp_step_00000002_{os.getppid()}_cafecafe"  # a live writer's: left alone
+    live.mkdir()
+    assert mgr.latest() == prev  # hidden temp dirs are never candidates
+    mgr.save(2, {"w": torch.zeros(2)})
+    assert not stale.exists() and live.exists()
+    assert mgr.latest().name == "step_00000002"
