@@ -149,3 +149,21 @@ def test_non_finite_micro_batch_is_left_out():
         assert torch.isfinite(p).all(), n
         moved |= not torch.equal(p, before[n])
     assert moved                                              # the healthy sample was still applied
+
+
+@pytest.mark.slow
+def test_kl_to_frozen_reference():
+    cfg = load_grpo_config(data={"model": dict(TINY), "group_size": 2, "prompts_per_step": 2,
+                                 "algo": {"kl_coef": 0.1}, "learner": {"lr": 1.0e-2}})
+    learner = Learner(cfg)
+    assert learner.ref is not None
+    P, C = make_batch(n=2, seed=5)
+    lp = [[-5.0] * len(c) for c in C]
+    batch = TrainBatch(P, C, lp, [[1.0] * len(c) for c in C], [1.0, -1.0])
+    first = learner.update(batch)
+    assert first["learn/kl"] == pytest.approx(0.0, abs=1e-6)   # policy == reference before any step
+    second = learner.update(batch)
+    assert second["learn/kl"] > 1e-6                            # the policy moved, the reference did not
+    ref_p = dict(learner.ref.named_parameters())
+    assert any(not torch.equal(p.detach().cpu(), ref_p[n].detach().cpu())
+               for n, p in learner.model.named_parameters())
