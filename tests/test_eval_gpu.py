@@ -1,0 +1,42 @@
+"""The lm-eval adapter on CUDA (mamba-ssm's Triton SSD scan with seq_idx for left padding)."""
+
+import pytest
+import torch
+
+from model.config import BitMambaConfig
+from model.lm import BitMambaLM
+from rl.eval_lm import LogLikelihoodScorer
+
+pytestmark = pytest.mark.gpu
+
+
+def _pairs(V: int, n_ctx: int = 9, n_cont: int = 4):
+    g = torch.Generator().manual_seed(1)
+    pairs = []
+    for _ in range(n_ctx):
+        ctx = torch.randint(1, V, (int(torch.randint(1, 300, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n_cont):
+            pairs.append((ctx, torch.randint(1, V, (int(torch.randint(1, 8, (1,), generator=g)),),
+                                             generator=g).tolist()))
+    return pairs
+
+
+@pytest.mark.parametrize("preset", ["tiny-bitmamba2", "tiny", "tiny-hybrid"])
+def test_cuda_reuse_matches_full_forward_fp32(preset):
+    torch.manual_seed(0)
+    model = BitMambaLM(BitMambaConfig.preset(preset)).cuda().eval()
+    pairs = _pairs(model.config.vocab_size)
+    a = LogLikelihoodScorer(model, batch_size=4, max_length=64).loglikelihood(pairs, reuse_prefix=True)
+    b = LogLikelihoodScorer(model, batch_size=4, max_length=64).loglikelihood(pairs, reuse_prefix=False)
+    for (la, _), (lb, _), (ctx, cont) in zip(a, b, pairs):
+        assert la == pytest.approx(lb, abs=2e-3, rel=1e-4)
+
+
+def test_cuda_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    model = BitMambaLM(BitMambaConfig.preset("tiny-bitmamba2")).cuda().eval()
+    pairs = _pairs(model.config.vocab_size, n_ctx=4)
+    a = LogLikelihoodScorer(model, batch_size=4).loglikelihood(pairs)
+    b = LogLikelihoodScorer(model, batch_size=4, autocast_dtype=torch.bfloat16).loglikelihood(pairs)
+    for (la, _), (lb, _), (_, cont) in zip(a, b, pairs):
+        assert lb == pytest.approx(la, abs=0.05 * len(cont))
