@@ -93,6 +93,7 @@ def test_evaluate_generation_with_the_engine_and_a_token_reward():
         again = evaluate_generation(engine, tok, rows, pool, n_samples=4, k_values=[1, 4], params=params,
                                     return_samples=True)
     counts = [sum("a" in c for c in s["completions"]) for s in m["samples"]]
+    assert 0 < sum(counts) < 12          # the toy reward separates samples with this seed
     assert [s["correct"] for s in m["samples"]] == counts
     for k in (1, 4):
         assert m[f"pass@{k}"] == pytest.approx(sum(by_hand(4, c, k) for c in counts) / len(counts))
