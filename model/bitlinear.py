@@ -94,7 +94,7 @@ if TRITON_OK:
         cols = tl.arange(0, BLOCK)
         mask = cols < K
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        den = tl.max(tl.abs(x), axis=0) + 1e-5
+        den = tl.zeros([BLOCK], dtype=tl.float32) + (tl.max(tl.abs(x), axis=0) + 1e-5)  # row scalar, as a block
         s = tl.math.div_rn(tl.full([BLOCK], 127.0, tl.float32), den)  # correctly rounded, like the engine
         v = x * s
         q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
