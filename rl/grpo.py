@@ -142,6 +142,13 @@ class Driver:
     """Owns the actors, the reward pool and the run state; `run()` is the loop."""
 
     def __init__(self, cfg: GRPOConfig, init_dir: str | None = None):
+        try:
+            self._setup(cfg, init_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: GRPOConfig, init_dir: str | None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -370,11 +377,16 @@ class Driver:
         return last
 
     def close(self) -> None:
-        self.metrics.close()
-        self.rewards.close()
-        self.workers.shutdown()
-        ray.kill(self.learner, no_restart=True)
-        if self.owns_ray:
+        """Stop everything this driver started (also after a failed __init__: parts may be missing)."""
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        if getattr(self, "rewards", None) is not None:
+            self.rewards.close()
+        if getattr(self, "workers", None) is not None:
+            self.workers.shutdown()
+        if getattr(self, "learner", None) is not None:
+            ray.kill(self.learner, no_restart=True)
+        if getattr(self, "owns_ray", False):
             ray.shutdown()
 
 

@@ -91,6 +91,15 @@ def test_dynamic_sampling_drops_flat_groups_and_draws_more(ray_local, tmp_path):
     assert rec["frac_zero_std_groups"] == 1.0
 
 
+def test_tokenizer_larger_than_model_vocab_is_a_clear_error(ray_local, tmp_path):
+    from model.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="vocab_size is 256"):
+        grpo.main(["--config", CONFIG, "--output-dir", str(tmp_path / "v"), "model.overrides={vocab_size: 256}",
+                   "wandb=false"])
+    assert ray.is_initialized()          # the test's cluster is left as found; the driver's actors are gone
+
+
 def test_demo_reward_rises(ray_local, tmp_path):
     """The shortened demo: warm start + 60 GRPO steps; the mean reward clearly rises."""
     from rl import demo
