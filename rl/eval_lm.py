@@ -135,6 +135,7 @@ class LogLikelihoodScorer:
             ids, valid = _pad_right(seqs, self.pad_id, self.device)
             h = self._hidden(ids[:, :-1], None)
             lp, gr = self._score(h, ids[:, 1:])
+            lp, gr = lp.cpu(), gr.cpu()   # one device sync per batch
             for r, i in enumerate(idx):
                 a, b = len(pairs[i][0]) - 1, len(pairs[i][0]) + len(pairs[i][1]) - 1
                 out[i] = _Scored(float(lp[r, a:b].sum()), bool(gr[r, a:b].all()))
@@ -192,8 +193,8 @@ class LogLikelihoodScorer:
             flat = [i for rs in reqs for i in rs]
             first = torch.as_tensor([pairs[i][1][0] for i in flat], dtype=torch.long, device=self.device)
             lp0, gr0 = self._score(h_last[rows][:, None], first[:, None])
-            for k, i in enumerate(flat):
-                out[i] = _Scored(float(lp0[k, 0]), bool(gr0[k, 0]))
+            for i, lp_i, gr_i in zip(flat, lp0[:, 0].tolist(), gr0[:, 0].tolist()):
+                out[i] = _Scored(lp_i, gr_i)
             # the rest: one state row per continuation, continued over cont[:-1]
             rest = [(r, i) for r, i in zip(rows, flat) if len(pairs[i][1]) > 1]
             cb = 4 * self.batch_size
@@ -205,10 +206,10 @@ class LogLikelihoodScorer:
                 h = self._hidden(ids[:, :-1], sub)
                 lp, gr = self._score(h, ids[:, 1:])
                 v = valid[:, 1:]
-                lp_sum = (lp * v).sum(-1)
-                all_gr = (gr | ~v).all(-1)
+                lp_sum = (lp * v).sum(-1).tolist()
+                all_gr = (gr | ~v).all(-1).tolist()
                 for k, (_, i) in enumerate(part):
-                    out[i] = _Scored(out[i].logprob + float(lp_sum[k]), out[i].greedy and bool(all_gr[k]))
+                    out[i] = _Scored(out[i].logprob + lp_sum[k], out[i].greedy and all_gr[k])
         return out  # type: ignore[return-value]
 
     # ---- perplexity ------------------------------------------------------------------------
@@ -230,8 +231,8 @@ class LogLikelihoodScorer:
                 # rows already finished only see padding here; their state is never read again
                 lp, _ = self._score(self._hidden(inp[:, w:e], state), tgt[:, w:e])
                 total += (lp * v[:, w:e]).sum(-1).double()
-            for k, i in enumerate(idx):
-                out[i] = float(total[k])
+            for i, t in zip(idx, total.tolist()):
+                out[i] = t
         return out
 
 
