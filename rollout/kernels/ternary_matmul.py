@@ -143,10 +143,11 @@ if triton is not None:
         K4 = K // 4
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for g in range(NG):
+            # elementwise accumulation, one cross-thread reduction per group (not per K tile)
             if ACT_INT8:
-                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+                acc3 = tl.zeros([BLOCK_M, BLOCK_N, BK4], dtype=tl.int32)
             else:
-                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                acc3 = tl.zeros([BLOCK_M, BLOCK_N, BK4], dtype=tl.float32)
             for kb in range(0, GS, BLOCK_K):
                 kk4 = (g * GS + kb) // 4 + offs_k4
                 mask_k = kk4 < K4
@@ -157,10 +158,11 @@ if triton is not None:
                                  mask=mask_m[:, None] & mask_k[None, :], other=0)   # [BM, BK4]
                     if ACT_INT8:
                         w = ((c >> (2 * j)) & 3).to(tl.int32) - 1
-                        part += tl.sum(xj.to(tl.int32)[:, None, :] * w[None, :, :], axis=2)
+                        acc3 += xj.to(tl.int32)[:, None, :] * w[None, :, :]
                     else:
                         w = ((c >> (2 * j)) & 3).to(tl.float32) - 1.0
-                        part += tl.sum(xj.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+                        acc3 += xj.to(tl.float32)[:, None, :] * w[None, :, :]
+            part = tl.sum(acc3, axis=2)
             sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
             acc += part.to(tl.float32) / sc[None, :]
         if ACT_INT8:
@@ -216,9 +218,9 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for g in range(NG):
             if ACT_INT8:
-                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+                acc3 = tl.zeros([BLOCK_M, BLOCK_N, BK4], dtype=tl.int32)
             else:
-                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                acc3 = tl.zeros([BLOCK_M, BLOCK_N, BK4], dtype=tl.float32)
             for kb in range(0, GS, BLOCK_K):
                 kk4 = (g * GS + kb) // 4 + offs_k4
                 mask_k = kk4 < K4
@@ -235,10 +237,11 @@ if triton is not None:
                         q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
                         q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32)
                         w = ((c >> (2 * j)) & 3).to(tl.int32) - 1
-                        part += tl.sum(q[:, None, :] * w[None, :, :], axis=2)
+                        acc3 += q[:, None, :] * w[None, :, :]
                     else:
                         w = ((c >> (2 * j)) & 3).to(tl.float32) - 1.0
-                        part += tl.sum(xj[:, None, :] * w[None, :, :], axis=2)
+                        acc3 += xj[:, None, :] * w[None, :, :]
+            part = tl.sum(acc3, axis=2)
             sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
             acc += part.to(tl.float32) / sc[None, :]
         if ACT_INT8:
