@@ -43,6 +43,7 @@ from rl.grpo_config import GRPOConfig, build_tokenizer, load_grpo_config
 from rl.learner import Learner, TrainBatch
 from rl.metrics import MetricsWriter
 from rl.tasks import make_task
+from rl.weight_sync import sync_to_workers
 from rl.workers import GenerationWorker, PromptJob, WorkerGroup
 from rollout.types import GenResult, SamplingParams
 
@@ -201,12 +202,7 @@ class Driver:
 
     def sync_weights(self) -> dict[str, float]:
         """Learner -> object store (once) -> every worker."""
-        t0 = time.perf_counter()
-        ref = self.learner.export_weights.remote()        # the return value lives in the object store
-        self.workers.load_weights(ref)
-        stats = ray.get(self.learner.last_export_stats.remote())
-        return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": stats["bytes"],
-                "sync/export_s": stats["seconds"]}
+        return sync_to_workers(self.learner, self.workers)
 
     # -------------------------------------------------------------- rollout
     def generate(self, rows: list[PromptRow], n: int, salt: int = 0, temperature: float | None = None,

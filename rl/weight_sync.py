@@ -2,9 +2,9 @@
 
 The learner exports its policy once per update as `PolicyWeights`: every ternary BitLinear travels
 packed (2-bit codes + fp32 scales, `BitLinear.pack()`; 16x smaller than fp32), everything else
-(embedding, norms, conv, A_log, D, dt_bias, fp heads) as is. The driver puts that object into the
-Ray object store once (`publish`) and hands the same reference to every worker, which loads it with
-`load_into(model, weights)`.
+(embedding, norms, conv, A_log, D, dt_bias, fp heads) as is. The learner actor's return value lands in the
+Ray object store once and the driver hands that same reference to every worker, which loads it with
+`load_into(model, weights)` (`sync_to_workers` does the Ray part).
 
 Loading a packed matrix writes a latent weight `W = codes * a` (per scale group,
 `a = n / (nnz * s)`) into the worker's QAT model: quantizing W reproduces the same codes exactly and
@@ -93,23 +93,17 @@ def load_into(model: nn.Module, weights: PolicyWeights) -> None:
         dst.copy_(t.to(dst.device, dst.dtype))
 
 
-@dataclass
-class SyncStats:
-    version: int
-    nbytes: int
-    export_s: float
-    publish_s: float
+def sync_to_workers(learner, workers) -> dict[str, float]:
+    """Learner actor -> object store (once) -> every worker of a `WorkerGroup`.
 
-    def metrics(self) -> dict[str, float]:
-        return {"sync/bytes": float(self.nbytes), "sync/export_s": self.export_s, "sync/publish_s": self.publish_s}
-
-
-def publish(weights: PolicyWeights):
-    """Put the weights into the Ray object store once; returns the ObjectRef every worker loads."""
-    return ray.put(weights)
-
-
-def timed_export(model: nn.Module, version: int) -> tuple[PolicyWeights, float]:
+    `learner.export_weights.remote()` returns a reference to the `PolicyWeights` it produced, stored
+    once in the object store; every worker receives that same reference (Ray resolves it in the
+    worker), so the bytes leave the learner once however many workers there are. Returns seconds and
+    bytes for the metrics.
+    """
     t0 = time.perf_counter()
-    w = export_policy(model, version)
-    return w, time.perf_counter() - t0
+    ref = learner.export_weights.remote()
+    workers.load_weights(ref)
+    stats = ray.get(learner.last_export_stats.remote())
+    return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": stats["bytes"],
+            "sync/export_s": stats["seconds"]}
