@@ -293,12 +293,14 @@ if triton is not None:
             ]
         ]
         _prune_by = {"early_config_prune": _prune}
+        # y may alias the residual (in-place residual stream): restore it after each tuning run
+        _restore = ["y_ptr"]
         _dot = triton.autotune(configs=_DOT_CONFIGS, key=["M", "N", "K", "NG"],
-                               prune_configs_by=_prune_by)(_tmm_dot_kernel)
+                               prune_configs_by=_prune_by, restore_value=_restore)(_tmm_dot_kernel)
         _gemv = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "NG", "BLOCK_M"],
-                                prune_configs_by=_prune_by)(_tmm_gemv_kernel)
+                                prune_configs_by=_prune_by, restore_value=_restore)(_tmm_gemv_kernel)
         _gemv_norm = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "NG", "BLOCK_M"],
-                                     prune_configs_by=_prune_by)(_tmm_gemv_norm_kernel)
+                                     prune_configs_by=_prune_by, restore_value=_restore)(_tmm_gemv_norm_kernel)
 
 
 def ternary_matmul(
