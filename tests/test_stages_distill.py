@@ -22,7 +22,7 @@ TINY = ROOT / "configs" / "distill_tiny.yaml"
 def teacher_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
     cfg = load_config(PretrainConfig, ROOT / "configs" / "pretrain_tiny_fp.yaml",
-                      [f"output_dir={out}", "train.progress=false", "train.max_steps=60", "train.save_every=0"])
+                      [f"output_dir={out}", "train.progress=false", "train.max_steps=40", "train.save_every=0"])
     return pretrain(cfg, str(ROOT / "configs" / "pretrain_tiny_fp.yaml")).final_dir
 
 
@@ -33,7 +33,7 @@ def _cfg(tmp_path, teacher_dir, *extra):
 
 @pytest.mark.slow
 def test_distill_lowers_kl(tmp_path, teacher_dir):
-    cfg = _cfg(tmp_path, teacher_dir, "train.max_steps=50", "train.log_every=5")
+    cfg = _cfg(tmp_path, teacher_dir, "train.max_steps=30", "train.log_every=5")
     teacher = load_teacher(cfg.teacher)
     assert not teacher.zero_ratios()  # full precision
     student0 = make_student(teacher, cfg.student)

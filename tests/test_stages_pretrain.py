@@ -22,10 +22,10 @@ def _cfg(tmp_path, **train):
 
 @pytest.mark.slow
 def test_pretrain_tiny_config_lowers_loss(tmp_path):
-    res = run(_cfg(tmp_path / "run"), str(TINY))
+    res = run(_cfg(tmp_path / "run", max_steps=60), str(TINY))  # the tiny config, shortened for CI time
     recs = read_metrics(tmp_path / "run")
     first, last = recs[0], recs[-1]
-    assert first["step"] == 1 and last["step"] == 150
+    assert first["step"] == 1 and last["step"] == 60
     assert last["loss"] < 0.7 * first["loss"], (first["loss"], last["loss"])
     assert {"lr", "tokens_per_s", "zero_ratio", "grad_norm", "phase"} <= set(last)
     assert [r["seq_len"] for r in recs][-1] == 128  # FG-WSD decay phase raised the context
