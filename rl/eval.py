@@ -116,9 +116,16 @@ def run_lm_eval(lm, tasks: list[str | dict], *, limit: float | None = None, num_
     tm = TaskManager(include_defaults=include_defaults)
     if limit is not None and limit >= 1:
         limit = int(limit)
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=tm,
-                                  log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                  torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
+                                      task_manager=tm, log_samples=False, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                      bootstrap_iters=1000)
+    except ConnectionError as e:   # hub datasets without network (datasets raises the builtin ConnectionError)
+        raise BitMambaError(f"lm-eval could not download a task's dataset ({e}); without network, use "
+                            "--task-file with a local dataset (dataset_path: json), see docs/eval.md") from e
+    except KeyError as e:
+        raise BitMambaError(f"lm-eval: unknown task or group {e}") from e
     if res is None:
         raise BitMambaError("lm-eval returned no results")
     return res

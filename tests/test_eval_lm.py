@@ -228,3 +228,13 @@ def test_task_file_errors(tmp_path):
         load_task_file(bad)
     cfg = load_task_file(FIX / "mc_task.yaml")
     assert Path(cfg["dataset_kwargs"]["data_files"]["test"]) == FIX / "mc.jsonl"
+
+
+def test_cli_unknown_task_is_a_user_error(tok, tmp_path):
+    from model.errors import BitMambaError
+    from rl.eval import main
+
+    _model("tiny-bitmamba2").save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(BitMambaError, match="no_such_task"):
+        main([str(tmp_path / "ckpt"), "--tasks", "no_such_task", "--device", "cpu"])
