@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import glob as globlib
 import json
-import math
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
