@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory (default: DIR)")
     p.add_argument("--limit", type=float, help="examples per task (an int, or a fraction < 1)")
     p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompts")
     p.add_argument("--batch-size", type=int, default=16, help="contexts per prefill batch / generation slots")
     p.add_argument("--max-length", type=int, default=2048, help="forward window in tokens (state carried over)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
@@ -108,7 +109,7 @@ def load_task_file(path: str | Path) -> dict[str, Any]:
 
 
 def run_lm_eval(lm, tasks: list[str | dict], *, limit: float | None = None, num_fewshot: int | None = None,
-                seed: int = 0, include_defaults: bool = True) -> dict[str, Any]:
+                seed: int = 0, include_defaults: bool = True, chat: bool = False) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` on the adapter `lm` -> lm-eval's results dict (without samples)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -120,7 +121,7 @@ def run_lm_eval(lm, tasks: list[str | dict], *, limit: float | None = None, num_
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
                                       task_manager=tm, log_samples=False, random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                      bootstrap_iters=1000)
+                                      bootstrap_iters=1000, apply_chat_template=chat)
     except ConnectionError as e:   # hub datasets without network (datasets raises the builtin ConnectionError)
         raise BitMambaError(f"lm-eval could not download a task's dataset ({e}); without network, use "
                             "--task-file with a local dataset (dataset_path: json), see docs/eval.md") from e
@@ -227,7 +228,7 @@ def main(argv: list[str]) -> int:
                         max_length=args.max_length, dtype=args.dtype, reuse_prefix=not args.no_prefix_reuse,
                         backend=args.backend)
     res = run_lm_eval(lm, tasks, limit=args.limit, num_fewshot=args.num_fewshot, seed=args.seed,
-                      include_defaults=not args.task_file)
+                      include_defaults=not args.task_file, chat=args.chat)
     rows = result_rows(res, args.reference)
     print(format_table(rows, args.reference))
     _write(args.out, {"kind": "lm-eval", "model_dir": args.model_dir, "rows": rows,
