@@ -141,6 +141,18 @@ def test_injected_tokens_are_the_tool_output_tokenization(model, tok):
                                 "truncated": False}]
 
 
+def assert_extend_matches_prefill(model, be, prompt, tr):
+    """For every injected tool message: the real logits after the engine's extend == a fresh forward."""
+    for c in tr.tool_calls:
+        full = prompt + tr.token_ids[:c.token_end]
+        with torch.no_grad():
+            ref = model(torch.tensor([full])).logits[0, -1].float()
+        got = [lg[0] for pos, lg in be.real if int(pos[0]) == len(full)]
+        assert got, "no extend ended at the end of the tool message"
+        assert torch.allclose(got[-1], ref, atol=1e-4, rtol=0), float((got[-1] - ref).abs().max())
+    assert tr.tool_calls
+
+
 def test_state_after_injection_equals_a_full_prefill(model, tok):
     """Teacher-forced equivalence: the real logits after `extend` over the tool message equal the
     logits of a fresh forward over prompt + everything so far (within 1e-4, fp32)."""
@@ -152,16 +164,7 @@ def test_state_after_injection_equals_a_full_prefill(model, tok):
     # sync_every 8: the calls end mid-window, so the engine rewinds to its snapshot and replays
     (tr,), be, _ = run(model, tok, script, [Calculator()], sync_every=8)
     assert [c.status for c in tr.tool_calls] == ["ok", "ok"]
-    checked = 0
-    for c in tr.tool_calls:
-        full = p + tr.token_ids[:c.token_end]
-        with torch.no_grad():
-            ref = model(torch.tensor([full])).logits[0, -1].float()
-        got = [lg[0] for pos, lg in be.real if int(pos[0]) == len(full)]
-        assert got, "no extend ended at the end of the tool message"
-        assert torch.allclose(got[-1], ref, atol=1e-4, rtol=0), float((got[-1] - ref).abs().max())
-        checked += 1
-    assert checked == 2
+    assert_extend_matches_prefill(model, be, p, tr)
 
 
 def test_broken_call_becomes_an_error_message_and_the_episode_continues(model, tok):
@@ -172,8 +175,9 @@ def test_broken_call_becomes_an_error_message_and_the_episode_continues(model, t
           '{"name": "calculator", "arguments": {"expression": "7*6"'
     fixed = call_ids(tok, "calculator", '{"expression": "7*6"}')
     script = script_for(tok, p, broken, fmt.ids(err), fixed, fmt.ids("42"), enc(tok, "42<|im_end|>"))
-    (tr,), _, _ = run(model, tok, script, [Calculator()])
+    (tr,), be, _ = run(model, tok, script, [Calculator()], sync_every=3)
     assert [c.status for c in tr.tool_calls] == ["malformed", "ok"]
+    assert_extend_matches_prefill(model, be, p, tr)      # also on the synchronous (immediate) injection path
     bad = tr.tool_calls[0]
     assert tr.token_ids[bad.token_start:bad.token_end] == fmt.ids(err)      # the model is told what was wrong
     assert tr.counts == {"calls": 2, "malformed": 1, "tool_errors": 0, "timeouts": 0, "truncated": 0}
