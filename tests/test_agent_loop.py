@@ -16,7 +16,7 @@ import torch
 from model.config import BitMambaConfig
 from model.lm import BitMambaLM
 from rollout.agent import Agent, AgentConfig, ToolMessageFormat, agent_metrics, batch_fields
-from rollout.backend import TorchBackend
+from rollout.backend import make_backend
 from rollout.tokenizer import build_tiny_tokenizer
 from rollout.tools import Calculator, tool
 from rollout.types import GenRequest, SamplingParams
@@ -34,16 +34,19 @@ def model(request, tok):
     return BitMambaLM(cfg).eval()
 
 
-class ScriptedBackend(TorchBackend):
-    """TorchBackend whose returned logits force `scripts[P][k]` as completion token k of a prompt of
-    length P (the position comes from the row's real state, so rewinds and extends must be right for
-    the script to line up); EOS past the script. `real` records (row's state pos, real logits)
-    after every extend."""
+class ScriptedBackend:
+    """Wraps a real backend (TorchBackend or FastBackend) and returns logits that force
+    `scripts[P][k]` as completion token k of a prompt of length P (the position comes from the row's
+    real state, so rewinds and extends must be right for the script to line up); EOS past the script.
+    `real` records (row's state pos, real logits) after every extend."""
 
-    def __init__(self, model, scripts: dict[int, list[int]], eos: int):
-        super().__init__(model)
+    def __init__(self, inner, scripts: dict[int, list[int]], eos: int):
+        self.inner, self.model = inner, inner.model
         self.scripts, self.eos, self.real = scripts, eos, []
         self.prompt_len_of_row: dict[int, int] = {}
+
+    def __getattr__(self, name):          # allocate, save_rows, refresh_weights, state, ...
+        return getattr(self.inner, name)
 
     def _force(self, pos, plen):
         out = torch.full((len(pos), self.model.config.vocab_size), -40.0)
@@ -54,30 +57,30 @@ class ScriptedBackend(TorchBackend):
         return out
 
     def _plen(self, rows):
-        return [self.prompt_len_of_row.get(int(r), next(iter(self.scripts))) for r in rows]
+        return [self.prompt_len_of_row.get(int(r), 0) for r in rows]
 
     def prefill(self, ids):
-        lg, st = super().prefill(ids)
-        self._last_prefill_len = int(st.pos[0])
+        lg, st = self.inner.prefill(ids)
         return self._force(st.pos, [int(st.pos[0])])[0], st
 
     def load_rows(self, state1, rows):
-        super().load_rows(state1, rows)
+        self.inner.load_rows(state1, rows)
         # which script a row follows: the longest prompt length <= its position (tests with two scripts
         # make the shorter episode end before the longer prompt's length, so this is unambiguous)
         for r in torch.as_tensor(rows).tolist():
-            p = int(self.state.pos[r])
+            p = int(self.inner.state.pos[r])
             self.prompt_len_of_row[r] = max([P for P in self.scripts if P <= p] or [0])
 
     def extend(self, rows, ids):
-        real = super().extend(rows, ids)
+        real = self.inner.extend(rows, ids)
         rows_t = torch.as_tensor(rows)
-        self.real.append((self.state.pos[rows_t].clone(), real.clone()))
-        return self._force(self.state.pos[rows_t], self._plen(rows_t.tolist()))
+        self.real.append((self.inner.state.pos[rows_t].clone(), real.clone()))
+        return self._force(self.inner.state.pos[rows_t], self._plen(rows_t.tolist()))
 
     def step(self, tokens):
-        super().step(tokens)
-        return self._force(self.state.pos, self._plen(range(self.slots)))
+        self.inner.step(tokens)
+        n = len(tokens)
+        return self._force(self.inner.state.pos[:n], self._plen(range(n)))
 
 
 def enc(tok, s):
@@ -92,8 +95,8 @@ def call_ids(tok, name, args_json):
     return enc(tok, f'<tool_call>{{"name": "{name}", "arguments": {args_json}}}</tool_call>')
 
 
-def run(model, tok, scripts, tools, cfg=None, reqs=None, max_new=300, slots=2, sync_every=8):
-    be = ScriptedBackend(model, scripts, tok.eos_token_id)
+def run(model, tok, scripts, tools, cfg=None, reqs=None, max_new=300, slots=2, sync_every=8, kind="torch"):
+    be = ScriptedBackend(make_backend(model, kind), scripts, tok.eos_token_id)
     agent = Agent(be, tok, tools, cfg or AgentConfig(), slots=slots, sync_every=sync_every)
     try:
         params = SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=3, eos_token_id=tok.eos_token_id)
@@ -153,7 +156,8 @@ def assert_extend_matches_prefill(model, be, prompt, tr):
     assert tr.tool_calls
 
 
-def test_state_after_injection_equals_a_full_prefill(model, tok):
+@pytest.mark.parametrize("kind", ["torch", "fast"])
+def test_state_after_injection_equals_a_full_prefill(model, tok, kind):
     """Teacher-forced equivalence: the real logits after `extend` over the tool message equal the
     logits of a fresh forward over prompt + everything so far (within 1e-4, fp32)."""
     p = prompt_ids(tok, "Compute 2 ** 40 and then 3 ** 30.")
@@ -162,7 +166,10 @@ def test_state_after_injection_equals_a_full_prefill(model, tok):
     c2 = enc(tok, "ok, next: ") + call_ids(tok, "calculator", '{"expression": "3 ** 30"}')
     script = script_for(tok, p, c1, fmt.ids(str(2 ** 40)), c2, fmt.ids(str(3 ** 30)), enc(tok, "done<|im_end|>"))
     # sync_every 8: the calls end mid-window, so the engine rewinds to its snapshot and replays
-    (tr,), be, _ = run(model, tok, script, [Calculator()], sync_every=8)
+    if kind == "fast":
+        pytest.importorskip("rollout.fast")
+    (tr,), be, _ = run(model, tok, script, [Calculator()], sync_every=8, kind=kind)
+    assert type(be.inner).__name__ == {"torch": "TorchBackend", "fast": "FastBackend"}[kind]
     assert [c.status for c in tr.tool_calls] == ["ok", "ok"]
     assert_extend_matches_prefill(model, be, p, tr)
 
