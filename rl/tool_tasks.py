@@ -25,10 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,14 @@ from model.lm import BitMambaLM
 from model.typed import load_config
 from rl import algo
 from rl.learner import TrainBatch, collate
+from rl.grpo_config import ModelSection
 from rl.tasks import first_integer
+from rl.workers import GenerationWorker, PromptJob
 from rollout.agent import Agent, AgentConfig, ToolMessageFormat, agent_metrics, batch_fields
 from rollout.backend import make_backend
 from rollout.tokenizer import build_tiny_tokenizer
 from rollout.tools import Calculator, ToolSet, load_tools, tool_schema
-from rollout.types import GenRequest, SamplingParams
+from rollout.types import GenRequest, GenResult, SamplingParams
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -103,6 +106,46 @@ def tool_answer_reward(prompt: str, completion: str, answer: str, final_text: st
     """
     v = first_integer(final_answer_text(completion, final_text).replace(IM_END, " "))
     return 1.0 if v is not None and str(v) == str(answer).strip() else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# A generation worker for the Ray driver
+
+
+class AgentGenerationWorker(GenerationWorker):
+    """`rl.workers.GenerationWorker` whose rollouts run the agent loop (drop-in for the GRPO driver).
+
+    Same constructor plus `tools` (YAML specs) and `agent` (AgentConfig fields). `generate` returns
+    `GenResult`s as before (token ids with injected tool messages, `sampled_mask` 0 on them,
+    `model_logprobs` 0.0 there), with the trajectory's reward fields added to `meta`: `messages`,
+    `tool_calls`, `final_text`, and `agent_counts`. The driver passes those meta fields to the
+    reward pool as row fields (see docs/tools.md, "Wiring it into the GRPO driver").
+    """
+
+    def __init__(self, model_config: dict, model_section: ModelSection, slots: int = 16, sync_every: int = 8,
+                 tools: list | None = None, agent: dict | None = None, base_dir: str | None = None):
+        super().__init__(model_config, model_section, slots=slots, sync_every=sync_every)
+        acfg = AgentConfig(**(agent or {}))
+        toolset = ToolSet(load_tools(list(tools or ["calculator"]), base_dir=base_dir),
+                          timeout_s=acfg.tool_timeout_s, max_result_chars=acfg.max_result_chars,
+                          workers=acfg.tool_workers)
+        self.agent = Agent(self.backend, self.tokenizer, toolset, acfg, slots=slots, sync_every=sync_every)
+
+    def generate(self, jobs: list[PromptJob], params: SamplingParams) -> list[GenResult]:
+        if self._crash_next:       # fault injection, as in GenerationWorker
+            os._exit(17)
+        reqs = [GenRequest(j.prompt_ids, replace(params, seed=j.seed), request_id=j.uid) for j in jobs]
+        with torch.no_grad():
+            trajs = self.agent.generate(reqs)
+        out = []
+        for t in trajs:
+            r = t.result
+            r.meta = {**(r.meta or {}), **t.reward_fields(), "agent_counts": dict(t.counts)}
+            out.append(r)
+        return out
+
+    def shutdown_tools(self) -> None:
+        self.agent.close()
 
 
 # --------------------------------------------------------------------------------------------------

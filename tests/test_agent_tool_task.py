@@ -75,3 +75,47 @@ def test_experiment_runs_end_to_end_and_updates_the_policy(tmp_path):
         assert m["tokens"] > 0 and "learn/pg_loss" in m and "learn/grad_norm" in m
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "summary.json").exists()
+
+
+def test_agent_generation_worker_returns_results_with_masks_and_reward_fields():
+    from model.config import BitMambaConfig
+    from rl.grpo_config import ModelSection
+    from rl.tool_tasks import AgentGenerationWorker
+    from rl.workers import PromptJob
+    from rollout.types import SamplingParams
+
+    tok = build_tiny_tokenizer(384)
+    mcfg = BitMambaConfig.preset("tiny", vocab_size=384).to_dict()
+    w = AgentGenerationWorker(mcfg, ModelSection(preset="tiny", overrides={"vocab_size": 384}, backend="torch"),
+                              slots=4, tools=["calculator"], agent={"max_tool_calls": 2})
+    try:
+        fmt = ToolMessageFormat(tok)
+        # make the worker's engine see a scripted call: this random model would never emit one, so the
+        # first completion tokens are forced through the backend's logits (same trick as test_agent_loop)
+        row = BigMultiplyTask(digits=3).row("train", 1)
+        p = tok.encode(row["prompt"], add_special_tokens=False)
+        call = tok.encode('<tool_call>{"name": "calculator", "arguments": {"expression": "%s"}}</tool_call>'
+                          % row["question"], add_special_tokens=False)
+        script = call + fmt.ids(row["answer"]) + tok.encode(row["answer"] + "<|im_end|>", add_special_tokens=False)
+        inner_step, inner_prefill, inner_extend = w.backend.step, w.backend.prefill, w.backend.extend
+        P = len(p)
+
+        def force(lg, pos):
+            lg = torch.full_like(lg, -40.0)
+            for r, q in enumerate(pos.tolist()):
+                k = q - P
+                lg[r, script[k] if 0 <= k < len(script) else tok.eos_token_id] = 40.0
+            return lg
+        w.backend.step = lambda t: force(inner_step(t), w.backend.state.pos[:len(t)])
+        w.backend.prefill = lambda ids: (lambda lg, st: (force(lg[None], st.pos)[0], st))(*inner_prefill(ids))
+        w.backend.extend = lambda rows, ids: force(inner_extend(rows, ids), w.backend.state.pos[torch.as_tensor(rows)])
+        res = w.generate([PromptJob("j0", p, seed=1)], SamplingParams(max_new_tokens=80, n=2,
+                                                                       eos_token_id=tok.eos_token_id))
+    finally:
+        w.shutdown_tools()
+    assert [r.request_id for r in res] == ["j0", "j0"]
+    for r in res:
+        assert r.token_ids == script and r.sampled_mask.count(0) == len(fmt.ids(row["answer"]))
+        assert r.meta["final_text"] == row["answer"] and r.meta["tool_calls"][0]["status"] == "ok"
+        assert r.meta["agent_counts"]["calls"] == 1
+        assert tool_answer_reward(row["prompt"], r.text, row["answer"], final_text=r.meta["final_text"]) == 1.0
