@@ -23,8 +23,8 @@ How one episode runs (everything below happens inside one `Engine.generate` call
 4. `<|im_end|>` (or EOS, or the token budget) ends the episode.
 
 Limits per episode: `max_tool_calls`; the total completion budget (sampled + injected tokens) is
-`SamplingParams.max_new_tokens` (an injection that does not fit is cut and the episode finishes
-"length"); `tool_timeout_s` per call (ToolSet); `max_result_chars` per result.
+`SamplingParams.max_new_tokens`, capped by `max_total_tokens` (an injection that does not fit is cut
+and the episode finishes "length"); `tool_timeout_s` per call (ToolSet); `max_result_chars` per result.
 
 Trajectory conventions: `token_ids` = the whole completion (sampled and injected); `sampled_mask`
 1 = sampled by the policy (trained), 0 = injected (tool messages; never trained, never in a
@@ -63,6 +63,7 @@ class AgentConfig:
     """Per-episode limits and the tool message format."""
 
     max_tool_calls: int = 4             # calls per episode; the next one ends the episode
+    max_total_tokens: int | None = None  # cap on sampled + injected tokens (None: the request's max_new_tokens)
     tool_timeout_s: float = 10.0        # per call (a late tool's message says it timed out)
     max_result_chars: int = 2000        # a longer result is cut, with a note
     tool_workers: int = 8               # threads for synchronous tools
@@ -74,6 +75,8 @@ class AgentConfig:
             raise ConfigError(f"agent.max_tool_calls: must be >= 0, got {self.max_tool_calls}")
         if self.tool_timeout_s <= 0:
             raise ConfigError(f"agent.tool_timeout_s: must be > 0, got {self.tool_timeout_s}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ConfigError(f"agent.max_total_tokens: must be >= 1, got {self.max_total_tokens}")
         if self.max_result_chars < 1 or self.tool_workers < 1:
             raise ConfigError("agent.max_result_chars and agent.tool_workers must be >= 1")
 
@@ -226,7 +229,10 @@ class Agent:
             stop_ids.append(self.turn_end_id)
         else:
             stop_strings.append(IM_END)
-        return replace(params, stop_token_ids=stop_ids, stop_strings=stop_strings)
+        budget = params.max_new_tokens
+        if self.config.max_total_tokens is not None:
+            budget = min(budget, self.config.max_total_tokens)
+        return replace(params, stop_token_ids=stop_ids, stop_strings=stop_strings, max_new_tokens=budget)
 
     def _is_call_end(self, stop) -> bool:
         return stop == CALL_END or (self.call_end_id is not None and stop == self.call_end_id)

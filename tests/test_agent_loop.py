@@ -250,7 +250,8 @@ def test_token_budget_cuts_an_injection_and_finishes_length(model, tok):
     fmt = ToolMessageFormat(tok)
     c = call_ids(tok, "calculator", '{"expression": "10 ** 30"}')
     budget = len(c) + 5
-    (tr,), _, _ = run(model, tok, script_for(tok, p, c, fmt.ids(str(10 ** 30))), [Calculator()], max_new=budget)
+    (tr,), _, _ = run(model, tok, script_for(tok, p, c, fmt.ids(str(10 ** 30))), [Calculator()], max_new=300,
+                      cfg=AgentConfig(max_total_tokens=budget))
     assert tr.finish_reason == "length" and len(tr.token_ids) == budget
     assert tr.sampled_mask == [1] * len(c) + [0] * 5
     assert tr.token_ids[len(c):] == fmt.ids(str(10 ** 30))[:5]
