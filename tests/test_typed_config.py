@@ -58,3 +58,11 @@ def test_errors_name_key_and_file(tmp_path, text, needle):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(Outer, tmp_path / "nope.yaml")
+
+
+def test_exponent_floats_without_dot(tmp_path):
+    # PyYAML reads 1e-4 as a string (YAML 1.1); a float field still accepts it, other strings stay errors
+    p = write(tmp_path, "optim:\n  lr: 1e-4\n")
+    assert load_config(Outer, p).optim.lr == 1e-4
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(Outer, write(tmp_path, "optim:\n  lr: 1e-4x\n"))
