@@ -36,7 +36,9 @@ import ray
 
 from model.errors import ConfigError
 from model.typed import to_dict
-from rewards import RewardPool
+from model.checkpoint import load_config as load_model_config
+from model.config import BitMambaConfig
+from rewards import RewardPool, RewardSpec
 from rl import algo
 from rl.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from rl.grpo_config import GRPOConfig, build_tokenizer, load_grpo_config
@@ -63,10 +65,41 @@ def connect_ray(cfg: GRPOConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return True
-    need = cfg.learner.num_cpus + sec.num_workers * sec.num_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=sec.local_dashboard,
-             dashboard_host=sec.dashboard_host, log_to_driver=True)
+    ray.init(**local_ray_kwargs(cfg))
     return True
+
+
+def local_ray_kwargs(cfg: GRPOConfig) -> dict[str, Any]:
+    """`ray.init` arguments of the local cluster: dashboard (and with it the job server) off unless
+    `workers.local_dashboard`, and bound to `workers.dashboard_host` (127.0.0.1 by default) either way."""
+    sec = cfg.workers
+    need = cfg.learner.num_cpus + sec.num_workers * sec.num_cpus
+    return {"num_cpus": max(os.cpu_count() or 1, math.ceil(need)), "include_dashboard": sec.local_dashboard,
+            "dashboard_host": sec.dashboard_host, "log_to_driver": True}
+
+
+def preflight(cfg: GRPOConfig, init_dir: str | None = None):
+    """Checks that need no Ray and write nothing: the task's data, every reward spec, the tokenizer
+    against the model's vocabulary. Bad inputs fail here, before any cluster or output directory
+    exists. Returns (task, tokenizer)."""
+    task = make_task(cfg.task.name, cfg.task.path, seed=cfg.seed, eval_path=cfg.task.eval_path,
+                     prompt_key=cfg.task.prompt_key, **cfg.task.kwargs)
+    for i, r in enumerate(cfg.rewards):
+        RewardSpec.from_config(to_dict(r), f"rewards[{i}]").load()   # file exists, imports, has the function
+    tokenizer = build_tokenizer(cfg.model)
+    vocab = model_vocab_size(cfg.model, init_dir)
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"tokenizer {cfg.model.tokenizer!r} has {len(tokenizer)} tokens but the model's "
+                          f"vocab_size is {vocab}")
+    return task, tokenizer
+
+
+def model_vocab_size(sec, init_dir: str | None = None) -> int:
+    """The policy's vocab_size from its config alone (a checkpoint's config.json, or the preset)."""
+    src = init_dir or sec.path
+    if src is not None:
+        return int(load_model_config(src).vocab_size)
+    return int(BitMambaConfig.preset(sec.preset, **sec.overrides).vocab_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,11 +185,8 @@ class Driver:
     def _setup(self, cfg: GRPOConfig, init_dir: str | None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.task, self.tokenizer = preflight(cfg, init_dir)
         self.owns_ray = connect_ray(cfg)
-        self.tokenizer = build_tokenizer(cfg.model)
-        self.task = make_task(cfg.task.name, cfg.task.path, seed=cfg.seed, eval_path=cfg.task.eval_path,
-                              prompt_key=cfg.task.prompt_key, **cfg.task.kwargs)
         limit = cfg.model.max_seq_len - cfg.sampling.max_new_tokens - 1
         self.prompts = PromptSource(self.task, self.tokenizer, limit, cfg.task.prompt_too_long)
         RemoteLearner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)(Learner)
@@ -171,6 +201,7 @@ class Driver:
                                    cfg.workers.num_workers, cfg.workers.max_restarts)
         self.rewards = RewardPool([to_dict(r) for r in cfg.rewards], num_workers=cfg.reward_pool.num_workers,
                                   timeout_s=cfg.reward_pool.timeout_s, fallback=cfg.reward_pool.fallback)
+        self.out.mkdir(parents=True, exist_ok=True)     # only once every input has been checked
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
         self.step = 0
         if cfg.resume:

@@ -72,7 +72,6 @@ def pretrain_loss(model: nn.Module, batch: PackedBatch) -> LossOut:
 
 def run(cfg: PretrainConfig, config_path: str | None = None) -> LoopResult:
     seed_everything(cfg.train.seed)
-    out = setup_output(cfg.output_dir, to_dict(cfg))
     sources = []
     for s in cfg.data.sources:
         s.path = resolve_data_path(s.path, config_path)
@@ -86,6 +85,7 @@ def run(cfg: PretrainConfig, config_path: str | None = None) -> LoopResult:
     tokenizer = build_tokenizer_from_spec(cfg.tokenizer, cfg.model.init_from, texts)
     model = build_model_from_spec(cfg.model, config_path)
     check_vocab(model, tokenizer, config_path)
+    out = setup_output(cfg.output_dir, to_dict(cfg))      # only once the data, tokenizer and model are checked
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[pretrain] model {n_params:,} parameters, tokenizer {len(tokenizer)} tokens, output {out}",
           file=sys.stderr, flush=True)

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "torch", "fast"], default="auto")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's EOS token")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="context limit in tokens (prompt + new tokens); a longer request is an error")
     return p
 
 
@@ -67,6 +69,9 @@ def main(argv: list[str]) -> int:
             raise BitMambaError("--prompt: encodes to zero tokens")
     else:
         prompt_ids = _parse_ids(args.prompt_ids)
+    if args.max_len is not None and len(prompt_ids) + args.max_new_tokens > args.max_len:
+        raise BitMambaError(f"prompt of {len(prompt_ids)} tokens + --max-new-tokens {args.max_new_tokens} "
+                            f"exceeds the context limit --max-len {args.max_len}")
     eos = None if (tok is None or args.no_eos) else tok.eos_token_id
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
