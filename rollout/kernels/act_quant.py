@@ -80,8 +80,10 @@ if triton is not None:
             else:
                 tl.store(o_row + g * GS + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
         if ACT_QUANT:
-            s = 127.0 / (tl.max(amax, axis=0) + 1e-5)
-            tl.store(s_ptr + row, s)
+            # correctly rounded division (torch's), as a block: plain '/' compiles to approximate division
+            den = tl.zeros([BLOCK], dtype=tl.float32) + (tl.max(amax, axis=0) + 1e-5)
+            s = tl.math.div_rn(tl.full([BLOCK], 127.0, tl.float32), den)
+            tl.store(s_ptr + row + offs * 0, s, mask=offs == 0)
             # pass 2: recompute the (cached) normalized values and quantize
             for g in range(NG):
                 x = tl.load(x_row + g * GS + offs, mask=mask, other=0.0).to(tl.float32)

@@ -115,10 +115,10 @@ if triton is not None:
                         else:
                             part += tl.dot(xj, w)
             sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
-            acc += part.to(tl.float32) / sc[None, :]
+            acc += tl.math.div_rn(part.to(tl.float32), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sc[None, :])
         if ACT_INT8:
             sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=1.0)
-            acc = acc / sx[:, None]
+            acc = tl.math.div_rn(acc, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sx[:, None])
         mask = mask_m[:, None] & mask_n[None, :]
         if HAS_RES:
             acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -164,10 +164,10 @@ if triton is not None:
                         acc3 += xj.to(tl.float32)[:, None, :] * w[None, :, :]
             part = tl.sum(acc3, axis=2)
             sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
-            acc += part.to(tl.float32) / sc[None, :]
+            acc += tl.math.div_rn(part.to(tl.float32), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sc[None, :])
         if ACT_INT8:
             sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=1.0)
-            acc = acc / sx[:, None]
+            acc = tl.math.div_rn(acc, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sx[:, None])
         mask = mask_m[:, None] & mask_n[None, :]
         if HAS_RES:
             acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -214,7 +214,7 @@ if triton is not None:
                     wv = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
                     xv = xv * rs[:, None] * wv[None, :]
                 am = tl.maximum(am, tl.max(tl.abs(xv), axis=1))
-            s = 127.0 / (am + 1e-5)
+            s = tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), am + 1e-5)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for g in range(NG):
             if ACT_INT8:
@@ -243,9 +243,9 @@ if triton is not None:
                         acc3 += xj[:, None, :] * w[None, :, :]
             part = tl.sum(acc3, axis=2)
             sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
-            acc += part.to(tl.float32) / sc[None, :]
+            acc += tl.math.div_rn(part.to(tl.float32), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sc[None, :])
         if ACT_INT8:
-            acc = acc / s[:, None]
+            acc = tl.math.div_rn(acc, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + s[:, None])
         mask = mask_m[:, None] & mask_n[None, :]
         if HAS_RES:
             acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
