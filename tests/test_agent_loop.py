@@ -224,7 +224,9 @@ def test_raising_hanging_and_huge_tools_yield_error_timeout_and_truncated_text(m
     try:
         t0 = time.perf_counter()
         (tr,), _, _ = run(model, tok, script, [boom, stuck, flood], cfg=cfg, max_new=400)
-        assert time.perf_counter() - t0 < 20
+        # the stuck tool would hold the episode 60 s: finishing well before proves the 0.3 s timeout
+        # was honoured (decoding itself takes 2-25 s on a loaded 2-core machine)
+        assert time.perf_counter() - t0 < 50
     finally:
         release.set()
     assert [c.status for c in tr.tool_calls] == ["error", "timeout", "ok"]
