@@ -6,6 +6,9 @@ is exact. The held-out split never shares a problem with the train split.
 
     task = make_task("arithmetic", seed=0, max_operand=20)
     task.row("train", 17)   # {"prompt": "12+7=", "answer": "19", "id": "train-17"}
+
+Tasks: `arithmetic` (below), `bigmul` (`rl.tool_task_defs.BigMultiplyTask`: products that need the
+calculator tool, ChatML prompts), or a JSONL file.
 """
 
 from __future__ import annotations
@@ -125,7 +128,13 @@ def make_task(name: str | None = None, path: str | None = None, *, seed: int = 0
             return ArithmeticTask(seed=seed, **kwargs)
         except TypeError as e:
             raise ConfigError(f"task.kwargs: {e}") from None
-    raise ConfigError(f"task.name: unknown task {name!r} (known: arithmetic; or give task.path)")
+    if name == "bigmul":      # needs the calculator tool (docs/tools.md); imported here: rl.tool_task_defs uses rl.tasks
+        from rl.tool_task_defs import BigMultiplyTask
+        try:
+            return BigMultiplyTask(seed=seed, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"task.kwargs: {e}") from None
+    raise ConfigError(f"task.name: unknown task {name!r} (known: arithmetic, bigmul; or give task.path)")
 
 
 def first_integer(text: str) -> int | None:

@@ -6,17 +6,18 @@
 
 Products of two `digits`-digit numbers: a tiny model cannot compute them, but it can copy the
 expression into a calculator call and copy the result back, so the reward (exact final answer) is
-reachable only through the tool.
+reachable only through the tool. The task and the reward live in `rl.tool_task_defs` (light: reward
+workers and `rl.tasks.make_task("bigmul")` import them without torch) and are re-exported here.
 
-    python -m rl.tool_tasks --config configs/grpo_tools_tiny.yaml --out runs/tool_demo
+    python -m rl.tool_tasks --config configs/tools_experiment_tiny.yaml --out runs/tool_demo
 
 runs the experiment: a short supervised warm start on a mixture of tool-using and direct-answer
 demonstrations (on purpose too short and mostly direct, so the tool-use rate starts low), then a
 self-contained GRPO loop on agent rollouts built from the library pieces (`rollout.agent.Agent`
 for the episodes, `rollout.agent.batch_fields` -> `rl.learner.TrainBatch` / `collate` for the
 batch, `rl.algo.group_advantages` / `policy_loss` for the update: injected tool tokens are masked
-out of the loss and the ratios). It does not go through `rl.grpo`'s Ray driver: see docs/tools.md
-for the changes that wiring needs. The metrics (reward, tool-use rate, malformed calls per step) go
+out of the loss and the ratios). It does not go through `rl.grpo`'s Ray driver; for that, see
+`configs/grpo_tools.yaml` (`tools:` in a GRPO config runs `AgentGenerationWorker` below). The metrics (reward, tool-use rate, malformed calls per step) go
 to `OUT/metrics.jsonl` and `OUT/summary.json`.
 """
 
@@ -36,76 +37,19 @@ from typing import Any
 import torch
 
 from model.config import BitMambaConfig
-from model.errors import ConfigError
 from model.lm import BitMambaLM
 from model.typed import load_config
 from rl import algo
 from rl.learner import TrainBatch, collate
 from rl.grpo_config import ModelSection
-from rl.tasks import first_integer
+from rl.tool_task_defs import (IM_END, IM_START, BigMultiplyTask, chat_prompt, final_answer_text,  # noqa: F401
+                               tool_answer_reward)
 from rl.workers import GenerationWorker, PromptJob
 from rollout.agent import Agent, AgentConfig, ToolMessageFormat, agent_metrics, batch_fields
 from rollout.backend import make_backend
 from rollout.tokenizer import build_tiny_tokenizer
-from rollout.tools import Calculator, ToolSet, load_tools, tool_schema
+from rollout.tools import ToolSet, load_tools
 from rollout.types import GenRequest, GenResult, SamplingParams
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-
-
-def chat_prompt(question: str) -> str:
-    """The ChatML prompt of one question (no system prompt: the tiny model's context is short)."""
-    return f"{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n"
-
-
-@dataclass
-class BigMultiplyTask:
-    """`a*b=` with `digits`-digit operands; rows are a pure function of (seed, split, index)."""
-
-    seed: int = 0
-    digits: int = 4
-    eval_fraction: float = 0.1
-
-    def __post_init__(self):
-        if not 1 <= self.digits <= 30:
-            raise ConfigError(f"task.digits: must be in [1, 30], got {self.digits}")
-
-    def row(self, split: str, index: int) -> dict[str, Any]:
-        rng = random.Random(f"bigmul/{self.seed}/{split}/{index}")
-        lo, hi = 10 ** (self.digits - 1), 10 ** self.digits - 1
-        while True:
-            a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-            held_out = (a * 7919 + b * 104729) % 1000 < int(self.eval_fraction * 1000)
-            if held_out == (split == "eval"):
-                break
-        q = f"{a}*{b}"
-        return {"prompt": chat_prompt(q + "="), "question": q, "answer": str(a * b), "id": f"{split}-{index}",
-                "messages": [{"role": "user", "content": q + "="}],
-                "tools": [tool_schema(Calculator())]}
-
-
-def final_answer_text(completion: str, final_text: str | None = None) -> str:
-    """The last assistant turn without tool-call blocks: `final_text` when the agent gave it, else the
-    text after the last `<|im_start|>assistant\\n` of the completion (never the tool's message)."""
-    text = final_text if final_text is not None else completion.rsplit(f"{IM_START}assistant\n", 1)[-1]
-    parts = []
-    for i, chunk in enumerate(text.split("<tool_call>")):
-        if i == 0:
-            parts.append(chunk)
-        elif "</tool_call>" in chunk:          # drop the call, keep what follows it
-            parts.append(chunk.split("</tool_call>", 1)[1])
-    return " ".join(parts)
-
-
-def tool_answer_reward(prompt: str, completion: str, answer: str, final_text: str | None = None,
-                       **_: Any) -> float:
-    """1.0 when the first integer of the final assistant turn equals the answer, else 0.0.
-
-    A per-sample reward for `rewards.load_reward("rl.tool_tasks:tool_answer_reward")`. It reads the
-    final turn only, so copying numbers out of the tool call or the tool message earns nothing.
-    """
-    v = first_integer(final_answer_text(completion, final_text).replace(IM_END, " "))
-    return 1.0 if v is not None and str(v) == str(answer).strip() else 0.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,7 +98,7 @@ class AgentGenerationWorker(GenerationWorker):
 
 @dataclass
 class ToolExperimentConfig:
-    """configs/grpo_tools_tiny.yaml."""
+    """configs/tools_experiment_tiny.yaml."""
 
     preset: str = "tiny"
     model_overrides: dict = field(default_factory=lambda: {"vocab_size": 384, "d_model": 128, "n_layers": 4,
@@ -311,7 +255,7 @@ def _mean(recs: list[dict]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rl.tool_tasks", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "grpo_tools_tiny.yaml"))
+    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "tools_experiment_tiny.yaml"))
     p.add_argument("--out", default="runs/tool_demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)

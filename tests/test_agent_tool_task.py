@@ -57,12 +57,12 @@ def test_demonstrations_train_only_sampled_tokens():
 
 
 def test_experiment_config_loads():
-    cfg = load_config(ToolExperimentConfig, ROOT / "configs" / "grpo_tools_tiny.yaml")
+    cfg = load_config(ToolExperimentConfig, ROOT / "configs" / "tools_experiment_tiny.yaml")
     assert cfg.tools == ["calculator"] and cfg.group_size >= 2 and cfg.agent["max_tool_calls"] >= 1
 
 
 def test_experiment_runs_end_to_end_and_updates_the_policy(tmp_path):
-    cfg = load_config(ToolExperimentConfig, ROOT / "configs" / "grpo_tools_tiny.yaml",
+    cfg = load_config(ToolExperimentConfig, ROOT / "configs" / "tools_experiment_tiny.yaml",
                       ["warm_steps=3", "steps=2", "prompts_per_step=2", "group_size=4", "slots=8",
                        "max_new_tokens=48", "warm_tool_fraction=1.0", "temperature=1.5",
                        "model_overrides={vocab_size: 384}"])

@@ -11,7 +11,7 @@ from rl.tasks import ArithmeticTask, arithmetic_reward, first_integer, make_task
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# the configs of `python -m rl.grpo` (configs/grpo_tools_tiny.yaml belongs to rl.tool_tasks, another schema)
+# the configs of `python -m rl.grpo` (configs/tools_experiment_tiny.yaml belongs to rl.tool_tasks, another schema)
 GRPO_CONFIGS = ["grpo_tiny.yaml", "grpo_demo.yaml"]
 
 
