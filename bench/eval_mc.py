@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default=None, help="model preset (default bitmamba2-1b; tiny-bitmamba2 with --quick)")
     p.add_argument("--questions", type=int, default=None, help="default 2000 (64 with --quick)")
     p.add_argument("--context-tokens", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=32, help="contexts per batch (ours) / requests per batch (hf)")
+    p.add_argument("--batch-size", type=int, default=64, help="contexts per batch (ours) / requests per batch (hf)")
     p.add_argument("--variants", default="ours,ours-noreuse,hf")
     p.add_argument("--device", default=None)
     p.add_argument("--warmup", type=int, default=8, help="questions of the untimed warm-up run")

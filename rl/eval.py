@@ -49,11 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, help="examples per task (an int, or a fraction < 1)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompts")
-    p.add_argument("--batch-size", type=int, default=16, help="contexts per prefill batch / generation slots")
+    p.add_argument("--batch-size", type=int, default=64, help="contexts per prefill batch / generation slots")
     p.add_argument("--max-length", type=int, default=2048, help="forward window in tokens (state carried over)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=["auto", "tf32", "bfloat16", "float32"], default="auto",
+                   help="auto: fp32 with TF32 matmuls on CUDA (exact for int8 x ternary), fp32 on CPU; "
+                        "bfloat16: autocast")
     p.add_argument("--no-prefix-reuse", action="store_true", help="score every request by its own full forward")
     p.add_argument("--backend", choices=["auto", "torch", "fast"], default="auto", help="decode backend")
     p.add_argument("--reference", choices=["1b", "255m", "none"], default="1b",
