@@ -28,23 +28,25 @@ import os
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from model.errors import ConfigError
+from model.errors import BitMambaError, ConfigError
 from model.typed import to_dict
 from model.checkpoint import load_config as load_model_config
 from model.config import BitMambaConfig
 from rewards import RewardPool, RewardSpec
 from rl import algo
 from rl.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from rl.grpo_config import GRPOConfig, build_tokenizer, load_grpo_config
+from rl.grpo_config import GRPOConfig, build_tokenizer, check_tools, load_grpo_config
 from rl.learner import Learner, TrainBatch
 from rl.metrics import MetricsWriter
 from rl.tasks import make_task
+from rl.train_common import TrainingDiverged
 from rl.weight_sync import sync_to_workers
 from rl.workers import GenerationWorker, PromptJob, WorkerGroup
 from rollout.types import GenResult, SamplingParams
@@ -86,6 +88,8 @@ def preflight(cfg: GRPOConfig, init_dir: str | None = None):
                      prompt_key=cfg.task.prompt_key, **cfg.task.kwargs)
     for i, r in enumerate(cfg.rewards):
         RewardSpec.from_config(to_dict(r), f"rewards[{i}]").load()   # file exists, imports, has the function
+    if cfg.tools:
+        check_tools(cfg)                                               # every tool spec loads
     tokenizer = build_tokenizer(cfg.model)
     vocab = model_vocab_size(cfg.model, init_dir)
     if len(tokenizer) > vocab:
@@ -100,6 +104,42 @@ def model_vocab_size(sec, init_dir: str | None = None) -> int:
     if src is not None:
         return int(load_model_config(src).vocab_size)
     return int(BitMambaConfig.preset(sec.preset, **sec.overrides).vocab_size)
+
+
+def get_user(ref):
+    """`ray.get`, re-raising a user error (`BitMambaError`: a full disk, a corrupt checkpoint) raised
+    inside an actor as itself, so the CLI prints its one-line message instead of a remote traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, BitMambaError):
+            raise e.cause from None
+        raise
+
+
+def worker_class(cfg: GRPOConfig) -> tuple[type, dict[str, Any]]:
+    """The generation actor's class and extra constructor kwargs: with `tools`, the agent loop
+    (`rl.tool_tasks.AgentGenerationWorker`, imported only then)."""
+    if not cfg.tools:
+        return GenerationWorker, {}
+    from rl.tool_tasks import AgentGenerationWorker
+    return AgentGenerationWorker, {"tools": list(cfg.tools), "agent": to_dict(cfg.agent),
+                                   "base_dir": cfg.tools_base_dir}
+
+
+TRAJECTORY_FIELDS = ("tool_calls", "final_text")
+
+
+def reward_fields(row: dict[str, Any], result: GenResult) -> dict[str, Any]:
+    """One sample's reward-row fields: the task row's (without the prompt) plus, for agent rollouts,
+    the trajectory from `result.meta`: `tool_calls`, `final_text`, and `messages` = the row's prompt
+    messages followed by the completion's assistant/tool turns."""
+    out = {k: v for k, v in row.items() if k != "prompt"}
+    meta = result.meta or {}
+    out.update({k: meta[k] for k in TRAJECTORY_FIELDS if k in meta})
+    if "messages" in meta:
+        out["messages"] = list(row.get("messages", [])) + list(meta["messages"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,6 +193,14 @@ class PromptSource:
         return out
 
 
+def sample_digest(results: list[GenResult]) -> int:
+    """crc32 of the sample ids and token ids of a rollout (logged, so that replays can be compared)."""
+    crc = 0
+    for r in results:
+        crc = zlib.crc32(f"{r.request_id}/{r.sample_index}:{','.join(map(str, r.token_ids))};".encode(), crc)
+    return crc
+
+
 def job_seed(seed: int, index: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + index * 7919 + salt * 104_729) % (1 << 62)
 
@@ -195,9 +243,10 @@ class Driver:
         if len(self.tokenizer) > model_config["vocab_size"]:
             raise ConfigError(f"tokenizer {cfg.model.tokenizer!r} has {len(self.tokenizer)} tokens but the model's "
                               f"vocab_size is {model_config['vocab_size']}")
-        RemoteWorker = ray.remote(num_cpus=cfg.workers.num_cpus, num_gpus=cfg.workers.num_gpus)(GenerationWorker)
+        worker_cls, worker_kwargs = worker_class(cfg)
+        RemoteWorker = ray.remote(num_cpus=cfg.workers.num_cpus, num_gpus=cfg.workers.num_gpus)(worker_cls)
         self.workers = WorkerGroup(RemoteWorker, {"model_config": model_config, "model_section": cfg.model,
-                                                  "slots": cfg.workers.engine_slots},
+                                                  "slots": cfg.workers.engine_slots, **worker_kwargs},
                                    cfg.workers.num_workers, cfg.workers.max_restarts)
         self.rewards = RewardPool([to_dict(r) for r in cfg.rewards], num_workers=cfg.reward_pool.num_workers,
                                   timeout_s=cfg.reward_pool.timeout_s, fallback=cfg.reward_pool.fallback)
@@ -218,7 +267,7 @@ class Driver:
             warnings.warn(f"--resume: no complete checkpoint under {self.ckpt.root}; starting from step 0",
                           stacklevel=2)
             return
-        extra = ray.get(self.learner.load_checkpoint.remote(str(path)))
+        extra = get_user(self.learner.load_checkpoint.remote(str(path)))
         self.step = int(extra["step"])
         self.prompts.pos = int(extra["data_pos"])
         restore_rng_state(extra["rng"])
@@ -243,7 +292,7 @@ class Driver:
 
     def score(self, rows: list[PromptRow], results: list[GenResult], n: int):
         prompts = [rows[i // n].row["prompt"] for i in range(len(results))]
-        fields = [{k: v for k, v in rows[i // n].row.items() if k != "prompt"} for i in range(len(results))]
+        fields = [reward_fields(rows[i // n].row, r) for i, r in enumerate(results)]
         completions = [r.text or "" for r in results]
         return self.rewards.score(prompts, completions, fields)
 
@@ -258,6 +307,7 @@ class Driver:
         all_rewards: list[float | None] = []
         all_lens: list[int] = []
         all_finish: list[str] = []
+        all_results: list[GenResult] = []
         zero_std = groups_seen = 0
         rounds = 0
         score_metrics: dict[str, float] = {}
@@ -284,6 +334,7 @@ class Driver:
             all_rewards += rewards
             all_lens += [r.num_tokens for r in results]
             all_finish += [r.finish_reason for r in results]
+            all_results += results
             keep = algo.informative_groups(rewards, G).tolist()
             zero_std += keep.count(False)
             groups_seen += len(keep)
@@ -311,8 +362,11 @@ class Driver:
             "frac_zero_std_groups": zero_std / max(groups_seen, 1),
             "response_len_mean": sum(all_lens) / max(len(all_lens), 1),
             "response_len_max": float(max(all_lens, default=0)),
+            "response_sampled_len_mean": sum(sum(r.sampled_mask) if r.sampled_mask else r.num_tokens
+                                             for r in all_results) / max(len(all_results), 1),
             "response_clip_ratio": all_finish.count("length") / max(len(all_finish), 1),
             "rollout/rounds": float(rounds),
+            "rollout/sample_crc32": float(sample_digest(kept_res)),
             "rollout/groups_kept": float(len(kept_rows)),
             "time/generate": t_gen,
             "time/score": t_score,
@@ -321,6 +375,9 @@ class Driver:
             "data/prompts_truncated": float(self.prompts.truncated),
             "data/prompts_dropped": float(self.prompts.dropped),
         })
+        if cfg.tools:
+            from rl.tool_tasks import agent_result_metrics
+            m.update(agent_result_metrics(all_results))
         return Rollout(kept_rows, kept_res, kept_rew, adv.tolist(), valid.tolist(), start_pos, m)
 
     def train_batch(self, ro: Rollout) -> TrainBatch:
@@ -361,8 +418,8 @@ class Driver:
     def checkpoint(self) -> str:
         extra = {"step": self.step, "data_pos": self.prompts.pos, "rng": capture_rng_state(),
                  "config": to_dict(self.cfg)}
-        return ray.get(self.learner.save_checkpoint.remote(str(self.ckpt.root), self.step, extra,
-                                                           self.cfg.keep_checkpoints))
+        return get_user(self.learner.save_checkpoint.remote(str(self.ckpt.root), self.step, extra,
+                                                             self.cfg.keep_checkpoints))
 
     # -------------------------------------------------------------- the loop
     def run(self) -> dict[str, float]:
@@ -383,6 +440,7 @@ class Driver:
             if cfg.one_step_off_policy and self.step < cfg.steps:
                 prefetched = self.rollout()                                       # overlaps the update
             learn = {"learn/skipped": 1.0} if update is None else {**ray.get(update), "learn/skipped": 0.0}
+            self._check_finite(learn)
             t_learn = time.perf_counter() - t0
             sync = self.sync_weights() if update is not None else {"sync/seconds": 0.0, "sync/bytes": 0.0}  # 6
             m = dict(ro.metrics)
@@ -402,6 +460,24 @@ class Driver:
             last = self.metrics.log(self.step, **m)
             print(progress_line(self.step, cfg.steps, m), file=sys.stderr, flush=True)
         return last
+
+    def _check_finite(self, learn: dict[str, float]) -> None:
+        """A step whose every optimizer step was skipped (NaN/inf loss or gradient) is a bad step;
+        `max_bad_steps` of them in a row stop the run."""
+        skipped = learn.get("learn/skipped_steps", 0.0)
+        if learn.get("learn/skipped", 0.0) or skipped < learn.get("learn/optimizer_steps", 1.0):
+            self.bad_in_a_row = 0
+            return
+        self.bad_in_a_row = getattr(self, "bad_in_a_row", 0) + 1
+        cause = ("non-finite loss in every micro-batch (NaN/inf rollout log-probs, rewards or advantages)"
+                 if learn.get("learn/bad_micro_batches", 0.0) else
+                 f"non-finite gradient (grad norm {learn.get('learn/grad_norm', float('nan'))})")
+        log.warning("step %d: update skipped: %s", self.step, cause)
+        if self.bad_in_a_row >= self.cfg.max_bad_steps:
+            raise TrainingDiverged(
+                f"stopping at step {self.step}: {self.bad_in_a_row} consecutive GRPO steps skipped ({cause}). "
+                f"Likely cause: learning rate too high (learner.lr {self.cfg.learner.lr:.3g}) or diverged "
+                f"weights, or a reward function returning NaN/inf; the last checkpoint is intact")
 
     def close(self) -> None:
         """Stop everything this driver started (also after a failed __init__: parts may be missing)."""

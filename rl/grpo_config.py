@@ -8,6 +8,7 @@ Loaded with `model.typed.load_config`: unknown keys, wrong types and conflicting
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,9 @@ from model.config import BitMambaConfig
 from model.errors import ConfigError
 from model.lm import BitMambaLM
 from model.typed import load_config
+from rollout.agent import AgentConfig
 from rollout.tokenizer import build_tiny_tokenizer, load_tokenizer
+from rollout.tools import load_tools
 
 
 @dataclass
@@ -183,6 +186,21 @@ class WorkersSection:
 
 
 @dataclass
+class AgentSection:
+    """Per-episode limits of tool-using rollouts (used when `tools` is non-empty; see docs/tools.md),
+    passed to `rollout.agent.AgentConfig`."""
+
+    max_tool_calls: int = 4              # calls per episode; the next one ends the episode
+    max_total_tokens: int | None = None  # sampled + injected tokens; None: sampling.max_new_tokens
+    tool_timeout_s: float = 10.0         # per call; a late tool gives the model a timeout message
+    max_result_chars: int = 2000         # a longer tool result is cut, with a note
+    tool_workers: int = 8                # threads per generation worker for synchronous tools
+
+    def __post_init__(self):
+        AgentConfig(**{k: getattr(self, k) for k in self.__dataclass_fields__})   # raises ConfigError
+
+
+@dataclass
 class GRPOConfig:
     model: ModelSection
     task: TaskSection = field(default_factory=TaskSection)
@@ -195,6 +213,9 @@ class GRPOConfig:
     algo: AlgoSection = field(default_factory=AlgoSection)
     learner: LearnerSection = field(default_factory=LearnerSection)
     workers: WorkersSection = field(default_factory=WorkersSection)
+    tools: list[str | dict[str, Any]] = field(default_factory=list)   # non-empty: rollouts run the agent loop
+    agent: AgentSection = field(default_factory=AgentSection)
+    tools_base_dir: str | None = None    # where relative tool files resolve (relative: to the config's directory)
     one_step_off_policy: bool = False
     eval_every: int = 0                  # 0 = off; also evaluated after the last step when > 0
     eval_samples: int = 4                # completions per held-out prompt (pass@k needs k <= this)
@@ -202,6 +223,7 @@ class GRPOConfig:
     eval_temperature: float = 1.0
     eval_correct_threshold: float = 1.0  # a sample counts as correct for pass@k when reward >= this
     checkpoint_every: int = 0            # 0 = only at the end
+    max_bad_steps: int = 5               # consecutive steps whose update was skipped (NaN/inf) before stopping
     keep_checkpoints: int = 2
     resume: bool = False
     seed: int = 0
@@ -216,6 +238,8 @@ class GRPOConfig:
             raise ConfigError("prompts_per_step must be >= 1 and steps >= 0")
         if not self.rewards:
             raise ConfigError("rewards: at least one reward function")
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
         if self.eval_every > 0 and self.eval_k > self.eval_samples:
             raise ConfigError(f"eval_k ({self.eval_k}) must be <= eval_samples ({self.eval_samples})")
         total = self.group_size * self.prompts_per_step
@@ -236,8 +260,25 @@ class GRPOConfig:
 
 def load_grpo_config(path: str | Path | None = None, overrides: list[str] | None = None,
                      data: dict | None = None) -> GRPOConfig:
-    """Load and validate a GRPO config (file and/or dict, then `key=value` overrides)."""
-    return load_config(GRPOConfig, path, overrides=overrides, data=data)
+    """Load and validate a GRPO config (file and/or dict, then `key=value` overrides).
+
+    With `tools`, every tool spec is loaded once here (a bad one is a `ConfigError` naming it), with
+    relative files resolved against `tools_base_dir`, which defaults to the config file's directory
+    (the working directory without a file) and is stored absolute so workers resolve the same files."""
+    cfg = load_config(GRPOConfig, path, overrides=overrides, data=data)
+    if cfg.tools:
+        default = Path(path).resolve().parent if path is not None else Path.cwd()
+        cfg.tools_base_dir = os.path.abspath(os.path.join(default, cfg.tools_base_dir or "."))
+        try:
+            check_tools(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    return cfg
+
+
+def check_tools(cfg: GRPOConfig) -> list:
+    """Load the config's tools (imports user files; raises `ConfigError` naming a bad spec)."""
+    return load_tools(cfg.tools, base_dir=cfg.tools_base_dir)
 
 
 # ------------------------------------------------------------------------------------------------

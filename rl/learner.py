@@ -178,6 +178,7 @@ class Learner:
             seq_sum_const=cfg.seq_sum_const, kl_coef=cfg.algo.kl_coef, tis_cap=cfg.algo.tis_cap)
         self.version = 0
         self.optimizer_steps = 0
+        self._skipped = 0                  # optimizer steps skipped in the current update (non-finite)
         self._last_export = {"bytes": 0.0, "seconds": 0.0}
         if self.sec.backend == "deepspeed":
             _init_single_process_dist()
@@ -252,6 +253,7 @@ class Learner:
                     self.engine.set_train_batch_size(len(micro))
                 else:
                     self.optimizer.zero_grad(set_to_none=True)
+                bad_here = 0
                 for rows in micro:
                     mb = collate(batch, rows)
                     logp, ent = self._logprobs(self.model, mb, entropy=True)    # [B, L-1]
@@ -272,7 +274,12 @@ class Learner:
                         # a NaN/inf micro-batch contributes nothing: a zero loss through the weights
                         # keeps DeepSpeed's accumulation count; it is counted, never applied
                         bad += 1
+                        bad_here += 1
                         loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+                        if bad_here == len(micro):
+                            # no finite micro-batch in this minibatch: NaN gradients make the optimizer
+                            # skip the step (a zero gradient would still move AdamW's momentum)
+                            loss = loss * float("nan")
                         m = {}
                     if self.engine is not None:
                         self.engine.backward(loss, scale_wrt_gas=False)
@@ -299,19 +306,30 @@ class Learner:
         out["learn/grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
         out["learn/optimizer_steps"] = float(n_opt_steps)
         out["learn/bad_micro_batches"] = float(bad)
+        out["learn/skipped_steps"] = float(self._skipped)
         if bad:
             log.warning("update %d: %d micro-batch(es) with a non-finite loss were left out", self.version, bad)
+        if self._skipped:
+            log.warning("update %d: %d of %d optimizer step(s) skipped (non-finite loss or gradient)", self.version,
+                        self._skipped, n_opt_steps)
+        self._skipped = 0
         out["learn/tokens"] = float(sum(sum(m) for m in batch.loss_mask))
         out["learn/seconds"] = time.perf_counter() - t0
         return out
 
     def _finish_step(self) -> float | None:
+        """Close one optimizer step; a non-finite gradient skips it (DeepSpeed does so itself)."""
         self.optimizer_steps += 1
         if self.engine is not None:
             g = self.engine.get_global_grad_norm()
+            if not self.engine.was_step_applied():
+                self._skipped += 1
             return None if g is None else float(g)
         g = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.sec.grad_clip)
-        self.optimizer.step()
+        if torch.isfinite(g):
+            self.optimizer.step()
+        else:
+            self._skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         return float(g)
 

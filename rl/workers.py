@@ -59,10 +59,13 @@ class GenerationWorker:
         self.engine = Engine(self.backend, self.tokenizer, slots=slots, sync_every=sync_every)
         self.version = -1
         self._crash_next = False
+        self.oom_backoffs = 0              # times the slots were halved after a CUDA OOM
+        self._oom_logged = False
 
     def ping(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": self.version, "device": str(self.device),
-                "backend": type(self.backend).__name__}
+                "backend": type(self.backend).__name__, "slots": self.engine.slots,
+                "oom_backoffs": self.oom_backoffs}
 
     def load_weights(self, weights: PolicyWeights) -> int:
         """Load a policy version (the driver passes the object-store reference; Ray resolves it)."""
@@ -76,8 +79,26 @@ class GenerationWorker:
         if self._crash_next:       # fault injection (tests): die like a killed process, mid-rollout
             os._exit(17)
         reqs = [GenRequest(j.prompt_ids, replace(params, seed=j.seed), request_id=j.uid) for j in jobs]
-        with torch.no_grad():
-            return self.engine.generate(reqs)
+        while True:
+            try:
+                with torch.no_grad():
+                    return self.engine.generate(reqs)
+            except torch.cuda.OutOfMemoryError:
+                self._oom_backoff()
+
+    def _oom_backoff(self) -> None:
+        """GPU out of memory: halve the engine's slots and let the caller retry (samples replay exactly
+        whatever the batching, since seeds are per sample). Logged once per worker; gives up at 1 slot."""
+        if self.engine.slots <= 1:
+            raise
+        old, self.engine.slots = self.engine.slots, self.engine.slots // 2
+        self.oom_backoffs += 1
+        if not self._oom_logged:
+            log.warning("generation worker: CUDA out of memory with %d slots; halving to %d and retrying "
+                        "(further halvings are not logged)", old, self.engine.slots)
+            self._oom_logged = True
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def crash_on_next_generate(self) -> None:
         """Fault injection: the next `generate` call kills this worker's process."""
