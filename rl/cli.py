@@ -19,6 +19,7 @@ def _sft(argv): from rl.sft import main; return main(argv)  # noqa: E702
 def _distill(argv): from rl.distill import main; return main(argv)  # noqa: E702
 def _grpo(argv): from rl.grpo import main; return main(argv)  # noqa: E702
 def _demo(argv): from rl.demo import main; return main(argv)  # noqa: E702
+def _eval(argv): from rl.eval import main; return main(argv)  # noqa: E702
 def _reward_check(argv): from rewards.check import main; return main(argv)  # noqa: E702
 
 
@@ -31,6 +32,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "sft": (_sft, "supervised fine-tuning stage"),
     "distill": (_distill, "ternary distillation from a full-precision Mamba-2"),
     "grpo": (_grpo, "GRPO reinforcement learning on Ray"),
+    "eval": (_eval, "zero-shot benchmarks through lm-eval (--tasks/--task-file) and pass@k generation evals (--gen)"),
     "reward-check": (_reward_check, "run a reward function over a small dataset and summarize"),
 }
 
