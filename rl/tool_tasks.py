@@ -61,9 +61,11 @@ class AgentGenerationWorker(GenerationWorker):
 
     Same constructor plus `tools` (YAML specs) and `agent` (AgentConfig fields). `generate` returns
     `GenResult`s as before (token ids with injected tool messages, `sampled_mask` 0 on them,
-    `model_logprobs` 0.0 there), with the trajectory's reward fields added to `meta`: `messages`,
-    `tool_calls`, `final_text`, and `agent_counts`. The driver passes those meta fields to the
-    reward pool as row fields (see docs/tools.md, "Wiring it into the GRPO driver").
+    `model_logprobs` 0.0 there), with the trajectory's reward fields added to `meta`: `messages`
+    (the completion's assistant/tool turns: a `PromptJob` carries no prompt messages, so the driver
+    prepends the task row's `messages`), `tool_calls`, `final_text`, plus `agent_counts` and
+    `agent_limit`. `rl.grpo` uses it when the config has `tools`, merges those meta fields into each
+    sample's reward row and logs `agent_result_metrics`.
     """
 
     def __init__(self, model_config: dict, model_section: ModelSection, slots: int = 16, sync_every: int = 8,
@@ -84,12 +86,36 @@ class AgentGenerationWorker(GenerationWorker):
         out = []
         for t in trajs:
             r = t.result
-            r.meta = {**(r.meta or {}), **t.reward_fields(), "agent_counts": dict(t.counts)}
+            r.meta = {**(r.meta or {}), **t.reward_fields(), "agent_counts": dict(t.counts), "agent_limit": t.limit}
             out.append(r)
         return out
 
     def shutdown_tools(self) -> None:
         self.agent.close()
+
+
+def agent_result_metrics(results: list[GenResult], prefix: str = "agent/") -> dict[str, float]:
+    """`rollout.agent.agent_metrics` from `AgentGenerationWorker` results (their `meta`), plus totals:
+    `tool_calls`, `malformed`, `tool_errors`, `timeouts`, `truncated` (this step's sums), and rates:
+    `tool_use_rate` (episodes with a well-formed call), `calls_per_episode`, `<count>_per_call`,
+    `injected_token_frac`, `limit_hit_rate`."""
+    n = max(len(results), 1)
+    keys = ("malformed", "tool_errors", "timeouts", "truncated")
+    counts = [(r.meta or {}).get("agent_counts", {}) for r in results]
+    calls = sum(c.get("calls", 0) for c in counts)
+    tokens = sum(len(r.token_ids) for r in results)
+    injected = sum(len(r.sampled_mask) - sum(r.sampled_mask) for r in results if r.sampled_mask)
+    m = {"tool_calls": calls,
+         "tool_use_rate": sum(any(c.get("status") != "malformed" for c in (r.meta or {}).get("tool_calls", []))
+                              for r in results) / n,
+         "calls_per_episode": calls / n,
+         "injected_token_frac": injected / max(tokens, 1),
+         "limit_hit_rate": sum((r.meta or {}).get("agent_limit") is not None for r in results) / n}
+    for k in keys:
+        total = sum(c.get(k, 0) for c in counts)
+        m[k] = total
+        m[f"{k}_per_call"] = total / max(calls, 1)
+    return {prefix + k: float(v) for k, v in m.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +189,19 @@ def warm_start(cfg: ToolExperimentConfig, model: BitMambaLM, tok, task: BigMulti
         if (step + 1) % 20 == 0 or step + 1 == cfg.warm_steps:
             log(f"warm start {step + 1}/{cfg.warm_steps}: loss {out.loss.item():.3f}")
     model.eval()
+
+
+def save_warm_start(cfg: ToolExperimentConfig, dst: str | Path, log=print) -> Path:
+    """Only the warm start, saved as a `from_pretrained` directory (model + tokenizer): the `--init` of
+    a GRPO run with tools (configs/grpo_tools.yaml has the same architecture)."""
+    torch.manual_seed(cfg.seed)
+    tok = build_tiny_tokenizer(cfg.tokenizer_vocab)
+    model = BitMambaLM(BitMambaConfig.preset(cfg.preset, **cfg.model_overrides))
+    warm_start(cfg, model, tok, BigMultiplyTask(seed=cfg.seed, digits=cfg.digits), log)
+    dst = Path(dst)
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
 
 
 def task_rows(task, split: str, start: int, count: int) -> list[dict]:
@@ -257,9 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rl.tool_tasks", description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "tools_experiment_tiny.yaml"))
     p.add_argument("--out", default="runs/tool_demo")
+    p.add_argument("--warm-only", metavar="DIR", help="run only the warm start and save the model to DIR "
+                   "(for python -m rl.grpo --config configs/grpo_tools.yaml --init DIR)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(ToolExperimentConfig, args.config, args.overrides)
+    if args.warm_only:
+        dst = save_warm_start(cfg, args.warm_only, log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(f"warm start saved to {dst}", file=sys.stderr)
+        return 0
     recs = run_experiment(cfg, Path(args.out), log=lambda s: print(s, file=sys.stderr, flush=True))
     a, b = _mean(recs[:5]), _mean(recs[-5:])
     print(json.dumps({"first_5": a, "last_5": b}), flush=True)
