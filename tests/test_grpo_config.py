@@ -11,8 +11,13 @@ from rl.tasks import ArithmeticTask, arithmetic_reward, first_integer, make_task
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# the configs of `python -m rl.grpo` (configs/tools_experiment_tiny.yaml belongs to rl.tool_tasks, another schema)
-GRPO_CONFIGS = ["grpo_tiny.yaml", "grpo_demo.yaml"]
+# the configs of `python -m rl.grpo` (configs/tools_experiment_tiny.yaml belongs to rl.tool_tasks, another
+# schema: tests/test_agent_tool_task.py loads it)
+GRPO_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("grpo_*.yaml"))
+
+
+def test_the_grpo_configs_are_all_found():
+    assert {"grpo_tiny.yaml", "grpo_demo.yaml", "grpo_tools.yaml"} <= set(GRPO_CONFIGS)
 
 
 @pytest.mark.parametrize("name", GRPO_CONFIGS)
@@ -96,3 +101,22 @@ def test_cli_config_error_is_one_clean_line():
     err = [l for l in out.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "learner.bogus" in err[0] and "grpo_tiny.yaml" in err[0]
     assert "Traceback" not in out.stderr
+
+
+def test_tools_section_loads_and_resolves_files_against_the_config_dir(tmp_path, monkeypatch):
+    (tmp_path / "my_tools.py").write_text(
+        "from rollout.tools import tool\n\n@tool\ndef echo(text: str) -> str:\n    'Echo.'\n    return text\n")
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("model: {preset: tiny}\ntools: [calculator, {spec: my_tools.py:echo, name: say}]\n"
+                        "agent: {max_tool_calls: 3, tool_timeout_s: 2.5}\n")
+    monkeypatch.chdir(ROOT)                       # not the config's directory
+    cfg = load_grpo_config(cfg_file)
+    assert cfg.tools_base_dir == str(tmp_path) and cfg.agent.max_tool_calls == 3
+    assert load_grpo_config(ROOT / "configs/grpo_tiny.yaml").tools == []     # default: no tools, no agent
+    with pytest.raises(ConfigError, match="my_tools.py:nope") as e:
+        load_grpo_config(cfg_file, ["tools=[my_tools.py:nope]"])
+    assert "run.yaml" in str(e.value)
+    with pytest.raises(ConfigError, match="agent.max_tool_calls"):
+        load_grpo_config(cfg_file, ["agent.max_tool_calls=-1"])
+    with pytest.raises(ConfigError, match="duplicate tool names"):
+        load_grpo_config(cfg_file, ["tools=[calculator, calculator]"])
