@@ -60,7 +60,7 @@ def test_grpo_driver_with_tools(tmp_path):
     cfg = load_grpo_config(CONFIG, [
         "model.overrides={vocab_size: 384}", "task.kwargs={digits: 2}", "steps=2", "prompts_per_step=4",
         "group_size=4", "sampling.max_new_tokens=64", "agent.max_total_tokens=64", "eval_every=0",
-        "checkpoint_every=0", "wandb=false", "workers.engine_slots=16", "learner.backend=torch",
+        "checkpoint_every=0", "wandb=false", "workers.engine_slots=16",
         f"output_dir={tmp_path / 'run'}",
         f"rewards=[{{spec: rl.tool_task_defs:tool_answer_reward}}, {{spec: '{tmp_path / 'probe.py'}:probe'}}]"])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
