@@ -137,11 +137,14 @@ def load_all_checkpoints(ckpt_root: Path) -> list[dict]:
 def soak(steps: int, out: Path, sample_every: int = 10, checkpoint_every: int = 50, warmup: int = 10,
          extra_overrides: list[str] | None = None) -> dict:
     """Run the soak; returns the report (also written to out/soak_report.json)."""
-    from rl.grpo import Driver
+    from rl.grpo import Driver, connect_ray
     from rl.grpo_config import load_grpo_config
 
     cfg = load_grpo_config(CONFIG, [*SMALL, f"steps={steps}", f"checkpoint_every={checkpoint_every}",
                                     f"output_dir={out}", *(extra_overrides or [])])
+    # Ray first (as the driver would start it), so that the baseline below holds Ray's own files and
+    # processes and the leak check sees only what the driver, its actors and the reward pool leave
+    owns_ray = connect_ray(cfg)
     me = os.getpid()
     fds_before, files_before, children_before = psutil.Process(me).num_fds(), _open_files(me), _children(me)
     t0 = time.time()
@@ -164,17 +167,17 @@ def soak(steps: int, out: Path, sample_every: int = 10, checkpoint_every: int = 
     wall = time.time() - t0
     time.sleep(1.0)
     alive = [p for p in set(actor_pids) if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
-    if ray.is_initialized():        # Ray left running by the caller: its own processes are not ours to count
-        leftover = sorted(_children(me) - children_before)
-    else:
-        leftover = sorted(_children(me))
+    leftover = sorted(_children(me) - children_before)
+    fds_after, files_after = psutil.Process(me).num_fds(), _open_files(me)
+    if owns_ray:
+        ray.shutdown()
     ckpts = load_all_checkpoints(out / "checkpoints")
     report = {
         "steps": steps, "wall_s": round(wall, 1), "sample_every": sample_every, "warmup_steps": warmup,
         "samples": sampler.samples, "growth": _growth(sampler.samples, warmup), "checkpoints": ckpts,
         "leaks": {"actors_alive_after_close": alive, "driver_children_after_close": leftover,
-                  "driver_fds_before": fds_before, "driver_fds_after": psutil.Process(me).num_fds(),
-                  "driver_files_before": files_before, "driver_files_after": _open_files(me)},
+                  "driver_fds_before": fds_before, "driver_fds_after": fds_after,
+                  "driver_files_before": files_before, "driver_files_after": files_after},
     }
     report["ok"] = (bool(ckpts) and all(c["ok"] for c in ckpts) and not alive and not leftover
                     and report["leaks"]["driver_files_after"] <= files_before)
