@@ -76,13 +76,19 @@ class AgentGenerationWorker(GenerationWorker):
                           timeout_s=acfg.tool_timeout_s, max_result_chars=acfg.max_result_chars,
                           workers=acfg.tool_workers)
         self.agent = Agent(self.backend, self.tokenizer, toolset, acfg, slots=slots, sync_every=sync_every)
+        self.engine = self.agent.engine     # the one that runs: `ping` reports it, an OOM backoff halves it
 
     def generate(self, jobs: list[PromptJob], params: SamplingParams) -> list[GenResult]:
         if self._crash_next:       # fault injection, as in GenerationWorker
             os._exit(17)
         reqs = [GenRequest(j.prompt_ids, replace(params, seed=j.seed), request_id=j.uid) for j in jobs]
-        with torch.no_grad():
-            trajs = self.agent.generate(reqs)
+        while True:
+            try:
+                with torch.no_grad():
+                    trajs = self.agent.generate(reqs)
+                break
+            except torch.cuda.OutOfMemoryError:
+                self._oom_backoff()         # as GenerationWorker: halve the slots and retry (same samples)
         out = []
         for t in trajs:
             r = t.result

@@ -116,3 +116,18 @@ def test_bad_tool_spec_fails_at_load_naming_it(tmp_path):
     assert "grpo_tools.yaml" in str(e.value)
     with pytest.raises(ConfigError, match="missing_tools.py"):
         load_grpo_config(CONFIG, ["tools=[missing_tools.py:search]"])
+
+
+def test_task_and_reward_import_without_torch():
+    # reward pool workers load rl.tool_task_defs:tool_answer_reward, and rl.tasks builds the task: neither
+    # may pull in torch or the experiment's training code
+    import subprocess
+    import sys
+
+    code = ("import sys; from rl.tasks import make_task; from rewards import load_reward; "
+            "t = make_task('bigmul', digits=3); r = t.row('train', 0); "
+            "f = load_reward('rl.tool_task_defs:tool_answer_reward'); "
+            "assert f([r['prompt']], [r['answer'] + '<|im_end|>'], [r]) == [1.0]; "
+            "assert 'torch' not in sys.modules and 'rl.tool_tasks' not in sys.modules, 'heavy import'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
