@@ -121,8 +121,12 @@ def test_micro_batch_accumulation_matches_one_big_batch_and_checkpoint_roundtrip
     big = Learner(make_cfg(micro_batch_tokens=4096))     # all four in one
     small.update(batch)
     big.update(batch)
+    # Adam's first step moves each weight by about lr * sign(grad): where a gradient is ~0, summation-order
+    # noise (thread count, micro-batch split) can flip that sign, so allow a tiny share of such elements.
+    # A lost or double-counted micro-batch changes the gradient everywhere and fails this.
     for (n, a), (_, b) in zip(small.model.named_parameters(), big.model.named_parameters()):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), n
+        off = ~torch.isclose(a, b, atol=1e-6, rtol=1e-5)
+        assert off.float().mean().item() <= 2e-3, (n, off.sum().item(), off.numel())
     # checkpoint -> fresh learner -> the next update is identical
     path = big.save_checkpoint(str(tmp_path / "ckpt"), 1, {"step": 1}, keep=2)
     again = Learner(make_cfg(micro_batch_tokens=4096))
