@@ -244,6 +244,7 @@ class BitLinear(nn.Module):
                                   f"in_features = {in_features}")
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.norm = RMSNorm(in_features, norm_eps) if norm else None
+        self._eval_cache: tuple | None = None  # (weight key, int8 codes, scale) for the no-grad eval path
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -281,8 +282,8 @@ class BitLinear(nn.Module):
         if not self.ternary:
             return F.linear(x, self.weight if w_eff is None else w_eff)
         if not self.training and not torch.is_grad_enabled():
-            codes, s = weight_quant(self.weight.detach(), self.group_size)
-            return _exact_ternary_matmul(x, codes, s, self.act_quant).to(x.dtype)
+            codes, s = self.eval_codes()
+            return _exact_ternary_matmul(x, codes.float(), s, self.act_quant).to(x.dtype)
         if w_eff is None:
             w_eff = self.effective_weight()
         if self.act_quant:
@@ -290,6 +291,25 @@ class BitLinear(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             return F.linear(x, w_eff)
         return F.linear(x.to(w_eff.dtype), w_eff).to(x.dtype)
+
+    @torch.no_grad()
+    def eval_codes(self) -> tuple[Tensor, Tensor]:
+        """(int8 codes [out, in], scale) of the current weight, cached for the eval path.
+
+        Re-quantizing every call costs ~8 fp32 passes over the weight, more than the matmul itself at
+        decode/prefill sizes. The cache key is the weight's storage, dtype and version counter, which
+        every in-place change (optimizer step, load_state_dict, copy_) bumps, so it never goes stale.
+        """
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device, w.shape)
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            codes, s = weight_quant(w.detach(), self.group_size)
+            self._eval_cache = (key, codes.to(torch.int8), s)
+        return self._eval_cache[1], self._eval_cache[2]
+
+    def _apply(self, fn, recurse=True):
+        self._eval_cache = None  # .to()/.cuda()/.half() move or replace the weight
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def pack(self) -> PackedTernary:

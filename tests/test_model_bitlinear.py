@@ -228,3 +228,38 @@ def test_model_import_does_not_import_triton_on_cpu(tmp_path):
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_eval_code_cache_follows_in_place_weight_changes():
+    """The cached eval quantization must never go stale: optimizer steps, load_state_dict and .to() refresh it."""
+    from model.bitlinear import BitLinear
+
+    torch.manual_seed(0)
+    layer = BitLinear(64, 32).eval()
+    x = torch.randn(3, 64)
+
+    def fresh(lay):  # what the eval path must compute: a quantization of the current weight
+        ref = BitLinear(64, 32).eval()
+        ref.load_state_dict(lay.state_dict())
+        ref._eval_cache = None
+        with torch.no_grad():
+            return ref(x)
+
+    with torch.no_grad():
+        y0 = layer(x)
+    assert layer._eval_cache is not None
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer.train()
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    layer.eval()
+    with torch.no_grad():
+        y1 = layer(x)
+    assert not torch.equal(y0, y1) and torch.equal(y1, fresh(layer))
+    other = BitLinear(64, 32)
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(layer(x), fresh(layer))
+    layer.double()
+    with torch.no_grad():
+        assert layer(x.double()).dtype == torch.float64
