@@ -138,12 +138,15 @@ def _tokenizer_texts(cfg: SFTConfig, config_path: str | None) -> list[str]:
 def run(cfg: SFTConfig, config_path: str | None = None) -> Path:
     """Run every stage in order; return the directory of the final model."""
     seed_everything(cfg.train.seed)
-    out = setup_output(cfg.output_dir, to_dict(cfg))
+    for k, stage in enumerate(cfg.stages):   # every stage still to run has readable data before anything is written
+        if not (cfg.train.resume and (Path(cfg.output_dir) / f"{k}_{stage.name}" / "final" / "model.safetensors").is_file()):
+            _stage_dataset(stage, config_path)
     texts = None
     if cfg.tokenizer.path is None and cfg.tokenizer.tiny_train_on_data:
         if not (cfg.model.init_from and has_tokenizer(cfg.model.init_from)):
             texts = _tokenizer_texts(cfg, config_path)
     tokenizer = build_tokenizer_from_spec(cfg.tokenizer, cfg.model.init_from, texts)
+    out = setup_output(cfg.output_dir, to_dict(cfg))
     prev_final: Path | None = None
     for k, stage in enumerate(cfg.stages):
         sdir = out / f"{k}_{stage.name}"

@@ -229,3 +229,15 @@ def test_pretrain_config_errors(tmp_path):
     pretrain_fails(tmp_path, "train.bogus=1", exc=ConfigError, match=r"pretrain_tiny\.yaml.*train\.bogus")
     pretrain_fails(tmp_path, "train.grad_accum=0", exc=ConfigError, match="grad_accum")
     pretrain_fails(tmp_path, "train.max_steps=[1]", exc=ConfigError, match="max_steps")
+
+
+def test_sft_missing_dataset_in_a_later_stage_writes_nothing(tmp_path):
+    from rl import sft
+
+    out = tmp_path / "out"
+    stages = ("stages=[{name: a, data: [{path: data/tiny/sft.jsonl}], max_steps: 1}, "
+              f"{{name: b, data: [{{path: '{tmp_path}/nope.jsonl'}}], max_steps: 1}}]")
+    with pytest.raises(DataError, match="not found"):
+        sft.main(["--config", str(ROOT / "configs" / "sft_tiny.yaml"), "--output-dir", str(out), "--no-wandb",
+                  stages])
+    assert not out.exists()                      # stage a did not run first

@@ -34,7 +34,7 @@ class _Payload:
 
 def plant_pickle(path: Path, sentinel: Path) -> None:
     with open(path, "wb") as f:
-        pickle.dump({"state": _Payload(sentinel)}, f)
+        pickle.dump({"state": _Payload(sentinel)}, f, protocol=2)
 
 
 def rewrite_manifest(ckpt: Path) -> None:
