@@ -241,3 +241,13 @@ def test_sft_missing_dataset_in_a_later_stage_writes_nothing(tmp_path):
         sft.main(["--config", str(ROOT / "configs" / "sft_tiny.yaml"), "--output-dir", str(out), "--no-wandb",
                   stages])
     assert not out.exists()                      # stage a did not run first
+
+
+def test_distill_missing_teacher_writes_nothing(tmp_path):
+    from rl import distill
+
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="not found"):
+        distill.main(["--config", str(ROOT / "configs" / "distill_tiny.yaml"), "--output-dir", str(out),
+                      "--no-wandb", f"teacher.path={tmp_path / 'no_teacher'}"])
+    assert not out.exists()
