@@ -324,6 +324,7 @@ class Learner:
             g = self.engine.get_global_grad_norm()
             if not self.engine.was_step_applied():
                 self._skipped += 1
+            self._drop_eval_caches()
             return None if g is None else float(g)
         g = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.sec.grad_clip)
         if torch.isfinite(g):
@@ -332,6 +333,13 @@ class Learner:
             self._skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         return float(g)
+
+    def _drop_eval_caches(self) -> None:
+        """DeepSpeed writes updated weights through `.data` of its flat buffers, which leaves the
+        parameters' version counters unchanged: the BitLinear eval caches keyed on them would go stale
+        (old log-probs of the next minibatch computed with the previous weights)."""
+        for _, lin in self.model.bitlinears():
+            lin._eval_cache = None
 
     def _place(self, per_sample: list[list[float]], batch: TrainBatch, rows: list[int],
                shape: torch.Size) -> Tensor:
