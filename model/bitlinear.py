@@ -307,6 +307,11 @@ class BitLinear(nn.Module):
             self._eval_cache = (key, codes.to(torch.int8), s)
         return self._eval_cache[1], self._eval_cache[2]
 
+    def invalidate_eval_cache(self) -> None:
+        """Forget the cached eval quantization. Needed only after writing the weight through `.data`
+        (e.g. DeepSpeed's flat buffers), which does not bump the version counter."""
+        self._eval_cache = None
+
     def _apply(self, fn, recurse=True):
         self._eval_cache = None  # .to()/.cuda()/.half() move or replace the weight
         return super()._apply(fn, recurse)

@@ -339,7 +339,7 @@ class Learner:
         parameters' version counters unchanged: the BitLinear eval caches keyed on them would go stale
         (old log-probs of the next minibatch computed with the previous weights)."""
         for _, lin in self.model.bitlinears():
-            lin._eval_cache = None
+            lin.invalidate_eval_cache()
 
     def _place(self, per_sample: list[list[float]], batch: TrainBatch, rows: list[int],
                shape: torch.Size) -> Tensor:
