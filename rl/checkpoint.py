@@ -271,32 +271,25 @@ class CheckpointManager:
                 out.append((int(m.group(1)), p))
         return sorted(out, reverse=True)
 
-    def checkpoints(self, verify: bool = True) -> list[tuple[int, Path]]:
-        """All complete checkpoints as (step, path), newest first; invalid ones are skipped with a warning."""
-        out = []
+    def _complete(self, verify: bool):
+        """Complete checkpoints as (step, path), newest first, lazily; invalid ones are skipped with a warning."""
         for step, p in self._step_dirs():
             if verify:
                 problem = verify_checkpoint(p)
                 if problem:
-                    warnings.warn(f"skipping checkpoint {p}: {problem}", CheckpointWarning, stacklevel=2)
+                    warnings.warn(f"skipping checkpoint {p}: {problem}", CheckpointWarning, stacklevel=3)
                     continue
             elif not (p / MANIFEST_FILE).is_file():
                 continue
-            out.append((step, p))
-        return out
+            yield step, p
+
+    def checkpoints(self, verify: bool = True) -> list[tuple[int, Path]]:
+        """All complete checkpoints as (step, path), newest first; invalid ones are skipped with a warning."""
+        return list(self._complete(verify))
 
     def latest(self, verify: bool = True) -> Path | None:
         """Newest complete checkpoint directory, or None. Partial/corrupt ones are skipped with a warning."""
-        for step, p in self._step_dirs():
-            if verify:
-                problem = verify_checkpoint(p)
-                if problem:
-                    warnings.warn(f"skipping checkpoint {p}: {problem}", CheckpointWarning, stacklevel=2)
-                    continue
-            elif not (p / MANIFEST_FILE).is_file():
-                continue
-            return p
-        return None
+        return next((p for _, p in self._complete(verify)), None)
 
     def latest_step(self) -> int | None:
         p = self.latest()
