@@ -325,7 +325,7 @@ def main(argv=None) -> int:
         model = BitMambaLM(c).to(DEV, mdtype).eval()
         torch.set_grad_enabled(False)
         packed = FastBackend(model, use_graphs=False)
-        packed_bytes = sum(p.codes.numel() + p.scale.numel() * 4 for p in packed.packed.values())
+        packed_bytes = sum(p.codes.numel() * p.codes.element_size() + p.scale.numel() * 4 for p in packed.packed.values())
         del packed
         for b in args.batch:
             by = bytes_per_step(model, packed_bytes, b, args.prompt, args.new, state_dtype, ssm_dtype)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from model.config import BitMambaConfig  # noqa: E402
 from rollout.kernels.act_quant import rmsnorm_quant  # noqa: E402
 from rollout.kernels.mamba_step import MambaDims, mamba_step  # noqa: E402
-from rollout.kernels.ternary_matmul import ternary_matmul  # noqa: E402
+from rollout.kernels.ternary_matmul import GEMV_MAX_M, kernel_layout, norm_ternary_matmul, ternary_matmul  # noqa: E402
 
 
 def bench_ms(fn) -> float:
@@ -65,7 +65,15 @@ def main(argv=None) -> int:
             t_cublas = bench_ms(lambda: torch.matmul(x_bf, w_bf16.t(), out=y))
             bytes_bf16 = N * K * 2 + M * K * 2 + M * N * 2
             for kind, scale, gs in variants:
-                t = bench_ms(lambda: ternary_matmul(x_q, s_x, codes, scale, gs, out=y))
+                words = kernel_layout(codes, K, gs)     # FastBackend keeps this layout (converted once)
+                t = bench_ms(lambda: ternary_matmul(x_q, s_x, words, scale, gs, out=y))
+                if M <= GEMV_MAX_M:   # what decode runs at small batch: RMSNorm + int8 quant fused in
+                    x_f = torch.randn(M, K, device=dev)
+                    nw = torch.randn(K, device=dev)
+                    t_f = bench_ms(lambda: norm_ternary_matmul(x_f, nw, 1e-6, True, words, scale, gs, out=y))
+                    rows.append(dict(op=name + "+norm", N=N, K=K, M=M, scale=kind, ternary_us=t_f * 1e3,
+                                     ternary_GBps=(codes.numel() + M * K * 4) / t_f / 1e6))
+                    print(f"{name + '+norm':14s} M={M:4d} {kind:6s} fused norm+quant+GEMV {t_f * 1e3:8.1f} us", flush=True)
                 bytes_t = codes.numel() + scale.numel() * 4 + M * K + M * 4 + M * N * 2
                 rows.append(dict(op=name, N=N, K=K, M=M, scale=kind, ternary_us=t * 1e3, cublas_bf16_us=t_cublas * 1e3,
                                  speedup=t_cublas / t, ternary_GBps=bytes_t / t / 1e6,

@@ -42,7 +42,7 @@ from rollout.backend import write_rows
 from rollout.kernels._dispatch import FastPathUnavailable
 from rollout.kernels.act_quant import rmsnorm_quant
 from rollout.kernels.mamba_step import MambaDims, mamba_step
-from rollout.kernels.ternary_matmul import norm_ternary_matmul, ternary_matmul
+from rollout.kernels.ternary_matmul import kernel_layout, norm_ternary_matmul, ternary_matmul
 
 if TYPE_CHECKING:
     from model.lm import BitMambaLM
@@ -71,7 +71,7 @@ class _Norm:
 class _Packed:
     """A BitLinear's packed weights on the device (refreshed in place, so graphs stay valid)."""
 
-    codes: Tensor          # uint8 [out, in // 4]
+    codes: Tensor          # int32 [out, in_padded // 16], the kernel layout (ternary_matmul.kernel_layout)
     scale: Tensor          # fp32 [out, G] or [1, 1]
     group_size: int
     act_quant: bool
@@ -122,7 +122,7 @@ class FastBackend:
         self.max_len = 0
         self.refresh_weights()
         log.info("FastBackend: %d packed BitLinears (%.1f MB), graphs=%s, impl=%s", len(self.packed),
-                 sum(p.codes.numel() for p in self.packed.values()) / 2**20, self.use_graphs, impl or "auto")
+                 sum(p.codes.numel() * 4 for p in self.packed.values()) / 2**20, self.use_graphs, impl or "auto")
 
     # ---- weights ----
     @property
@@ -149,12 +149,12 @@ class FastBackend:
                 continue
             p = lin.pack()
             own = None if lin.norm is None else _Norm(lin.norm.weight, lin.norm.eps)
+            words = kernel_layout(p.codes.to(self.device), lin.in_features, p.group_size)
             cur = self.packed.get(name)
-            if cur is None or cur.codes.shape != p.codes.shape or cur.scale.shape != p.scale.shape:
-                self.packed[name] = _Packed(p.codes.to(self.device), p.scale.to(self.device), p.group_size,
-                                            p.act_quant, own, lin)
+            if cur is None or cur.codes.shape != words.shape or cur.scale.shape != p.scale.shape:
+                self.packed[name] = _Packed(words, p.scale.to(self.device), p.group_size, p.act_quant, own, lin)
             else:
-                cur.codes.copy_(p.codes, non_blocking=True)
+                cur.codes.copy_(words, non_blocking=True)
                 cur.scale.copy_(p.scale, non_blocking=True)
                 cur.own_norm = own
         ptrs = tuple(p.data_ptr() for p in self.model.parameters())

@@ -1,30 +1,42 @@
 """Ternary (1.58-bit) matmul over packed 2-bit weights: the decode-time BitLinear.
 
-    y = ternary_matmul(x_q, s_x, codes, scale, group_size)          # int8 activations (W1.58A8)
-    y = ternary_matmul(x_n, None, codes, scale, group_size)         # 16/32-bit activations (W1.58A16)
+    words = kernel_layout(codes, K, group_size)                     # once per weight refresh
+    y = ternary_matmul(x_q, s_x, words, scale, group_size)          # int8 activations (W1.58A8)
+    y = ternary_matmul(x_n, None, words, scale, group_size)         # 16/32-bit activations (W1.58A16)
+    y = norm_ternary_matmul(x, norm_w, eps, True, words, scale, gs) # RMSNorm + int8 quant fused (M <= 8)
 
-Shapes: x [M, K] (int8, or fp32/bf16), s_x fp32 [M] (int8 case), codes uint8 [N, K // 4]
-(code = w + 1 in {0, 1, 2}; four per byte c0 | c1<<2 | c2<<4 | c3<<6, row-major along K),
-scale fp32 [N, K // group_size] (grouped) or [1, 1] (per tensor; group_size == K), y [M, N].
+Shapes: x [M, K] (int8, or fp32/bf16), s_x fp32 [M] (int8 case), scale fp32 [N, K // group_size] (grouped)
+or [1, 1] (per tensor; group_size == K), y [M, N]. The weights come in one of two layouts:
+  * `codes` uint8 [N, K // 4], the model's packing (code = w + 1 in {0, 1, 2}; four per byte
+    c0 | c1<<2 | c2<<4 | c3<<6, row-major along K; `BitLinear.pack()`), accepted everywhere and converted
+    per call (tests, one-off use);
+  * `words` int32 [N, Kp // 16], the kernel layout from `kernel_layout` (what FastBackend keeps): K is
+    cut into chunks of 16*W columns (Kp = K rounded up to a chunk, padding codes = 0 weight), and bits
+    2j..2j+1 of word i of chunk c hold the code of column c*16*W + j*W + i. Unpacking slice j of a chunk
+    therefore yields the weights of W *consecutive* columns: activation loads are contiguous, each slice
+    lies inside one scale group (W divides group_size), and one 4-byte load carries 16 weights.
+    W = `layout_width(K, group_size)` (128 for every real layer; smaller for tiny or odd shapes).
 
 Math (exactly the BitLinear eval formula, DESIGN.md):
     y[m, n] = (sum_g (sum_{k in g} x[m, k] * W_t[n, k]) / scale[n, g]) / s_x[m]
 With int8 activations the inner sums are exact int32; per tensor there is one fp32 division per output.
 
 GPU kernels (Triton), picked by M:
-  * M <= GEMV_MAX_M: `_tmm_gemv_kernel`, no tensor cores; each program owns BLOCK_N weight rows, unpacks
-    the 2-bit codes in registers and reduces with int32 multiply-add (decode at small batch is purely
-    a matter of streaming the 2-bit weights once);
-  * larger M: `_tmm_dot_kernel`, int8 x int8 -> int32 `tl.dot` (bf16/fp32 dot for A16), the ternary
-    tile unpacked in registers as four strided K/4 slices (no reshape).
-`residual` (optional [M, N]) is added in the epilogue (saves the residual-add launch).
+  * M <= GEMV_MAX_M: `_gemv_kernel`, no tensor cores: each program owns BLOCK_N weight rows, streams
+    their words once, unpacks in registers and accumulates int32 elementwise (one cross-thread reduction
+    per output, or per scale group). With float input it also computes the RMSNorm + int8 quant of the
+    (few) rows in a prologue (`norm_ternary_matmul`: one launch per BitLinear at decode batch <= 8).
+  * larger M: `_dot_kernel`, int8 x int8 -> int32 `tl.dot` (bf16/fp32 dot for A16) over [BLOCK_M, W] x
+    [W, BLOCK_N] tiles, the weight slice unpacked in registers; needs W >= 32 on the GPU (int8 MMA depth),
+    smaller W runs the GEMV kernel over M tiles of 8.
+`residual` (optional [M, N]) is added in the epilogue (saves the residual-add launch); `out` may alias it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rollout.kernels._dispatch import FastPathUnavailable, interpreting, next_pow2, resolve
+from rollout.kernels._dispatch import interpreting, next_pow2, resolve
 
 try:
     import triton
@@ -33,7 +45,8 @@ except ImportError:
     triton = None
 
 GEMV_MAX_M = 8
-_MIN_GROUP = 128  # the Triton path needs group_size % 128 == 0 (K tiles never straddle a group)
+MAX_W = 128
+_MIN_DOT_W = 32
 
 
 def unpack_codes(codes: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -42,6 +55,48 @@ def unpack_codes(codes: torch.Tensor, in_features: int) -> torch.Tensor:
     parts = [((c >> (2 * j)) & 3) for j in range(4)]
     w = torch.stack(parts, dim=-1).reshape(codes.shape[0], -1)[:, :in_features]
     return (w - 1).to(torch.int8)
+
+
+def layout_width(K: int, group_size: int) -> int:
+    """W of the kernel layout for a [*, K] weight with scale groups of `group_size` (== K: per tensor)."""
+    w = min(MAX_W, next_pow2(-(-K // 16)))
+    if 0 < group_size < K:
+        w = min(w, group_size & -group_size)    # a slice of W columns never straddles a scale group
+    return w
+
+
+def kernel_layout(codes: torch.Tensor, K: int, group_size: int) -> torch.Tensor:
+    """uint8 codes [N, K//4] (model packing) -> int32 words [N, Kp//16] (kernel layout; module doc)."""
+    if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.shape[1] * 4 < K:
+        raise ValueError(f"kernel_layout: expected uint8 codes [N, {-(-K // 4)}], got {codes.dtype} "
+                         f"{tuple(codes.shape)}")
+    N = codes.shape[0]
+    W = layout_width(K, group_size)
+    chunk = 16 * W
+    nch = -(-K // chunk)
+    c = codes.to(torch.int32)
+    raw = torch.stack([(c >> (2 * j)) & 3 for j in range(4)], dim=-1).reshape(N, -1)[:, :K]   # codes 0..2
+    if nch * chunk > K:
+        raw = torch.cat([raw, raw.new_ones(N, nch * chunk - K)], dim=1)                      # 1 = weight 0
+    v = raw.view(N, nch, 16, W)
+    lo = sum(v[:, :, j] << (2 * j) for j in range(8))
+    hi = sum(v[:, :, 8 + j] << (2 * j) for j in range(8))
+    words = lo.long() | (hi.long() << 16)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32).reshape(N, nch * W).contiguous()
+
+
+def unpack_words(words: torch.Tensor, K: int, group_size: int) -> torch.Tensor:
+    """int32 words (kernel layout) -> int8 ternary weights [N, K]; the inverse of `kernel_layout`."""
+    N = words.shape[0]
+    W = layout_width(K, group_size)
+    v = words.view(N, -1, 1, W)
+    parts = torch.cat([(v >> (2 * j)) & 3 for j in range(16)], dim=2)     # [N, nch, 16, W]
+    return (parts.reshape(N, -1)[:, :K] - 1).to(torch.int8)
+
+
+def _weights(codes: torch.Tensor, K: int, group_size: int) -> torch.Tensor:
+    return unpack_words(codes, K, group_size) if codes.dtype == torch.int32 else unpack_codes(codes, K)
 
 
 def ternary_matmul_ref(
@@ -54,10 +109,11 @@ def ternary_matmul_ref(
     out_dtype: torch.dtype = torch.float32,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pure-torch oracle, fp32 throughout (int8 partial sums are exact in fp32 up to 2^24)."""
+    """Pure-torch oracle, fp32 throughout (int8 partial sums are exact in fp32 up to 2^24); `codes` in
+    either layout."""
     M, K = x.shape
     N = codes.shape[0]
-    w = unpack_codes(codes, K).float()                    # [N, K]
+    w = _weights(codes, K, group_size).float()             # [N, K]
     xf = x.float()
     if scale.numel() == 1:
         y = (xf @ w.t()) / scale.reshape(()).float()
@@ -75,232 +131,239 @@ def ternary_matmul_ref(
 if triton is not None:
 
     @triton.jit
-    def _tmm_dot_kernel(
-        x_ptr, sx_ptr, c_ptr, sc_ptr, y_ptr, r_ptr,
-        M, N, K, GS, NG,
-        stride_xm, stride_cn, stride_sn, stride_ym, stride_rm,
-        ACT_INT8: tl.constexpr, IEEE: tl.constexpr, HAS_RES: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        BK4: tl.constexpr = BLOCK_K // 4
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k4 = tl.arange(0, BK4)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        K4 = K // 4
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for g in range(NG):
-            if ACT_INT8:
-                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-            else:
-                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for kb in range(0, GS, BLOCK_K):
-                kk4 = (g * GS + kb) // 4 + offs_k4                       # byte index along K
-                mask_k = kk4 < K4
-                c = tl.load(c_ptr + offs_n[None, :] * stride_cn + kk4[:, None],
-                            mask=mask_k[:, None] & mask_n[None, :], other=1)   # [BK4, BN] uint8
-                for j in tl.static_range(4):
-                    xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kk4 * 4 + j)[None, :],
-                                 mask=mask_m[:, None] & mask_k[None, :], other=0)   # [BM, BK4]
-                    if ACT_INT8:
-                        w = (((c >> (2 * j)) & 3).to(tl.int8) - 1).to(tl.int8)
-                        part += tl.dot(xj, w, out_dtype=tl.int32)
-                    else:
-                        w = (((c >> (2 * j)) & 3).to(tl.float32) - 1.0).to(xj.dtype)
-                        if IEEE:
-                            part += tl.dot(xj, w, input_precision="ieee")
-                        else:
-                            part += tl.dot(xj, w)
-            sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
-            acc += tl.math.div_rn(part.to(tl.float32), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sc[None, :])
-        if ACT_INT8:
-            sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=1.0)
-            acc = tl.math.div_rn(acc, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sx[:, None])
-        mask = mask_m[:, None] & mask_n[None, :]
-        if HAS_RES:
-            acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    def _flush_group(acc, part, sc_ptr, offs_n, mask_n, stride_sn, c, j: tl.constexpr, W: tl.constexpr, GS, K):
+        """After slice j of chunk c: if a scale group ends there, acc += part / scale[n, group]; part = 0
+        (one division per group of an exact partial sum, the reference's op order)."""
+        end = c * (16 * W) + (j + 1) * W
+        g = tl.minimum((end - 1) // GS, (K - 1) // GS)            # padding slices past K carry x = 0
+        sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
+        flush = (end % GS) == 0
+        upd = acc + tl.math.div_rn(part.to(tl.float32), tl.zeros_like(acc) + sc[None, :])
+        acc = tl.where(flush, upd, acc)
+        part = tl.where(flush, tl.zeros_like(part), part)
+        return acc, part
 
     @triton.jit
-    def _tmm_gemv_kernel(
-        x_ptr, sx_ptr, c_ptr, sc_ptr, y_ptr, r_ptr,
-        M, N, K, GS, NG,
+    def _gemv_kernel(
+        x_ptr, nw_ptr, sx_ptr, c_ptr, sc_ptr, y_ptr, r_ptr,
+        M, N, K, GS, NCH, eps,
         stride_xm, stride_cn, stride_sn, stride_ym, stride_rm,
-        ACT_INT8: tl.constexpr, HAS_RES: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        X_INT8: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, PER_TENSOR: tl.constexpr,
+        HAS_RES: tl.constexpr, W: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
+        """y = [norm + quant](x) @ W_t^T over kernel-layout words. X_INT8: x is int8 with s_x given;
+        else x is float, normed (HAS_NORM) and int8-quantized (QUANT) in a prologue that every program
+        recomputes from L2 (cheap at M <= 8), or used as is (A16)."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
-        BK4: tl.constexpr = BLOCK_K // 4
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k4 = tl.arange(0, BK4)
+        offs_w = tl.arange(0, W)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        K4 = K // 4
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for g in range(NG):
-            # elementwise accumulation, one cross-thread reduction per group (not per K tile)
-            if ACT_INT8:
-                acc3 = tl.zeros([BLOCK_M, BLOCK_N, BK4], dtype=tl.int32)
-            else:
-                acc3 = tl.zeros([BLOCK_M, BLOCK_N, BK4], dtype=tl.float32)
-            for kb in range(0, GS, BLOCK_K):
-                kk4 = (g * GS + kb) // 4 + offs_k4
-                mask_k = kk4 < K4
-                c = tl.load(c_ptr + offs_n[:, None] * stride_cn + kk4[None, :],
-                            mask=mask_n[:, None] & mask_k[None, :], other=1)    # [BN, BK4] uint8
-                for j in tl.static_range(4):
-                    xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kk4 * 4 + j)[None, :],
-                                 mask=mask_m[:, None] & mask_k[None, :], other=0)   # [BM, BK4]
-                    if ACT_INT8:
-                        w = ((c >> (2 * j)) & 3).to(tl.int32) - 1
-                        acc3 += xj.to(tl.int32)[:, None, :] * w[None, :, :]
-                    else:
-                        w = ((c >> (2 * j)) & 3).to(tl.float32) - 1.0
-                        acc3 += xj.to(tl.float32)[:, None, :] * w[None, :, :]
-            part = tl.sum(acc3, axis=2)
-            sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
-            acc += tl.math.div_rn(part.to(tl.float32), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sc[None, :])
-        if ACT_INT8:
-            sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=1.0)
-            acc = tl.math.div_rn(acc, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sx[:, None])
-        mask = mask_m[:, None] & mask_n[None, :]
-        if HAS_RES:
-            acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _tmm_gemv_norm_kernel(
-        x_ptr, nw_ptr, c_ptr, sc_ptr, y_ptr, r_ptr,
-        M, N, K, GS, NG, eps,
-        stride_xm, stride_cn, stride_sn, stride_ym, stride_rm,
-        HAS_NORM: tl.constexpr, ACT_INT8: tl.constexpr, HAS_RES: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        """GEMV with the RMSNorm + int8 quant of the (few) input rows fused in as a prologue: every
-        program recomputes the rows' rsqrt(mean x^2) and absmax from L2 (cheap at M <= 8) instead of
-        a separate launch. Same math and op order as rmsnorm_quant followed by _tmm_gemv_kernel."""
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        BK4: tl.constexpr = BLOCK_K // 4
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_kc = tl.arange(0, BLOCK_K)
-        offs_k4 = tl.arange(0, BK4)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        K4 = K // 4
         xrow = x_ptr + offs_m[:, None] * stride_xm
         rs = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        if HAS_NORM:
-            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + offs_kc
-                xv = tl.load(xrow + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-                ss += tl.sum(xv * xv, axis=1)
-            rs = tl.rsqrt(ss / K + eps)
         s = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        if ACT_INT8:
-            am = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + offs_kc
-                mk = kk < K
-                xv = tl.load(xrow + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0).to(tl.float32)
-                if HAS_NORM:
-                    wv = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
-                    xv = xv * rs[:, None] * wv[None, :]
-                am = tl.maximum(am, tl.max(tl.abs(xv), axis=1))
-            s = tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), am + 1e-5)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for g in range(NG):
-            if ACT_INT8:
-                acc3 = tl.zeros([BLOCK_M, BLOCK_N, BK4], dtype=tl.int32)
-            else:
-                acc3 = tl.zeros([BLOCK_M, BLOCK_N, BK4], dtype=tl.float32)
-            for kb in range(0, GS, BLOCK_K):
-                kk4 = (g * GS + kb) // 4 + offs_k4
-                mask_k = kk4 < K4
-                c = tl.load(c_ptr + offs_n[:, None] * stride_cn + kk4[None, :],
-                            mask=mask_n[:, None] & mask_k[None, :], other=1)    # [BN, BK4] uint8
-                for j in tl.static_range(4):
-                    kj = kk4 * 4 + j
-                    xj = tl.load(xrow + kj[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        if X_INT8:
+            s = tl.load(sx_ptr + offs_m, mask=mask_m, other=1.0)
+        else:
+            offs_p = tl.arange(0, BLOCK_P)
+            if HAS_NORM:
+                ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_P):
+                    kk = k0 + offs_p
+                    xv = tl.load(xrow + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                    ss += tl.sum(xv * xv, axis=1)
+                rs = tl.rsqrt(ss / K + eps)
+            if QUANT:
+                am = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_P):
+                    kk = k0 + offs_p
+                    mk = kk < K
+                    xv = tl.load(xrow + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0).to(tl.float32)
                     if HAS_NORM:
-                        wj = tl.load(nw_ptr + kj, mask=mask_k, other=0.0).to(tl.float32)
-                        xj = xj * rs[:, None] * wj[None, :]
-                    if ACT_INT8:
-                        v = xj * s[:, None]
+                        wv = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+                        xv = xv * rs[:, None] * wv[None, :]
+                    am = tl.maximum(am, tl.max(tl.abs(xv), axis=1))
+                s = tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), am + 1e-5)
+        INT: tl.constexpr = X_INT8 or QUANT
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if INT:
+            acc3 = tl.zeros([BLOCK_M, BLOCK_N, W], dtype=tl.int32)
+            gpart = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        else:
+            acc3 = tl.zeros([BLOCK_M, BLOCK_N, W], dtype=tl.float32)
+            gpart = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for c in range(NCH):
+            words = tl.load(c_ptr + offs_n[:, None] * stride_cn + (c * W + offs_w)[None, :],
+                            mask=mask_n[:, None], other=0)                               # [BN, W] int32
+            for j in tl.static_range(16):
+                k = c * (16 * W) + j * W + offs_w
+                mk = k < K
+                xm = mask_m[:, None] & mk[None, :]
+                if X_INT8:
+                    q = tl.load(xrow + k[None, :], mask=xm, other=0).to(tl.int32)
+                else:
+                    xv = tl.load(xrow + k[None, :], mask=xm, other=0.0).to(tl.float32)
+                    if HAS_NORM:
+                        wv = tl.load(nw_ptr + k, mask=mk, other=0.0).to(tl.float32)
+                        xv = xv * rs[:, None] * wv[None, :]
+                    if QUANT:
+                        v = xv * s[:, None]
                         q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
                         q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32)
-                        w = ((c >> (2 * j)) & 3).to(tl.int32) - 1
-                        acc3 += q[:, None, :] * w[None, :, :]
                     else:
-                        w = ((c >> (2 * j)) & 3).to(tl.float32) - 1.0
-                        acc3 += xj[:, None, :] * w[None, :, :]
-            part = tl.sum(acc3, axis=2)
-            sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
-            acc += tl.math.div_rn(part.to(tl.float32), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sc[None, :])
-        if ACT_INT8:
+                        q = xv
+                wj = (words >> (2 * j)) & 3
+                if INT:
+                    prod = q[:, None, :] * (wj - 1)[None, :, :]
+                else:
+                    prod = q[:, None, :] * (wj.to(tl.float32) - 1.0)[None, :, :]
+                if PER_TENSOR:
+                    acc3 += prod
+                else:
+                    gpart += tl.sum(prod, axis=2)
+                    acc, gpart = _flush_group(acc, gpart, sc_ptr, offs_n, mask_n, stride_sn, c, j, W, GS, K)
+        if PER_TENSOR:
+            sc0 = tl.load(sc_ptr)
+            acc = tl.math.div_rn(tl.sum(acc3, axis=2).to(tl.float32), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sc0)
+        if INT:
             acc = tl.math.div_rn(acc, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + s[:, None])
         mask = mask_m[:, None] & mask_n[None, :]
         if HAS_RES:
             acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _dot_kernel(
+        x_ptr, sx_ptr, c_ptr, sc_ptr, y_ptr, r_ptr,
+        M, N, K, GS, NCH,
+        stride_xm, stride_cn, stride_sn, stride_ym, stride_rm,
+        X_INT8: tl.constexpr, PER_TENSOR: tl.constexpr, IEEE: tl.constexpr, HAS_RES: tl.constexpr,
+        W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = tl.arange(0, W)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if X_INT8:
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        else:
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for c in range(NCH):
+            words = tl.load(c_ptr + offs_n[None, :] * stride_cn + (c * W + offs_w)[:, None],
+                            mask=mask_n[None, :], other=0)                                # [W, BN] int32
+            for j in tl.static_range(16):
+                k = c * (16 * W) + j * W + offs_w
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                            mask=mask_m[:, None] & (k < K)[None, :], other=0)             # [BM, W]
+                wj = (words >> (2 * j)) & 3
+                if X_INT8:
+                    b = (wj - 1).to(tl.int8)
+                    p = tl.dot(a, b, out_dtype=tl.int32)
+                else:
+                    b = (wj.to(tl.float32) - 1.0).to(a.dtype)
+                    if IEEE:
+                        p = tl.dot(a, b, input_precision="ieee")
+                    else:
+                        p = tl.dot(a, b)
+                part += p
+                if not PER_TENSOR:
+                    acc, part = _flush_group(acc, part, sc_ptr, offs_n, mask_n, stride_sn, c, j, W, GS, K)
+        if PER_TENSOR:
+            sc0 = tl.load(sc_ptr)
+            acc = tl.math.div_rn(part.to(tl.float32), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sc0)
+        if X_INT8:
+            sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=1.0)
+            acc = tl.math.div_rn(acc, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sx[:, None])
+        mask = mask_m[:, None] & mask_n[None, :]
+        if HAS_RES:
+            acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
     def _prune(configs, named_args, **kwargs):
-        """Drop configs whose K tile straddles a scale group, whose M tile is far larger than M, or
-        whose GEMV register tile (BLOCK_M x BLOCK_N x BLOCK_K/4) would spill."""
+        """Drop configs whose M tile is far larger than M, or whose GEMV register tile
+        (BLOCK_M x BLOCK_N x W int32 accumulator) would spill."""
         def arg(name, default):
             return named_args.get(name, kwargs.get(name, default))
 
-        gs, ng, M = arg("GS", 1), arg("NG", 1), arg("M", 1)
-        bm_fixed = arg("BLOCK_M", 1)
+        M, W, bm_fixed = arg("M", 1), arg("W", MAX_W), arg("BLOCK_M", 1)
         keep = []
         for c in configs:
-            bk = c.kwargs["BLOCK_K"]
             bm = c.kwargs.get("BLOCK_M", bm_fixed)
-            if ng > 1 and gs % bk:
-                continue
-            if "BLOCK_M" in c.kwargs and bm > max(16, next_pow2(M)):
-                continue
-            if "BLOCK_M" not in c.kwargs and bm * c.kwargs["BLOCK_N"] * bk // 4 > 8192:
+            if "BLOCK_P" in c.kwargs:    # GEMV
+                if bm * c.kwargs["BLOCK_N"] * W > 64 * 32 * c.num_warps:
+                    continue
+            elif bm > max(16, next_pow2(M)):
                 continue
             keep.append(c)
         return keep or configs[:1]
 
     if interpreting():
-        _dot = _tmm_dot_kernel
-        _gemv = _tmm_gemv_kernel
-        _gemv_norm = _tmm_gemv_norm_kernel
+        _gemv = _gemv_kernel
+        _dot = _dot_kernel
     else:
-        _DOT_CONFIGS = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in [
-                (16, 16, 256, 4, 4), (16, 32, 256, 4, 4), (16, 16, 128, 4, 4), (32, 32, 256, 4, 4),
-                (32, 32, 128, 4, 4), (32, 64, 128, 4, 4), (64, 32, 256, 4, 3), (64, 64, 128, 4, 4),
-                (64, 64, 256, 8, 3), (128, 64, 128, 8, 3),
-            ]
-        ]
         _GEMV_CONFIGS = [
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bn, bk, w, st in [
-                (16, 1024, 4, 3), (8, 1024, 4, 3), (16, 512, 4, 4), (32, 512, 8, 3), (8, 512, 2, 4),
-                (4, 512, 2, 4), (16, 128, 4, 4), (32, 128, 4, 4), (8, 128, 2, 4),
+            triton.Config({"BLOCK_N": bn, "BLOCK_P": 1024}, num_warps=w, num_stages=st)
+            for bn, w, st in [(4, 4, 2), (8, 4, 2), (16, 4, 2), (32, 4, 2), (16, 8, 2), (32, 8, 2), (64, 8, 2),
+                              (8, 2, 2), (4, 2, 2), (2, 2, 2), (1, 1, 2), (2, 1, 2), (4, 1, 2)]
+        ]
+        _DOT_CONFIGS = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in [
+                (16, 32, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2),
+                (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 256, 8, 2),
             ]
         ]
         _prune_by = {"early_config_prune": _prune}
         # y may alias the residual (in-place residual stream): restore it after each tuning run
         _restore = ["y_ptr"]
-        _dot = triton.autotune(configs=_DOT_CONFIGS, key=["M", "N", "K", "NG"],
-                               prune_configs_by=_prune_by, restore_value=_restore)(_tmm_dot_kernel)
-        _gemv = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "NG", "BLOCK_M"],
-                                prune_configs_by=_prune_by, restore_value=_restore)(_tmm_gemv_kernel)
-        _gemv_norm = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "NG", "BLOCK_M"],
-                                     prune_configs_by=_prune_by, restore_value=_restore)(_tmm_gemv_norm_kernel)
+        _gemv = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "W", "BLOCK_M", "X_INT8", "HAS_NORM", "QUANT",
+                                                              "PER_TENSOR"],
+                                prune_configs_by=_prune_by, restore_value=_restore)(_gemv_kernel)
+        _dot = triton.autotune(configs=_DOT_CONFIGS, key=["M", "N", "K", "W", "PER_TENSOR"],
+                               prune_configs_by=_prune_by, restore_value=_restore)(_dot_kernel)
+
+
+def _check(name: str, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size: int) -> tuple:
+    if x.dim() != 2 or codes.dim() != 2:
+        raise ValueError(f"{name}: x [M,K] and codes [N,*] expected, got {tuple(x.shape)}, {tuple(codes.shape)}")
+    M, K = x.shape
+    N = codes.shape[0]
+    if codes.dtype == torch.int32:
+        W = layout_width(K, group_size)
+        want = -(-K // (16 * W)) * W
+        if codes.shape[1] != want:
+            raise ValueError(f"{name}: kernel-layout words {tuple(codes.shape)} do not match K={K}, "
+                             f"group_size={group_size} (need [N, {want}]; see kernel_layout)")
+    elif codes.dtype == torch.uint8:
+        if codes.shape[1] * 4 != K:
+            raise ValueError(f"{name}: codes {tuple(codes.shape)} do not match K={K} (need [N, K//4])")
+    else:
+        raise ValueError(f"{name}: codes must be uint8 [N, K//4] or int32 kernel-layout words, got {codes.dtype}")
+    per_tensor = scale.numel() == 1
+    if not per_tensor and tuple(scale.shape) != (N, K // group_size):
+        raise ValueError(f"{name}: scale {tuple(scale.shape)} != [{N}, {K // group_size}]")
+    return M, K, N, per_tensor
+
+
+def _launch_gemv(x, nw, sx, words, scale, out, residual, M, N, K, gs, per_tensor, eps, *, x_int8, has_norm, quant):
+    res = residual if residual is not None else out
+    W = layout_width(K, gs)
+    nch = words.shape[1] // W
+    stride_sn = 0 if per_tensor else scale.stride(0)
+    bm = min(GEMV_MAX_M, next_pow2(M))
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))  # noqa: E731
+    extra = {} if not interpreting() else {"BLOCK_N": 8, "BLOCK_P": 128}
+    _gemv[grid](x, nw, sx, words, scale, out, res, M, N, K, gs, nch, float(eps),
+                x.stride(0), words.stride(0), stride_sn, out.stride(0), res.stride(0),
+                X_INT8=x_int8, HAS_NORM=has_norm, QUANT=quant, PER_TENSOR=per_tensor, HAS_RES=residual is not None,
+                W=W, BLOCK_M=bm, **extra)
 
 
 def ternary_matmul(
@@ -316,15 +379,7 @@ def ternary_matmul(
     impl: str | None = None,
 ) -> torch.Tensor:
     """y [M, N] = ternary BitLinear of x; s_x None means x is already 16/32-bit (A16). See module doc."""
-    if x.dim() != 2 or codes.dim() != 2:
-        raise ValueError(f"ternary_matmul: x [M,K] and codes [N,K/4] expected, got {tuple(x.shape)}, {tuple(codes.shape)}")
-    M, K = x.shape
-    N = codes.shape[0]
-    if codes.shape[1] * 4 != K:
-        raise ValueError(f"ternary_matmul: codes {tuple(codes.shape)} do not match K={K} (need [N, K//4])")
-    per_tensor = scale.numel() == 1
-    if not per_tensor and tuple(scale.shape) != (N, K // group_size):
-        raise ValueError(f"ternary_matmul: scale {tuple(scale.shape)} != [{N}, {K // group_size}]")
+    M, K, N, per_tensor = _check("ternary_matmul", x, codes, scale, group_size)
     act_int8 = x.dtype == torch.int8
     if act_int8 != (s_x is not None):
         raise ValueError("ternary_matmul: s_x is required with int8 x and must be None otherwise")
@@ -335,30 +390,27 @@ def ternary_matmul(
             out.copy_(y)
             return out
         return y
-    if not per_tensor and K // group_size > 1 and group_size % _MIN_GROUP:
-        raise FastPathUnavailable(f"ternary_matmul: Triton path needs group_size % {_MIN_GROUP} == 0, got {group_size}")
+    gs = K if per_tensor else group_size
+    words = codes if codes.dtype == torch.int32 else kernel_layout(codes, K, gs)
     if x.stride(1) != 1:
         x = x.contiguous()
-    codes = codes.contiguous()
     scale = scale.float().contiguous()
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=out_dtype)
-    gs, ng, stride_sn = (K, 1, 0) if per_tensor else (group_size, K // group_size, scale.stride(0))
     res = residual if residual is not None else out
     sx = s_x if s_x is not None else scale
-    common = (x, sx, codes, scale, out, res, M, N, K, gs, ng,
-              x.stride(0), codes.stride(0), stride_sn, out.stride(0), res.stride(0))
-    if M <= GEMV_MAX_M:
-        bm = next_pow2(M)
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))  # noqa: E731
-        extra = {} if not interpreting() else {"BLOCK_N": 16, "BLOCK_K": 128}
-        _gemv[grid](*common, ACT_INT8=act_int8, HAS_RES=residual is not None, BLOCK_M=bm, **extra)
-    else:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
-        extra = {} if not interpreting() else {"BLOCK_M": min(64, max(16, next_pow2(M))), "BLOCK_N": 32,
-                                               "BLOCK_K": 128}
-        _dot[grid](*common, ACT_INT8=act_int8, IEEE=x.dtype == torch.float32, HAS_RES=residual is not None,
-                   **extra)
+    W = layout_width(K, gs)
+    if M <= GEMV_MAX_M or (W < _MIN_DOT_W and not interpreting()):
+        _launch_gemv(x, x, sx, words, scale, out, residual, M, N, K, gs, per_tensor, 0.0,
+                     x_int8=act_int8, has_norm=False, quant=False)
+        return out
+    nch = words.shape[1] // W
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+    extra = {} if not interpreting() else {"BLOCK_M": 16, "BLOCK_N": 16}
+    _dot[grid](x, sx, words, scale, out, res, M, N, K, gs, nch,
+               x.stride(0), words.stride(0), 0 if per_tensor else scale.stride(0), out.stride(0), res.stride(0),
+               X_INT8=act_int8, PER_TENSOR=per_tensor, IEEE=x.dtype == torch.float32, HAS_RES=residual is not None,
+               W=W, **extra)
     return out
 
 
@@ -381,29 +433,19 @@ def norm_ternary_matmul(
     kernels; the result is the same up to fp rounding of the row statistics."""
     from rollout.kernels.act_quant import rmsnorm_quant
 
-    M, K = x.shape
-    N = codes.shape[0]
+    M, K, N, per_tensor = _check("norm_ternary_matmul", x, codes, scale, group_size)
     which = resolve("norm_ternary_matmul", x.device, impl)
-    per_tensor = scale.numel() == 1
-    grouped_ok = per_tensor or K // group_size == 1 or group_size % _MIN_GROUP == 0
-    if which == "ref" or M > GEMV_MAX_M or not grouped_ok:
+    if which == "ref" or M > GEMV_MAX_M:
         xq, sx = rmsnorm_quant(x, norm_w, eps, act_quant, impl=which)
         return ternary_matmul(xq, sx, codes, scale, group_size, out=out, out_dtype=out_dtype, residual=residual,
                               impl=which)
-    if codes.shape[1] * 4 != K:
-        raise ValueError(f"norm_ternary_matmul: codes {tuple(codes.shape)} do not match K={K}")
+    gs = K if per_tensor else group_size
+    words = codes if codes.dtype == torch.int32 else kernel_layout(codes, K, gs)
     if x.stride(1) != 1:
         x = x.contiguous()
     scale = scale.float().contiguous()
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=out_dtype)
-    gs, ng, stride_sn = (K, 1, 0) if per_tensor else (group_size, K // group_size, scale.stride(0))
-    res = residual if residual is not None else out
-    bm = next_pow2(M)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))  # noqa: E731
-    extra = {} if not interpreting() else {"BLOCK_N": 16, "BLOCK_K": 128}
-    _gemv_norm[grid](x, norm_w if norm_w is not None else x, codes, scale, out, res, M, N, K, gs, ng, float(eps),
-                     x.stride(0), codes.stride(0), stride_sn, out.stride(0), res.stride(0),
-                     HAS_NORM=norm_w is not None, ACT_INT8=act_quant, HAS_RES=residual is not None, BLOCK_M=bm,
-                     **extra)
+    _launch_gemv(x, norm_w if norm_w is not None else x, scale, words, scale, out, residual, M, N, K, gs, per_tensor, eps,
+                 x_int8=False, has_norm=norm_w is not None, quant=act_quant)
     return out
