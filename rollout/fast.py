@@ -10,7 +10,7 @@
 One decode step, per Mamba layer (launches on CUDA):
     rmsnorm_quant (pre-norm + int8) -> ternary_matmul (in_proj) -> mamba_step (1 or 2) ->
     rmsnorm_quant (gated / out_proj norm + int8) -> ternary_matmul (out_proj, + residual in the epilogue)
-At batch <= 8 each norm+quant is fused into its GEMV (`norm_ternary_matmul`): 3-4 launches per layer.
+At batch <= 2 each norm+quant is fused into its GEMV (`norm_ternary_matmul`): 3-4 launches per layer.
 Attention layers: ternary q/k/v/o through the same kernels, RoPE + KV-cache write + SDPA in torch over
 the full cache with a position mask (static shapes, no host sync). Then norm_f and the head.
 
@@ -94,7 +94,7 @@ class FastBackend:
 
     state_dtype: conv window and KV cache dtype (like TorchBackend); ssm_dtype: SSM state dtype (fp32
     default; bf16 halves the state traffic). use_graphs: None -> on CUDA. impl: force the kernels
-    ("triton" | "ref"; None = dispatch by device, BITMAMBA_KERNELS env). fuse_norm: at M <= 8 run the
+    ("triton" | "ref"; None = dispatch by device, BITMAMBA_KERNELS env). fuse_norm: at M <= 2 run the
     RMSNorm + int8 quant inside the GEMV (one launch per BitLinear instead of two).
     """
 

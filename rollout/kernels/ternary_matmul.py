@@ -22,13 +22,14 @@ Math (exactly the BitLinear eval formula, DESIGN.md):
 With int8 activations the inner sums are exact int32; per tensor there is one fp32 division per output.
 
 GPU kernels (Triton), picked by M:
-  * M <= GEMV_MAX_M: `_gemv_kernel`, no tensor cores: each program owns BLOCK_N weight rows, streams
+  * M <= GEMV_MAX_M: `_gemv_kernel`, no tensor cores: each program owns one activation row and BLOCK_N
+    weight rows, streams
     their words once, unpacks in registers and accumulates int32 elementwise (one cross-thread reduction
     per output, or per scale group). With float input it also computes the RMSNorm + int8 quant of the
-    (few) rows in a prologue (`norm_ternary_matmul`: one launch per BitLinear at decode batch <= 8).
+    (few) rows in a prologue (`norm_ternary_matmul`: one launch per BitLinear at decode batch <= 2).
   * larger M: `_dot_kernel`, int8 x int8 -> int32 `tl.dot` (bf16/fp32 dot for A16) over [BLOCK_M, W] x
     [W, BLOCK_N] tiles, the weight slice unpacked in registers; needs W >= 32 on the GPU (int8 MMA depth),
-    smaller W runs the GEMV kernel over M tiles of 8.
+    smaller W runs the GEMV kernel (one program per row).
 `residual` (optional [M, N]) is added in the epilogue (saves the residual-add launch); `out` may alias it.
 """
 
@@ -44,7 +45,7 @@ try:
 except ImportError:
     triton = None
 
-GEMV_MAX_M = 8
+GEMV_MAX_M = 2   # above this the weights are read once by the tensor-core kernel (M tile 16+)
 MAX_W = 128
 _MIN_DOT_W = 32
 
@@ -131,14 +132,20 @@ def ternary_matmul_ref(
 if triton is not None:
 
     @triton.jit
-    def _flush_group(acc, part, sc_ptr, offs_n, mask_n, stride_sn, c, j: tl.constexpr, W: tl.constexpr, GS, K):
+    def _flush_group(acc, part, sc_ptr, offs_n, mask_n, stride_sn, c, j: tl.constexpr, W: tl.constexpr, GS, K,
+                     ROW: tl.constexpr):
         """After slice j of chunk c: if a scale group ends there, acc += part / scale[n, group]; part = 0
-        (one division per group of an exact partial sum, the reference's op order)."""
+        (one division per group of an exact partial sum, the reference's op order). acc, part: [BN] (ROW)
+        or [BM, BN]."""
         end = c * (16 * W) + (j + 1) * W
         g = tl.minimum((end - 1) // GS, (K - 1) // GS)            # padding slices past K carry x = 0
         sc = tl.load(sc_ptr + offs_n * stride_sn + g, mask=mask_n, other=1.0)
+        if ROW:
+            den = sc
+        else:
+            den = tl.zeros_like(acc) + sc[None, :]
         flush = (end % GS) == 0
-        upd = acc + tl.math.div_rn(part.to(tl.float32), tl.zeros_like(acc) + sc[None, :])
+        upd = acc + tl.math.div_rn(part.to(tl.float32), den)
         acc = tl.where(flush, upd, acc)
         part = tl.where(flush, tl.zeros_like(part), part)
         return acc, part
@@ -149,91 +156,95 @@ if triton is not None:
         M, N, K, GS, NCH, eps,
         stride_xm, stride_cn, stride_sn, stride_ym, stride_rm,
         X_INT8: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, PER_TENSOR: tl.constexpr,
-        HAS_RES: tl.constexpr, W: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+        HAS_RES: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
-        """y = [norm + quant](x) @ W_t^T over kernel-layout words. X_INT8: x is int8 with s_x given;
+        """One activation row m per program (grid (N / BLOCK_N, M)); all tiles are 2-D [BLOCK_N, W].
+        y[m] = [norm + quant](x[m]) @ W_t^T over kernel-layout words. X_INT8: x is int8 with s_x given;
         else x is float, normed (HAS_NORM) and int8-quantized (QUANT) in a prologue that every program
-        recomputes from L2 (cheap at M <= 8), or used as is (A16)."""
+        recomputes from L2 (one row load when K <= BLOCK_P), or used as is (A16)."""
         pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_w = tl.arange(0, W)
-        mask_m = offs_m < M
         mask_n = offs_n < N
-        xrow = x_ptr + offs_m[:, None] * stride_xm
-        rs = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        s = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        xrow = x_ptr + m * stride_xm
+        rs = 1.0
+        s = 1.0
+        sq = 1.0
         if X_INT8:
-            s = tl.load(sx_ptr + offs_m, mask=mask_m, other=1.0)
-        else:
+            s = tl.load(sx_ptr + m)
+        elif HAS_NORM or QUANT:
             offs_p = tl.arange(0, BLOCK_P)
-            if HAS_NORM:
-                ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_P):
-                    kk = k0 + offs_p
-                    xv = tl.load(xrow + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-                    ss += tl.sum(xv * xv, axis=1)
-                rs = tl.rsqrt(ss / K + eps)
-            if QUANT:
-                am = tl.zeros([BLOCK_M], dtype=tl.float32)
+            if BLOCK_P >= K:     # the whole row in registers: one load for both statistics
+                mk = offs_p < K
+                xv = tl.load(xrow + offs_p, mask=mk, other=0.0).to(tl.float32)
+                if HAS_NORM:
+                    rs = tl.rsqrt(tl.sum(xv * xv, axis=0) / K + eps)
+                    xv = xv * rs * tl.load(nw_ptr + offs_p, mask=mk, other=0.0).to(tl.float32)
+                am = tl.max(tl.abs(xv), axis=0)
+            else:
+                if HAS_NORM:
+                    ss = tl.zeros([BLOCK_P], dtype=tl.float32)
+                    for k0 in range(0, K, BLOCK_P):
+                        kk = k0 + offs_p
+                        xv = tl.load(xrow + kk, mask=kk < K, other=0.0).to(tl.float32)
+                        ss += xv * xv
+                    rs = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+                amv = tl.zeros([BLOCK_P], dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_P):
                     kk = k0 + offs_p
                     mk = kk < K
-                    xv = tl.load(xrow + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0).to(tl.float32)
+                    xv = tl.load(xrow + kk, mask=mk, other=0.0).to(tl.float32)
                     if HAS_NORM:
-                        wv = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
-                        xv = xv * rs[:, None] * wv[None, :]
-                    am = tl.maximum(am, tl.max(tl.abs(xv), axis=1))
-                s = tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), am + 1e-5)
+                        xv = xv * rs * tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+                    amv = tl.maximum(amv, tl.abs(xv))
+                am = tl.max(amv, axis=0)
+            if QUANT:
+                s = tl.math.div_rn(tl.full([BLOCK_N], 127.0, tl.float32), tl.zeros([BLOCK_N], tl.float32) + (am + 1e-5))
+                sq = tl.max(s, axis=0)
         INT: tl.constexpr = X_INT8 or QUANT
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         if INT:
-            acc3 = tl.zeros([BLOCK_M, BLOCK_N, W], dtype=tl.int32)
-            gpart = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            acc2 = tl.zeros([BLOCK_N, W], dtype=tl.int32)
+            gpart = tl.zeros([BLOCK_N], dtype=tl.int32)
         else:
-            acc3 = tl.zeros([BLOCK_M, BLOCK_N, W], dtype=tl.float32)
-            gpart = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+            gpart = tl.zeros([BLOCK_N], dtype=tl.float32)
         for c in range(NCH):
             words = tl.load(c_ptr + offs_n[:, None] * stride_cn + (c * W + offs_w)[None, :],
                             mask=mask_n[:, None], other=0)                               # [BN, W] int32
             for j in tl.static_range(16):
                 k = c * (16 * W) + j * W + offs_w
                 mk = k < K
-                xm = mask_m[:, None] & mk[None, :]
                 if X_INT8:
-                    q = tl.load(xrow + k[None, :], mask=xm, other=0).to(tl.int32)
+                    q = tl.load(xrow + k, mask=mk, other=0).to(tl.int32)
                 else:
-                    xv = tl.load(xrow + k[None, :], mask=xm, other=0.0).to(tl.float32)
+                    xv = tl.load(xrow + k, mask=mk, other=0.0).to(tl.float32)
                     if HAS_NORM:
-                        wv = tl.load(nw_ptr + k, mask=mk, other=0.0).to(tl.float32)
-                        xv = xv * rs[:, None] * wv[None, :]
+                        xv = xv * rs * tl.load(nw_ptr + k, mask=mk, other=0.0).to(tl.float32)
                     if QUANT:
-                        v = xv * s[:, None]
+                        v = xv * sq
                         q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
                         q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32)
                     else:
                         q = xv
                 wj = (words >> (2 * j)) & 3
                 if INT:
-                    prod = q[:, None, :] * (wj - 1)[None, :, :]
+                    prod = q[None, :] * (wj - 1)
                 else:
-                    prod = q[:, None, :] * (wj.to(tl.float32) - 1.0)[None, :, :]
+                    prod = q[None, :] * (wj.to(tl.float32) - 1.0)
                 if PER_TENSOR:
-                    acc3 += prod
+                    acc2 += prod
                 else:
-                    gpart += tl.sum(prod, axis=2)
-                    acc, gpart = _flush_group(acc, gpart, sc_ptr, offs_n, mask_n, stride_sn, c, j, W, GS, K)
+                    gpart += tl.sum(prod, axis=1)
+                    acc, gpart = _flush_group(acc, gpart, sc_ptr, offs_n, mask_n, stride_sn, c, j, W, GS, K, True)
         if PER_TENSOR:
-            sc0 = tl.load(sc_ptr)
-            acc = tl.math.div_rn(tl.sum(acc3, axis=2).to(tl.float32), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sc0)
+            acc = tl.math.div_rn(tl.sum(acc2, axis=1).to(tl.float32), tl.zeros([BLOCK_N], tl.float32) + tl.load(sc_ptr))
         if INT:
-            acc = tl.math.div_rn(acc, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + s[:, None])
-        mask = mask_m[:, None] & mask_n[None, :]
+            acc = tl.math.div_rn(acc, tl.zeros([BLOCK_N], tl.float32) + s)
         if HAS_RES:
-            acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(r_ptr + m * stride_rm + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
     def _dot_kernel(
@@ -274,7 +285,7 @@ if triton is not None:
                         p = tl.dot(a, b)
                 part += p
                 if not PER_TENSOR:
-                    acc, part = _flush_group(acc, part, sc_ptr, offs_n, mask_n, stride_sn, c, j, W, GS, K)
+                    acc, part = _flush_group(acc, part, sc_ptr, offs_n, mask_n, stride_sn, c, j, W, GS, K, False)
         if PER_TENSOR:
             sc0 = tl.load(sc_ptr)
             acc = tl.math.div_rn(part.to(tl.float32), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sc0)
@@ -288,18 +299,17 @@ if triton is not None:
 
     def _prune(configs, named_args, **kwargs):
         """Drop configs whose M tile is far larger than M, or whose GEMV register tile
-        (BLOCK_M x BLOCK_N x W int32 accumulator) would spill."""
+        (BLOCK_N x W int32 accumulator) would spill."""
         def arg(name, default):
             return named_args.get(name, kwargs.get(name, default))
 
-        M, W, bm_fixed = arg("M", 1), arg("W", MAX_W), arg("BLOCK_M", 1)
+        M, W = arg("M", 1), arg("W", MAX_W)
         keep = []
         for c in configs:
-            bm = c.kwargs.get("BLOCK_M", bm_fixed)
-            if "BLOCK_P" in c.kwargs:    # GEMV
-                if bm * c.kwargs["BLOCK_N"] * W > 64 * 32 * c.num_warps:
+            if "BLOCK_M" not in c.kwargs:    # GEMV
+                if c.kwargs["BLOCK_N"] * W > 64 * 32 * c.num_warps:
                     continue
-            elif bm > max(16, next_pow2(M)):
+            elif c.kwargs["BLOCK_M"] > max(16, next_pow2(M)):
                 continue
             keep.append(c)
         return keep or configs[:1]
@@ -309,22 +319,18 @@ if triton is not None:
         _dot = _dot_kernel
     else:
         _GEMV_CONFIGS = [
-            triton.Config({"BLOCK_N": bn, "BLOCK_P": 1024}, num_warps=w, num_stages=st)
-            for bn, w, st in [(4, 4, 2), (8, 4, 2), (16, 4, 2), (32, 4, 2), (16, 8, 2), (32, 8, 2), (64, 8, 2),
-                              (8, 2, 2), (4, 2, 2), (2, 2, 2), (1, 1, 2), (2, 1, 2), (4, 1, 2)]
+            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bn, w, st in [(2, 1, 2), (4, 1, 2), (4, 2, 2), (8, 2, 2), (16, 4, 2), (32, 4, 1), (32, 8, 1)]
         ]
         _DOT_CONFIGS = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in [
-                (16, 32, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2),
-                (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 256, 8, 2),
-            ]
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+            for bm, bn, w in [(16, 16, 2), (16, 32, 4), (16, 64, 4), (32, 32, 4), (64, 16, 4), (64, 32, 4),
+                              (64, 64, 4), (128, 32, 4), (128, 64, 8)]
         ]
         _prune_by = {"early_config_prune": _prune}
         # y may alias the residual (in-place residual stream): restore it after each tuning run
         _restore = ["y_ptr"]
-        _gemv = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "W", "BLOCK_M", "X_INT8", "HAS_NORM", "QUANT",
-                                                              "PER_TENSOR"],
+        _gemv = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "W", "X_INT8", "HAS_NORM", "QUANT", "PER_TENSOR"],
                                 prune_configs_by=_prune_by, restore_value=_restore)(_gemv_kernel)
         _dot = triton.autotune(configs=_DOT_CONFIGS, key=["M", "N", "K", "W", "PER_TENSOR"],
                                prune_configs_by=_prune_by, restore_value=_restore)(_dot_kernel)
@@ -357,13 +363,12 @@ def _launch_gemv(x, nw, sx, words, scale, out, residual, M, N, K, gs, per_tensor
     W = layout_width(K, gs)
     nch = words.shape[1] // W
     stride_sn = 0 if per_tensor else scale.stride(0)
-    bm = min(GEMV_MAX_M, next_pow2(M))
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))  # noqa: E731
-    extra = {} if not interpreting() else {"BLOCK_N": 8, "BLOCK_P": 128}
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731
+    extra = {} if not interpreting() else {"BLOCK_N": 8}
     _gemv[grid](x, nw, sx, words, scale, out, res, M, N, K, gs, nch, float(eps),
                 x.stride(0), words.stride(0), stride_sn, out.stride(0), res.stride(0),
                 X_INT8=x_int8, HAS_NORM=has_norm, QUANT=quant, PER_TENSOR=per_tensor, HAS_RES=residual is not None,
-                W=W, BLOCK_M=bm, **extra)
+                W=W, BLOCK_P=min(next_pow2(K), 4096), **extra)
 
 
 def ternary_matmul(
