@@ -263,3 +263,18 @@ def test_eval_code_cache_follows_in_place_weight_changes():
     layer.double()
     with torch.no_grad():
         assert layer(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_int_mm_eval_path_equals_fp32_path(group):
+    """The int8 tensor-core path (used on CUDA for prefill) gives bitwise the fp32 path's numbers."""
+    from model.bitlinear import _exact_ternary_matmul, weight_quant
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 128)
+    codes, s = weight_quant(w, group)
+    x = torch.randn(2, 40, 128) * 3
+    y_int = _exact_ternary_matmul(x, codes.to(torch.int8), s, True, int_mm=True)
+    y_f32 = _exact_ternary_matmul(x, codes.float(), s, True, int_mm=False)
+    assert y_int.shape == (2, 40, 48)
+    assert torch.equal(y_int, y_f32)
