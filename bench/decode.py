@@ -207,9 +207,9 @@ def bench_generate(gen_fn, batch: int, prompt: int, new: int, V: int) -> dict:
                 peak_mem_per_seq_MB=(peak - base) / batch / 1e6)
 
 
-def bench_mamba_ssm(c: BitMambaConfig, batches, prompt, new) -> dict:
+def bench_mamba_ssm(c: BitMambaConfig, batches, prompt, new, res: dict, on_row=lambda: None) -> dict:
     info = mamba_ssm_info()
-    res = {"info": info}
+    res["info"] = info
     if str(info.get("mamba_ssm", "")).startswith("missing"):
         res["error"] = "mamba-ssm not installed"
         return res
@@ -240,14 +240,14 @@ def bench_mamba_ssm(c: BitMambaConfig, batches, prompt, new) -> dict:
             res[str(b)] = err_record(e)
         free()
         print(f"  mamba-ssm batch {b}: {res[str(b)].get('tok_s', res[str(b)].get('error'))}", flush=True)
+        on_row()
     del model
     free()
     return res
 
 
 # ---------------------------------------------------------------- (b) transformers
-def bench_hf(c: BitMambaConfig, batches, prompt, new) -> dict:
-    res = {}
+def bench_hf(c: BitMambaConfig, batches, prompt, new, res: dict, on_row=lambda: None) -> dict:
     try:
         import transformers
         from transformers import Mamba2Config, Mamba2ForCausalLM
@@ -278,6 +278,7 @@ def bench_hf(c: BitMambaConfig, batches, prompt, new) -> dict:
             res[str(b)] = err_record(e)
         free()
         print(f"  transformers batch {b}: {res[str(b)].get('tok_s', res[str(b)].get('error'))}", flush=True)
+        on_row()
     del model
     free()
     return res
@@ -317,6 +318,12 @@ def main(argv=None) -> int:
         report["triton"] = triton.__version__
     except ImportError:
         pass
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():   # after every measured row: a run cut off by a time limit keeps what it measured
+        out.write_text(json.dumps(report, indent=1, default=str))
+
     for preset in args.preset:
         c = BitMambaConfig.preset(preset)
         print(f"== {preset}", flush=True)
@@ -339,16 +346,15 @@ def main(argv=None) -> int:
             o = pr["ours"][str(b)]
             print(f"  ours batch {b}: {o.get('tok_s', o.get('error'))}  (limit {pr['limit'][str(b)]['tok_s']:.0f})",
                   flush=True)
+            save()
         del model
         free()
         if "mamba_ssm" not in args.skip:
-            pr["mamba_ssm"] = bench_mamba_ssm(c, args.batch, args.prompt, args.new)
+            bench_mamba_ssm(c, args.batch, args.prompt, args.new, pr.setdefault("mamba_ssm", {}), save)
         if "hf" not in args.skip:
-            pr["hf"] = bench_hf(c, [b for b in args.hf_batch], args.prompt, args.hf_new)
+            bench_hf(c, list(args.hf_batch), args.prompt, args.hf_new, pr.setdefault("hf", {}), save)
         print_table(preset, pr, args.batch)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1, default=str))
+        save()
     print(f"wrote {args.out}")
     return 0
 
