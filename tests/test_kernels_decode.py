@@ -228,3 +228,52 @@ def test_norm_ternary_matmul_fused_matches_two_kernels(M, K, gs, has_norm, act_q
     xq, sx = rmsnorm_quant_ref(x, w, 1e-6, act_quant)
     yr = ternary_matmul_ref(xq, sx, packed, scale, gs, residual=r)
     torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("K,gs", [(64, 64), (132, 132), (256, 128), (2048, 128), (4096, 4096), (4608, 4608),
+                                  (96, 32)])
+def test_kernel_layout_round_trip_and_slices(K, gs):
+    """words (kernel layout) unpack to the same weights as the model packing; slice j of chunk c holds
+    W consecutive columns, and W divides the scale group (so no slice straddles a group)."""
+    from rollout.kernels.ternary_matmul import kernel_layout, layout_width, unpack_words
+
+    N = 6
+    packed, _, w = _rand_layer(N, K, gs)
+    words = kernel_layout(packed, K, gs)
+    W = layout_width(K, gs)
+    assert words.dtype == torch.int32 and words.shape == (N, -(-K // (16 * W)) * W)
+    assert gs == K or gs % W == 0
+    assert torch.equal(unpack_words(words, K, gs), w)
+    j, i = 3, 1                                        # column j*W + i of chunk 0 is bits 2j..2j+1 of word i
+    if j * W + i < K:
+        assert ((words[:, i] >> (2 * j)) & 3).to(torch.int8).sub(1).equal(w[:, j * W + i])
+
+
+def test_kernel_layout_rejects_bad_codes():
+    from rollout.kernels.ternary_matmul import kernel_layout
+
+    with pytest.raises(ValueError, match="uint8 codes"):
+        kernel_layout(torch.zeros(4, 8, dtype=torch.int32), 32, 32)
+    with pytest.raises(ValueError, match="kernel-layout words"):
+        ternary_matmul(torch.zeros(1, 64), None, torch.zeros(4, 3, dtype=torch.int32), torch.ones(1, 1), 64,
+                       impl="ref")
+
+
+@needs_interp
+@pytest.mark.parametrize("M", [1, 2])
+def test_gemv_long_rows_padding_and_multi_tile_prologue(M):
+    """K = 4608: three chunks of 2048 columns (the last one padded) and a norm prologue that loops over
+    tiles of 4096; words and model codes give the same result."""
+    from rollout.kernels.ternary_matmul import kernel_layout, norm_ternary_matmul
+
+    N, K = 8, 4608
+    packed, scale, _ = _rand_layer(N, K, K)
+    words = kernel_layout(packed, K, K)
+    x = torch.randn(M, K) * 3
+    w = torch.randn(K)
+    r = torch.randn(M, N)
+    y = norm_ternary_matmul(x, w, 1e-6, True, words, scale, K, residual=r, impl="triton")
+    xq, sx = rmsnorm_quant_ref(x, w, 1e-6, True)
+    torch.testing.assert_close(y, ternary_matmul_ref(xq, sx, packed, scale, K, residual=r), rtol=1e-5, atol=1e-4)
+    yi = ternary_matmul(xq, sx, words, scale, K, impl="triton")
+    assert torch.equal(yi, ternary_matmul_ref(xq, sx, packed, scale, K))
