@@ -105,11 +105,12 @@ class Engine:
     noise: where the sampling randomness comes from, both replay a sample exactly whatever the
       batching: "generator" (a torch.Generator per sample; one small launch per row and step) or
       "hash" (`hash_exponential_noise` of (sample seed, token index): one batched computation,
-      the better choice for many slots on GPU).
+      the better choice for many slots on GPU); "auto" (default) = "hash" on CUDA, "generator" on CPU.
+      The two give different (equally valid) streams for the same seed.
     """
 
     def __init__(self, backend, tokenizer=None, slots: int = 8, sync_every: int = 8,
-                 max_len: int | None = None, on_stop: StopHook | None = None, noise: str = "generator"):
+                 max_len: int | None = None, on_stop: StopHook | None = None, noise: str = "auto"):
         if slots < 1 or sync_every < 1:
             raise BitMambaError(f"Engine: slots ({slots}) and sync_every ({sync_every}) must be >= 1")
         if on_stop is not None and not hasattr(backend, "save_rows"):
@@ -120,8 +121,8 @@ class Engine:
         self.sync_every = sync_every
         self.max_len = max_len
         self.on_stop = on_stop
-        if noise not in ("generator", "hash"):
-            raise BitMambaError(f"Engine: noise must be 'generator' or 'hash', got {noise!r}")
+        if noise not in ("auto", "generator", "hash"):
+            raise BitMambaError(f"Engine: noise must be 'auto', 'generator' or 'hash', got {noise!r}")
         self.noise = noise
         self.last_stats = GenStats()
         self._auto_max_len = 0
@@ -173,6 +174,12 @@ class Engine:
             if p.stop_strings and self.tokenizer is None:
                 raise BitMambaError(f"request {r.request_id!r}: stop_strings need an Engine tokenizer")
 
+    def noise_kind(self, device: torch.device | str) -> str:
+        """The noise source used on `device` ("auto" resolved)."""
+        if self.noise != "auto":
+            return self.noise
+        return "hash" if torch.device(device).type == "cuda" else "generator"
+
     # ------------------------------------------------------------------ main loop
     @torch.no_grad()
     def generate(self, requests: Sequence[GenRequest], params: SamplingParams | None = None) -> list[GenResult]:
@@ -220,7 +227,7 @@ class Engine:
         buf_tok = torch.zeros(S, W, dtype=torch.long, device=dev)
         buf_lp = torch.zeros(S, W, device=dev)
         buf_mlp = torch.zeros(S, W, device=dev)
-        use_hash = self.noise == "hash"
+        use_hash = self.noise_kind(dev) == "hash"
         hash_keys = torch.zeros(S, dtype=torch.long, device=dev)      # sample_seed per slot
         hash_count = torch.zeros(S, dtype=torch.long, device=dev)     # tokens so far per slot
         parked: list[_Sample] = []       # waiting for an asynchronous hook (tool) result, off-slot

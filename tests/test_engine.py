@@ -273,3 +273,12 @@ def test_int8_activations_engine_greedy_equals_naive(name):
     res = Engine(TorchBackend(model), slots=2, sync_every=4).generate(reqs)
     for r, q in zip(res, reqs):
         assert_same_greedy(r.token_ids, naive_generate(model, q.prompt_ids, q.params), tie=5e-2)
+
+
+def test_noise_auto_is_hash_on_cuda_and_generator_on_cpu(model):
+    eng = Engine(TorchBackend(model), slots=2)
+    assert eng.noise == "auto"
+    assert eng.noise_kind("cuda") == "hash" and eng.noise_kind("cpu") == "generator"
+    assert Engine(TorchBackend(model), noise="generator").noise_kind("cuda") == "generator"
+    with pytest.raises(BitMambaError, match="noise must be"):
+        Engine(TorchBackend(model), noise="dice")
