@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# one config per mamba-ssm Triton kernel instead of ~50 s of autotuning at the first prefill (a test)
+os.environ.setdefault("MAMBA_DETERMINISTIC", "1")
 
 import torch  # noqa: E402
 

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks in a few device runs (each part fits one 10-minute run).
+#
+#   bash bench/gpu_suite.sh tests      # GPU-marked tests (kernels, model, engine) -> $OUT/gpu_tests.txt
+#   bash bench/gpu_suite.sh decode     # bench/decode.py, both presets of issue 3 -> $OUT/decode*.json
+#   bash bench/gpu_suite.sh ray        # needs Ray: GPU OOM backoff, agent_decode, bench/grpo.py
+#   bash bench/gpu_suite.sh profile    # kernel-level profiles of decode steps and a 2K training step
+#
+# Every item has its own time limit, so one slow item cannot eat the run; results land in $OUT
+# (default bench/results) as they are produced. On the device: start the command with
+# `source .device/bin/setup.sh || exit 1;` (see ../shared/gpu/README.md).
+set -u
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+
+item() {   # item SECONDS LOGNAME command...
+  local t=$1 name=$2
+  shift 2
+  echo "== $name (limit ${t}s): $*"
+  local t0=$SECONDS
+  timeout "$t" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc after $((SECONDS - t0))s"
+  grep -v "Warning\|warn(" "$OUT/$name.log" | tail -"${TAIL:-25}" | cut -c1-220
+}
+
+case "${1:-}" in
+  tests)
+    MAMBA_DETERMINISTIC=1 item 280 gpu_tests_decode python -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
+      tests/test_gpu_decode.py tests/test_engine_gpu.py --durations=5
+    MAMBA_DETERMINISTIC=1 item 280 gpu_tests_model python -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
+      tests/test_gpu_model.py tests/test_eval_gpu.py --durations=5
+    ;;
+  decode)
+    item 300 decode_1b python bench/decode.py --preset bitmamba2-1b --batch 1 16 64 256 --hf-batch 1 64 \
+      --out "$OUT/decode.json"
+    item 280 decode_hybrid python bench/decode.py --preset mini-agent-hybrid --batch 1 16 64 256 --hf-batch 1 \
+      --out "$OUT/decode_hybrid.json"
+    ;;
+  ray)
+    item 120 gpu_oom python tests/reliability/gpu_oom.py --slots 1048576 --memory-gib 2
+    item 150 agent_decode python bench/agent_decode.py --out "$OUT/agent_decode.json"
+    item 300 grpo python bench/grpo.py --out "$OUT/grpo.json"
+    ;;
+  profile)
+    item 400 profile python bench/gpu_profile.py --decode-batch 1 64 --train-context 2048 --out "$OUT/profile.json"
+    ;;
+  *)
+    sed -n 2,11p "$0"
+    exit 2
+    ;;
+esac
