@@ -37,6 +37,9 @@ def plot_reward(metrics_path: str | Path, png_path: str | Path, title: str = "GR
     ev = [(r["step"], r["eval/reward_mean"]) for r in recs if "eval/reward_mean" in r]
     if ev:
         ax.plot([s for s, _ in ev], [v for _, v in ev], "o-", color="#e6550d", label="held-out eval reward")
+    tools = [(r["step"], r["agent/tool_use_rate"]) for r in recs if "agent/tool_use_rate" in r]
+    if tools:   # agent runs: share of completions that called a tool
+        ax.plot([s for s, _ in tools], [v for _, v in tools], "--", color="#31a354", lw=1.5, label="tool-use rate")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("mean reward")
     ax.set_ylim(-0.02, 1.02)
