@@ -5,6 +5,8 @@
 #   bash bench/gpu_suite.sh decode     # bench/decode.py, both presets of issue 3 -> $OUT/decode*.json
 #   bash bench/gpu_suite.sh ray        # needs Ray: GPU OOM backoff, agent_decode, bench/grpo.py
 #   bash bench/gpu_suite.sh profile    # kernel-level profiles of decode steps and a 2K training step
+#   bash bench/gpu_suite.sh scaling    # Ray, 4 GPUs (nvidia-h200-x4): rollout throughput over 1/2/4 workers
+#   bash bench/gpu_suite.sh trl        # TRL GRPOTrainer baseline (pack trl first: see bench/grpo_trl.py)
 #
 # Every item has its own time limit, so one slow item cannot eat the run; results land in $OUT
 # (default bench/results) as they are produced. On the device: start the command with
@@ -43,11 +45,17 @@ case "${1:-}" in
     item 150 agent_decode python bench/agent_decode.py --out "$OUT/agent_decode.json"
     item 300 grpo python bench/grpo.py --out "$OUT/grpo.json"
     ;;
+  scaling)
+    item 540 rollout_scaling python bench/rollout_scaling.py --workers 1 2 4 --out "$OUT/rollout_scaling.json"
+    ;;
+  trl)
+    item 540 grpo_trl python bench/grpo_trl.py --out "$OUT/grpo_trl.json" --compare bench/results/grpo.json
+    ;;
   profile)
     item 400 profile python bench/gpu_profile.py --decode-batch 1 64 --train-context 2048 --out "$OUT/profile.json"
     ;;
   *)
-    sed -n 2,11p "$0"
+    sed -n 2,13p "$0"
     exit 2
     ;;
 esac
