@@ -55,7 +55,7 @@ case "${1:-}" in
     item 400 profile python bench/gpu_profile.py --decode-batch 1 64 --train-context 2048 --out "$OUT/profile.json"
     ;;
   *)
-    sed -n 2,13p "$0"
+    sed -n 2,15p "$0"
     exit 2
     ;;
 esac
