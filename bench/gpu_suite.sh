@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in a few device runs (each part fits one 10-minute run).
 #
-#   bash bench/gpu_suite.sh tests      # GPU-marked tests (kernels, model, engine) -> $OUT/gpu_tests.txt
+#   bash bench/gpu_suite.sh tests      # GPU-marked tests (kernels, model, engine) -> $OUT/gpu_tests_*.log
 #   bash bench/gpu_suite.sh decode     # bench/decode.py, both presets of issue 3 -> $OUT/decode*.json
 #   bash bench/gpu_suite.sh ray        # needs Ray: GPU OOM backoff, agent_decode, bench/grpo.py
 #   bash bench/gpu_suite.sh profile    # kernel-level profiles of decode steps and a 2K training step
