@@ -81,8 +81,8 @@ class _Sample:
     prefill_s: float = 0.0
     t_load: float = 0.0
     ttft_s: float = 0.0
-    parked: tuple | None = None    # (future, 1-row state at the stop, logits after the stop)
-    resume: tuple | None = None    # (1-row state at the stop, logits after the stop, injected ids)
+    parked: tuple | None = None    # (future, 1-row state at the last sync, tokens since then up to the stop)
+    resume: tuple | None = None    # (1-row state at the last sync, tokens to replay: those + injected ids)
 
 
 @dataclass
@@ -258,14 +258,12 @@ class Engine:
 
         def load(i: int, s: _Sample) -> None:
             """Put a queued sample into slot i: from its prompt's prefill, or back from a pause."""
-            if s.resume is not None:
-                state1, lg_after_stop, inject = s.resume
+            if s.resume is not None:   # one parallel forward over (window up to the stop + injected ids)
+                state1, replay = s.resume
                 s.resume = None
                 be.load_rows(state1, torch.tensor([i], device=dev))
-                if inject:
-                    lg_after_stop = be.extend(torch.tensor([i], device=dev),
-                                              torch.tensor([inject], dtype=torch.long, device=dev))[0]
-                set_logits(i, lg_after_stop)
+                set_logits(i, be.extend(torch.tensor([i], device=dev),
+                                        torch.tensor([replay], dtype=torch.long, device=dev))[0])
                 if seen is not None:
                     seen[i] = seen_mask([list(s.key) + s.tokens], V, dev)[0]
                 hash_keys[i] = sample_seed(s.params.seed, s.index)
@@ -331,9 +329,9 @@ class Engine:
             if answer is None:
                 return False
             window = s.tokens[len(s.tokens) - n_window_kept:]
-            if isinstance(answer, Future):   # asynchronous tool: free the slot meanwhile
-                lg = rewind(i, window)
-                s.parked = (answer, be.save_rows(torch.tensor([i], device=dev)), lg)
+            if isinstance(answer, Future):   # asynchronous tool: free the slot meanwhile; the replay of
+                # the window waits for the answer, so that it runs in the same forward as the injection
+                s.parked = (answer, snap_state.select(torch.tensor([snap_rows.index(i)], device=dev)), window)
                 parked.append(s)
                 slot[i] = None
                 return True
@@ -352,7 +350,7 @@ class Engine:
                 wait([s.parked[0] for s in parked], return_when=FIRST_COMPLETED)
             for s in [s for s in parked if s.parked[0].done()]:
                 parked.remove(s)
-                fut, state1, lg = s.parked
+                fut, state1, window = s.parked
                 s.parked = None
                 answer = fut.result()
                 if answer is None:
@@ -362,7 +360,7 @@ class Engine:
                 if len(s.tokens) >= s.params.max_new_tokens:
                     finish_sample(s, "length")
                     continue
-                s.resume = (state1, lg, inject)
+                s.resume = (state1, window + inject)
                 ready.append(s)
 
         while True:
