@@ -207,6 +207,18 @@ def bench_generate(gen_fn, batch: int, prompt: int, new: int, V: int) -> dict:
                 peak_mem_per_seq_MB=(peak - base) / batch / 1e6)
 
 
+def baseline_rows(label, gen, batches, prompt, new, vocab, res: dict, on_row) -> None:
+    """res[str(b)] = bench_generate(gen, b, ...) per batch (an error is recorded, not raised)."""
+    for b in batches:
+        try:
+            res[str(b)] = bench_generate(gen, b, prompt, new, vocab)
+        except Exception as e:  # noqa: BLE001
+            res[str(b)] = err_record(e)
+        free()
+        print(f"  {label} batch {b}: {res[str(b)].get('tok_s', res[str(b)].get('error'))}", flush=True)
+        on_row()
+
+
 def bench_mamba_ssm(c: BitMambaConfig, batches, prompt, new, res: dict, on_row=lambda: None) -> dict:
     info = mamba_ssm_info()
     res["info"] = info
@@ -233,14 +245,7 @@ def bench_mamba_ssm(c: BitMambaConfig, batches, prompt, new, res: dict, on_row=l
                              output_scores=False)
         return out.sequences.shape[1] - ids.shape[1]
 
-    for b in batches:
-        try:
-            res[str(b)] = bench_generate(gen, b, prompt, new, c.vocab_size)
-        except Exception as e:  # noqa: BLE001
-            res[str(b)] = err_record(e)
-        free()
-        print(f"  mamba-ssm batch {b}: {res[str(b)].get('tok_s', res[str(b)].get('error'))}", flush=True)
-        on_row()
+    baseline_rows("mamba-ssm", gen, batches, prompt, new, c.vocab_size, res, on_row)
     del model
     free()
     return res
@@ -270,15 +275,8 @@ def bench_hf(c: BitMambaConfig, batches, prompt, new, res: dict, on_row=lambda: 
                              attention_mask=torch.ones_like(ids))
         return out.shape[1] - ids.shape[1]
 
-    for b in batches:
-        try:
-            with torch.no_grad():
-                res[str(b)] = bench_generate(gen, b, prompt, new, c.vocab_size)
-        except Exception as e:  # noqa: BLE001
-            res[str(b)] = err_record(e)
-        free()
-        print(f"  transformers batch {b}: {res[str(b)].get('tok_s', res[str(b)].get('error'))}", flush=True)
-        on_row()
+    with torch.no_grad():
+        baseline_rows("transformers", gen, batches, prompt, new, c.vocab_size, res, on_row)
     del model
     free()
     return res

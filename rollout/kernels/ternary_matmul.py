@@ -358,6 +358,18 @@ def _check(name: str, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return M, K, N, per_tensor
 
 
+def _operands(x, codes, scale, group_size, per_tensor, out, out_dtype):
+    """(group size, kernel-layout words, contiguous x, fp32 scale, output buffer) for a launch."""
+    M, K = x.shape
+    gs = K if per_tensor else group_size
+    words = codes if codes.dtype == torch.int32 else kernel_layout(codes, K, gs)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(M, codes.shape[0], device=x.device, dtype=out_dtype)
+    return gs, words, x, scale.float().contiguous(), out
+
+
 def _launch_gemv(x, nw, sx, words, scale, out, residual, M, N, K, gs, per_tensor, eps, *, x_int8, has_norm, quant):
     res = residual if residual is not None else out
     W = layout_width(K, gs)
@@ -395,13 +407,7 @@ def ternary_matmul(
             out.copy_(y)
             return out
         return y
-    gs = K if per_tensor else group_size
-    words = codes if codes.dtype == torch.int32 else kernel_layout(codes, K, gs)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    scale = scale.float().contiguous()
-    if out is None:
-        out = torch.empty(M, N, device=x.device, dtype=out_dtype)
+    gs, words, x, scale, out = _operands(x, codes, scale, group_size, per_tensor, out, out_dtype)
     res = residual if residual is not None else out
     sx = s_x if s_x is not None else scale
     W = layout_width(K, gs)
@@ -444,13 +450,7 @@ def norm_ternary_matmul(
         xq, sx = rmsnorm_quant(x, norm_w, eps, act_quant, impl=which)
         return ternary_matmul(xq, sx, codes, scale, group_size, out=out, out_dtype=out_dtype, residual=residual,
                               impl=which)
-    gs = K if per_tensor else group_size
-    words = codes if codes.dtype == torch.int32 else kernel_layout(codes, K, gs)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    scale = scale.float().contiguous()
-    if out is None:
-        out = torch.empty(M, N, device=x.device, dtype=out_dtype)
+    gs, words, x, scale, out = _operands(x, codes, scale, group_size, per_tensor, out, out_dtype)
     _launch_gemv(x, norm_w if norm_w is not None else x, scale, words, scale, out, residual, M, N, K, gs, per_tensor, eps,
                  x_int8=False, has_norm=norm_w is not None, quant=act_quant)
     return out
