@@ -75,14 +75,14 @@ def kernel_layout(codes: torch.Tensor, K: int, group_size: int) -> torch.Tensor:
     W = layout_width(K, group_size)
     chunk = 16 * W
     nch = -(-K // chunk)
-    c = codes.to(torch.int32)
-    raw = torch.stack([(c >> (2 * j)) & 3 for j in range(4)], dim=-1).reshape(N, -1)[:, :K]   # codes 0..2
+    # one byte per weight while unpacking (the lm_head of a 1B model: ~100 MB of temporaries, not 4x that)
+    raw = torch.stack([(codes >> (2 * j)) & 3 for j in range(4)], dim=-1).reshape(N, -1)[:, :K]   # codes 0..2
     if nch * chunk > K:
-        raw = torch.cat([raw, raw.new_ones(N, nch * chunk - K)], dim=1)                      # 1 = weight 0
+        raw = torch.cat([raw, raw.new_ones(N, nch * chunk - K)], dim=1)                          # 1 = weight 0
     v = raw.view(N, nch, 16, W)
-    lo = sum(v[:, :, j] << (2 * j) for j in range(8))
-    hi = sum(v[:, :, 8 + j] << (2 * j) for j in range(8))
-    words = lo.long() | (hi.long() << 16)
+    words = torch.zeros(N, nch, W, dtype=torch.int64, device=codes.device)
+    for j in range(16):
+        words |= v[:, :, j].long() << (2 * j)
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32).reshape(N, nch * W).contiguous()
 
