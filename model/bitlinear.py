@@ -215,32 +215,23 @@ def _exact_ternary_matmul(x: Tensor, codes: Tensor, s: Tensor, quant_act: bool, 
         xq, s_x = xf, None
     M, K = xq.shape
     N = codes.shape[0]
+    gs = K // s.shape[1]                      # s: [1, 1] per tensor, [out, groups] grouped
     if int_mm is None:
         int_mm = x.is_cuda
-    use_int = int_mm and quant_act and M > 16 and K % 8 == 0 and N % 8 == 0
-    if use_int:
-        ci = codes.to(torch.int8)
-        xi = xq.to(torch.int8)
+    if int_mm and quant_act and M > 16 and gs % 8 == 0 and N % 8 == 0:
+        xi, ci = xq.to(torch.int8), codes.to(torch.int8)
 
-        def part(sl: slice) -> Tensor:
-            a = xi if sl.stop - sl.start == K else xi[:, sl].contiguous()
-            b = ci if sl.stop - sl.start == K else ci[:, sl].contiguous()
-            return torch._int_mm(a, b.t()).float()
+        def part(sl: slice) -> Tensor:         # contiguous() is free for the whole width
+            return torch._int_mm(xi[:, sl].contiguous(), ci[:, sl].contiguous().t()).float()
     else:
         cf = codes.float()
 
         def part(sl: slice) -> Tensor:
             return xq[:, sl] @ cf[:, sl].t()
-    if s.shape == (1, 1):
-        y = part(slice(0, K)) / s.reshape(())
-    else:
-        n_groups = s.shape[1]
-        gs = K // n_groups
-        if use_int and gs % 8:
-            return _exact_ternary_matmul(x, codes, s, quant_act, int_mm=False)
-        y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-        for g in range(n_groups):
-            y = y + part(slice(g * gs, (g + 1) * gs)) / s[:, g]
+    y = None
+    for g in range(s.shape[1]):
+        t = part(slice(g * gs, (g + 1) * gs)) / s[:, g]
+        y = t if y is None else y + t
     if s_x is not None:
         y = y / s_x
     return y.reshape(*lead, N)
