@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "agent_decode.json"))
     a = p.parse_args(argv)
     if a.quick:
-        a.preset, a.slots, a.samples, a.new, a.prompt, a.repeats = "tiny", 16, 32, 96, 16, 1
+        a.preset, a.slots, a.samples, a.new, a.prompt, a.repeats = "tiny", 16, 32, 192, 16, 1
         a.tool_latency_ms = [0.0, 5.0]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tok = build_tiny_tokenizer(384)

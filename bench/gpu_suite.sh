@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_suite.sh tests      # GPU-marked tests (kernels, model, engine) -> $OUT/gpu_tests_*.log
 #   bash bench/gpu_suite.sh decode     # bench/decode.py, both presets of issue 3 -> $OUT/decode*.json
-#   bash bench/gpu_suite.sh ray        # needs Ray: GPU OOM backoff, agent_decode, bench/grpo.py
+#   bash bench/gpu_suite.sh ray        # needs Ray: GPU OOM backoff, agent_decode, learner memory (bench/grpo.py)
+#   bash bench/gpu_suite.sh grpo       # needs Ray: GRPO step-time breakdown (bench/grpo.py --only step)
 #   bash bench/gpu_suite.sh profile    # kernel-level profiles of decode steps and a 2K training step
 #   bash bench/gpu_suite.sh scaling    # Ray, 4 GPUs (nvidia-h200-x4): rollout throughput over 1/2/4 workers
 #   bash bench/gpu_suite.sh trl        # TRL GRPOTrainer baseline (pack trl first: see bench/grpo_trl.py)
@@ -28,11 +29,12 @@ item() {   # item SECONDS LOGNAME command...
 }
 
 case "${1:-}" in
-  tests)
-    MAMBA_DETERMINISTIC=1 item 280 gpu_tests_decode python -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
-      tests/test_gpu_decode.py tests/test_engine_gpu.py --durations=5
-    MAMBA_DETERMINISTIC=1 item 280 gpu_tests_model python -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
-      tests/test_gpu_model.py tests/test_eval_gpu.py --durations=5
+  tests)   # BITMAMBA_AUTOTUNE=0: two configs per ternary kernel (compile minutes, not tuning)
+    export MAMBA_DETERMINISTIC=1 BITMAMBA_AUTOTUNE=0
+    item 330 gpu_tests_decode python -m pytest -v -p no:cacheprovider -o addopts="" -m gpu \
+      tests/test_gpu_decode.py tests/test_engine_gpu.py --durations=12
+    item 200 gpu_tests_model python -m pytest -v -p no:cacheprovider -o addopts="" -m gpu \
+      tests/test_gpu_model.py --durations=8
     ;;
   decode)
     item 300 decode_1b python bench/decode.py --preset bitmamba2-1b --batch 1 16 64 256 --hf-batch 1 64 \
@@ -42,14 +44,19 @@ case "${1:-}" in
     ;;
   ray)
     item 120 gpu_oom python tests/reliability/gpu_oom.py --slots 1048576 --memory-gib 2
-    item 150 agent_decode python bench/agent_decode.py --out "$OUT/agent_decode.json"
-    item 300 grpo python bench/grpo.py --out "$OUT/grpo.json"
+    item 200 agent_decode python bench/agent_decode.py --out "$OUT/agent_decode.json"
+    MAMBA_DETERMINISTIC=1 item 240 grpo_memory python bench/grpo.py --only memory --out "$OUT/grpo_memory.json"
+    ;;
+  grpo)
+    item 540 grpo_step python bench/grpo.py --only step --steps 3 --out "$OUT/grpo.json"
     ;;
   scaling)
     item 540 rollout_scaling python bench/rollout_scaling.py --workers 1 2 4 --out "$OUT/rollout_scaling.json"
     ;;
   trl)
-    item 540 grpo_trl python bench/grpo_trl.py --out "$OUT/grpo_trl.json" --compare bench/results/grpo.json
+    # TRL and datasets travel as wheels in .whl (see bench/grpo_trl.py's docstring)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    item 540 grpo_trl python bench/grpo_trl.py --steps 2 --out "$OUT/grpo_trl.json" --compare bench/results/grpo.json
     ;;
   profile)
     item 400 profile python bench/gpu_profile.py --decode-batch 1 64 --train-context 2048 --out "$OUT/profile.json"

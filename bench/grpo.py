@@ -36,14 +36,14 @@ PHASES = ("time/generate", "time/score", "time/learn", "time/sync", "time/step",
           "sync/bytes", "learn/tokens", "response_len_mean")
 
 
-def step_config(quick: bool, out: Path, gpu: bool):
+def step_config(quick: bool, out: Path, gpu: bool, steps: int | None = None):
     share = 0.5 if gpu else 0.0
     data = {
         "model": {"preset": "tiny" if quick else "mini-agent-scout",
                   "overrides": {"vocab_size": 384} if quick else {}, "tokenizer": "tiny",
                   "max_seq_len": 64 if quick else 640, "backend": "auto"},
         "task": {"name": "arithmetic", "kwargs": {"max_operand": 99}, "eval_size": 0},
-        "group_size": 8, "prompts_per_step": 8 if quick else 64, "steps": 2 if quick else 4,
+        "group_size": 8, "prompts_per_step": 8 if quick else 64, "steps": steps or (2 if quick else 4),
         "sampling": {"max_new_tokens": 32 if quick else 512, "temperature": 1.0},
         "learner": {"lr": 1.0e-6, "num_gpus": share, "num_cpus": 1, "micro_batch_tokens": 16384,
                     "gradient_checkpointing": True},
@@ -54,8 +54,8 @@ def step_config(quick: bool, out: Path, gpu: bool):
     return load_grpo_config(data=data)
 
 
-def bench_step(quick: bool, out: Path) -> dict:
-    cfg = step_config(quick, out, torch.cuda.is_available())
+def bench_step(quick: bool, out: Path, steps: int | None = None) -> dict:
+    cfg = step_config(quick, out, torch.cuda.is_available(), steps)
     driver = Driver(cfg)
     try:
         driver.run()
@@ -83,6 +83,7 @@ def bench_memory(quick: bool) -> dict:
     t0 = time.perf_counter()
     learner = Learner(cfg)
     init_s = time.perf_counter() - t0
+    print(f"memory: learner ready in {init_s:.1f}s", flush=True)
     V = learner.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     P = [torch.randint(0, V, (prompt,), generator=g).tolist() for _ in range(seqs)]
@@ -98,6 +99,8 @@ def bench_memory(quick: bool) -> dict:
         if gpu:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        print(f"memory: update {len(times)} took {times[-1]:.1f}s, peak so far "
+              f"{torch.cuda.max_memory_allocated() / 2**30 if gpu else 0:.2f} GiB", flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
     return {"shape": cfg.model.preset, "seqs": seqs, "seq_len": seq_len, "params": sum(
         p.numel() for p in learner.model.parameters()), "deepspeed": learner.ds_config,
@@ -109,15 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", choices=("step", "memory"))
+    p.add_argument("--steps", type=int, default=None, help="GRPO steps of the step part, the first is warm-up (default 4)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     out = Path(args.out or ROOT / "bench" / "results" / ("grpo_quick.json" if args.quick else "grpo.json"))
     res: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()
                  or "cpu", "torch": torch.__version__, "quick": args.quick,
                  "command": "python bench/grpo.py" + (" --quick" if args.quick else "")
-                 + (f" --only {args.only}" if args.only else "")}
+                 + (f" --only {args.only}" if args.only else "") + (f" --steps {args.steps}" if args.steps else "")}
     if args.only in (None, "step"):
-        res["step"] = bench_step(args.quick, Path(tempfile.mkdtemp(prefix="grpo_bench_")))
+        # the run's metrics.jsonl lands beside the JSON, so a run cut off by a time limit still leaves its steps
+        run_dir = out.parent / (out.stem + "_run") if out.parent.exists() else Path(tempfile.mkdtemp())
+        res["step"] = bench_step(args.quick, run_dir, args.steps)
         print(json.dumps(res["step"]["mean"], indent=1), flush=True)
     if args.only in (None, "memory"):
         res["memory"] = bench_memory(args.quick)

@@ -200,6 +200,24 @@ def packed_linear_ref(x: Tensor, p: PackedTernary) -> Tensor:
     return _exact_ternary_matmul(x, codes, p.scale, p.act_quant)
 
 
+def _group_sums(part, s: Tensor, gs: int) -> Tensor:
+    """sum over scale groups g of part(columns of g) / s[:, g]."""
+    y = None
+    for g in range(s.shape[1]):
+        t = part(slice(g * gs, (g + 1) * gs)) / s[:, g]
+        y = t if y is None else y + t
+    return y
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning(msg)
+
+
 def _exact_ternary_matmul(x: Tensor, codes: Tensor, s: Tensor, quant_act: bool, int_mm: bool | None = None) -> Tensor:
     """(x_q @ codes^T) / (s_x * s) in fp32, grouped by the shape of s. x [..., in] -> [..., out].
 
@@ -218,20 +236,20 @@ def _exact_ternary_matmul(x: Tensor, codes: Tensor, s: Tensor, quant_act: bool, 
     gs = K // s.shape[1]                      # s: [1, 1] per tensor, [out, groups] grouped
     if int_mm is None:
         int_mm = x.is_cuda
+    y = None
     if int_mm and quant_act and M > 16 and gs % 8 == 0 and N % 8 == 0:
         xi, ci = xq.to(torch.int8), codes.to(torch.int8)
-
-        def part(sl: slice) -> Tensor:         # contiguous() is free for the whole width
-            return torch._int_mm(xi[:, sl].contiguous(), ci[:, sl].contiguous().t()).float()
-    else:
+        try:
+            y = _group_sums(lambda sl: torch._int_mm(xi[:, sl].contiguous(), ci[:, sl].contiguous().t()).float(),
+                            s, gs)
+        except RuntimeError as e:   # cuBLAS refuses some int8 problems (seen under a near-full memory cap)
+            if "CUBLAS_STATUS" not in str(e):
+                raise
+            _warn_once(f"torch._int_mm refused [{M}x{K}] @ [{K}x{N}] int8 ({str(e).splitlines()[0][:120]}); "
+                       "computing the same integer sums with the fp32 matmul")
+    if y is None:
         cf = codes.float()
-
-        def part(sl: slice) -> Tensor:
-            return xq[:, sl] @ cf[:, sl].t()
-    y = None
-    for g in range(s.shape[1]):
-        t = part(slice(g * gs, (g + 1) * gs)) / s[:, g]
-        y = t if y is None else y + t
+        y = _group_sums(lambda sl: xq[:, sl] @ cf[:, sl].t(), s, gs)
     if s_x is not None:
         y = y / s_x
     return y.reshape(*lead, N)

@@ -200,7 +200,8 @@ class Agent:
     """
 
     def __init__(self, backend, tokenizer, tools: ToolSet | list, config: AgentConfig | None = None,
-                 slots: int = 8, sync_every: int = 8, max_len: int | None = None, noise: str = "generator"):
+                 slots: int = 8, sync_every: int = 8, max_len: int | None = None, noise: str = "auto",
+                 force_max: int = 64):
         self.config = config or AgentConfig()
         c = self.config
         self.tools = tools if isinstance(tools, ToolSet) else ToolSet(
@@ -210,7 +211,7 @@ class Agent:
         self.call_end_id = self.fmt._special(CALL_END)
         self.turn_end_id = self.fmt._special(IM_END)
         self.engine = Engine(backend, tokenizer, slots=slots, sync_every=sync_every, max_len=max_len,
-                             on_stop=self._on_stop, noise=noise)
+                             on_stop=self._on_stop, noise=noise, force_max=force_max)
         self._episodes: dict[tuple[int, int], _Episode] = {}
 
     def close(self) -> None:

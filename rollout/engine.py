@@ -16,14 +16,17 @@ How it runs (top to bottom in `generate`):
    free their slot, idle slots are reset, and step 1 refills them.
 
 Pausing (multi-turn tool use, issue 8): `on_stop(view) -> list[int] | Future | None` is called when a
-sample hits a stop token/sequence/string. Returning token ids injects them (`backend.extend` continues
-the sample's recurrent state over them, no re-prefill) and the sample resumes; None finishes it
-("stop"). Returning a `concurrent.futures.Future` (a tool running in a thread/process pool) parks the
-sample off-slot with a 1-row copy of its state; its slot takes other work meanwhile, and when the
-future resolves (to ids or None) the sample re-enters a slot ahead of new samples.
+sample hits a stop token/sequence/string. Returning token ids injects them (the sample's recurrent
+state continues over them, no re-prefill) and the sample resumes; None finishes it ("stop").
+Returning a `concurrent.futures.Future` (a tool running in a thread/process pool) parks the sample
+off-slot with a 1-row copy of its state; its slot takes other work meanwhile, and when the future
+resolves (to ids or None) the sample re-enters a slot ahead of new samples.
 Because the slot kept stepping past the stop until the sync, the engine snapshots every active slot's
-state at each sync (`backend.save_rows`) and, on a pause, restores the snapshot and extends it over
-[the window's tokens up to the stop] + [injected tokens]. Injected tokens get `sampled_mask` 0.
+state at each sync (`backend.save_rows`) and, on a pause, restores the snapshot and feeds it
+[the tokens since the snapshot, up to the stop] + [injected tokens]. Up to `force_max` such tokens are
+fed by the slot's own decode steps (teacher-forced: the step takes the forced token instead of the
+sampled one, so the other slots keep decoding and nothing extra is launched); longer ones take one
+parallel forward (`backend.extend`). Injected tokens get `sampled_mask` 0.
 """
 
 from __future__ import annotations
@@ -81,8 +84,10 @@ class _Sample:
     prefill_s: float = 0.0
     t_load: float = 0.0
     ttft_s: float = 0.0
-    parked: tuple | None = None    # (future, 1-row state at the last sync, tokens since then up to the stop)
-    resume: tuple | None = None    # (1-row state at the last sync, tokens to replay: those + injected ids)
+    parked: tuple | None = None    # (future, 1-row state at the last sync, its position in tokens)
+    resume: tuple | None = None    # (1-row state at the last sync, its position in tokens)
+    n_force: int = 0               # the last n_force tokens are not in the slot's state yet (forced steps)
+    fed_at_sync: int = 0           # len(tokens) - n_force at the last sync (the snapshot's position)
 
 
 @dataclass
@@ -102,6 +107,8 @@ class Engine:
     max_len: state capacity per slot (prompt + completion); default: the longest need so far rounded
       up to a multiple of 256 (it never shrinks, so backends keep their buffers and CUDA graphs).
     on_stop: the pause hook (see module doc); needs a backend with `save_rows` and `extend`.
+    force_max: at a pause, feed up to this many tokens (replay + injection) through the slot's decode
+      steps; more go through one `backend.extend` (0 = always extend).
     noise: where the sampling randomness comes from, both replay a sample exactly whatever the
       batching: "generator" (a torch.Generator per sample; one small launch per row and step) or
       "hash" (`hash_exponential_noise` of (sample seed, token index): one batched computation,
@@ -110,7 +117,8 @@ class Engine:
     """
 
     def __init__(self, backend, tokenizer=None, slots: int = 8, sync_every: int = 8,
-                 max_len: int | None = None, on_stop: StopHook | None = None, noise: str = "auto"):
+                 max_len: int | None = None, on_stop: StopHook | None = None, noise: str = "auto",
+                 force_max: int = 64):
         if slots < 1 or sync_every < 1:
             raise BitMambaError(f"Engine: slots ({slots}) and sync_every ({sync_every}) must be >= 1")
         if on_stop is not None and not hasattr(backend, "save_rows"):
@@ -124,6 +132,9 @@ class Engine:
         if noise not in ("auto", "generator", "hash"):
             raise BitMambaError(f"Engine: noise must be 'auto', 'generator' or 'hash', got {noise!r}")
         self.noise = noise
+        if force_max < 0:
+            raise BitMambaError(f"Engine: force_max must be >= 0, got {force_max}")
+        self.force_max = force_max
         self.last_stats = GenStats()
         self._auto_max_len = 0
 
@@ -233,6 +244,10 @@ class Engine:
         parked: list[_Sample] = []       # waiting for an asynchronous hook (tool) result, off-slot
         ready: deque[_Sample] = deque()  # hook answered: go back into a slot before new samples
         snap_state, snap_rows = None, []  # active slots' state at the last sync (only with on_stop)
+        FB = max(1, self.force_max)
+        force_buf = torch.zeros(S, FB, dtype=torch.long, device=dev)   # tokens to feed instead of sampling
+        force_len = torch.zeros(S, dtype=torch.long, device=dev)
+        force_at = torch.zeros(S, dtype=torch.long, device=dev)
 
         def finish_sample(s: _Sample, reason: str) -> None:
             now = time.perf_counter()
@@ -258,17 +273,12 @@ class Engine:
 
         def load(i: int, s: _Sample) -> None:
             """Put a queued sample into slot i: from its prompt's prefill, or back from a pause."""
-            if s.resume is not None:   # one parallel forward over (window up to the stop + injected ids)
-                state1, replay = s.resume
+            if s.resume is not None:   # from its state at the last sync, over (window up to the stop + injected)
+                state1, pos = s.resume
                 s.resume = None
-                be.load_rows(state1, torch.tensor([i], device=dev))
-                set_logits(i, be.extend(torch.tensor([i], device=dev),
-                                        torch.tensor([replay], dtype=torch.long, device=dev))[0])
-                if seen is not None:
-                    seen[i] = seen_mask([list(s.key) + s.tokens], V, dev)[0]
                 hash_keys[i] = sample_seed(s.params.seed, s.index)
-                hash_count[i] = len(s.tokens)
                 slot[i] = s
+                feed(i, s, state1, pos)
                 return
             pf = prefilled.get(s.key)
             if pf is None:
@@ -281,6 +291,7 @@ class Engine:
                 stats.prefill_s += pf.prefill_s
             be.load_rows(pf.state, torch.tensor([i], device=dev))
             set_logits(i, pf.logits)
+            force_len[i] = 0
             if seen is not None:
                 seen[i] = seen_mask([s.key], V, dev)[0]
             s.gen = None if s.params.greedy else make_generator(s.params.seed, s.index, dev)
@@ -315,33 +326,43 @@ class Engine:
                 s.gen = make_generator(sample_seed(s.params.seed, s.index), s.n_pauses, dev)
             return inject
 
-        def rewind(i: int, replay: list[int]) -> Tensor:
-            """Slot i back to its state at the last sync, then over `replay`; -> logits after it."""
-            row = torch.tensor([snap_rows.index(i)], device=dev)
-            be.load_rows(snap_state.select(row), torch.tensor([i], device=dev))
-            return be.extend(torch.tensor([i], device=dev), torch.tensor([replay], dtype=torch.long, device=dev))[0]
+        def feed(i: int, s: _Sample, state1, pos: int) -> None:
+            """Slot i (holding s) <- state1, the state after s.tokens[:pos]; s.tokens[pos:] (the window up to
+            the stop + injected ids) are fed next: by forced decode steps, or one extend if long."""
+            rows = torch.tensor([i], device=dev)
+            be.load_rows(state1, rows)
+            replay = s.tokens[pos:]
+            if len(replay) <= self.force_max:
+                force_buf[i, : len(replay)] = torch.tensor(replay, dtype=torch.long)
+                force_len[i], force_at[i] = len(replay), 0
+                s.n_force = len(replay)
+                hash_count[i] = pos        # the forced steps count up to len(s.tokens)
+            else:
+                force_len[i] = 0
+                set_logits(i, be.extend(rows, torch.tensor([replay], dtype=torch.long, device=dev))[0])
+                hash_count[i] = len(s.tokens)
+            if seen is not None:
+                seen[i] = seen_mask([list(s.key) + s.tokens], V, dev)[0]
 
-        def pause(i: int, s: _Sample, stop, n_window_kept: int) -> bool:
+        def pause(i: int, s: _Sample, stop) -> bool:
             """Ask the hook at a stop. False: finish the sample. True: it was resumed or parked."""
             answer = self.on_stop(PauseView(s.req, s.index, list(s.tokens),
                                             self._decode(s.tokens) if self.tokenizer else None,
                                             stop, s.n_pauses))
             if answer is None:
                 return False
-            window = s.tokens[len(s.tokens) - n_window_kept:]
+            state1 = snap_state.select(torch.tensor([snap_rows.index(i)], device=dev))
             if isinstance(answer, Future):   # asynchronous tool: free the slot meanwhile; the replay of
-                # the window waits for the answer, so that it runs in the same forward as the injection
-                s.parked = (answer, snap_state.select(torch.tensor([snap_rows.index(i)], device=dev)), window)
+                # the window waits for the answer, so that it is fed together with the injection
+                s.parked = (answer, state1, s.fed_at_sync)
                 parked.append(s)
                 slot[i] = None
                 return True
-            inject = add_injected(s, answer)
-            set_logits(i, rewind(i, window + inject))
-            hash_count[i] = len(s.tokens)
-            if seen is not None and inject:
-                seen[i, torch.tensor(inject, device=dev)] = True
+            add_injected(s, answer)
             if len(s.tokens) >= s.params.max_new_tokens:
                 finish(i, "length")          # the injection filled the budget
+            else:
+                feed(i, s, state1, s.fed_at_sync)
             return True
 
         def collect_parked(block: bool) -> None:
@@ -350,17 +371,17 @@ class Engine:
                 wait([s.parked[0] for s in parked], return_when=FIRST_COMPLETED)
             for s in [s for s in parked if s.parked[0].done()]:
                 parked.remove(s)
-                fut, state1, window = s.parked
+                fut, state1, pos = s.parked
                 s.parked = None
                 answer = fut.result()
                 if answer is None:
                     finish_sample(s, "stop")
                     continue
-                inject = add_injected(s, answer)
+                add_injected(s, answer)
                 if len(s.tokens) >= s.params.max_new_tokens:
                     finish_sample(s, "length")
                     continue
-                s.resume = (state1, window + inject)
+                s.resume = (state1, pos)
                 ready.append(s)
 
         while True:
@@ -376,28 +397,38 @@ class Engine:
             if self.on_stop is not None:
                 snap_rows = active
                 snap_state = be.save_rows(torch.tensor(active, device=dev))
+                for i in active:
+                    slot[i].fed_at_sync = len(slot[i].tokens) - slot[i].n_force
+            forcing = any(slot[i].n_force for i in active)
             st = SamplingTensors.from_params([x.params if x else None for x in slot], dev)
             gens = [x.gen if x else None for x in slot]
             drawing = any(g is not None for g in gens)
-            k = min([W] + [slot[i].params.max_new_tokens - len(slot[i].tokens) for i in active])
+            k = min([W] + [slot[i].n_force + slot[i].params.max_new_tokens - len(slot[i].tokens) for i in active])
             td = time.perf_counter()
             for j in range(k):
                 noise = hash_exponential_noise(hash_keys, hash_count, V) if use_hash and drawing else None
                 out = sample(logits, st, gens, seen=seen, noise=noise)
+                tok = out.tokens
+                if forcing:                  # rows replaying / injecting take the forced token instead
+                    f = force_at < force_len
+                    tok = torch.where(f, force_buf.gather(1, force_at.clamp(max=FB - 1)[:, None])[:, 0], tok)
+                    force_at += f
                 hash_count += 1
-                buf_tok[:, j] = out.tokens
+                buf_tok[:, j] = tok
                 buf_lp[:, j] = out.logprobs
                 buf_mlp[:, j] = out.model_logprobs
                 if seen is not None:
-                    seen.scatter_(1, out.tokens[:, None], True)
-                logits = be.step(out.tokens)
+                    seen.scatter_(1, tok[:, None], True)
+                logits = be.step(tok)
             logits_owned = False
             stats.decode_steps += k
             toks, lps, mlps = (b[:, :k].tolist() for b in (buf_tok, buf_lp, buf_mlp))
             stats.decode_s += time.perf_counter() - td
             for i in active:
                 s = slot[i]
-                for j in range(k):
+                skip = min(k, s.n_force)     # forced steps: their tokens are in s.tokens already
+                s.n_force -= skip
+                for j in range(skip, k):
                     s.tokens.append(toks[i][j])
                     s.logprobs.append(lps[i][j])
                     s.model_logprobs.append(mlps[i][j])
@@ -406,7 +437,7 @@ class Engine:
                     if m is not None:
                         reason, what = m
                         if not (reason == "stop" and self.on_stop is not None
-                                and len(s.tokens) < s.params.max_new_tokens and pause(i, s, what, j + 1)):
+                                and len(s.tokens) < s.params.max_new_tokens and pause(i, s, what)):
                             finish(i, reason)
                         break                 # finished, or the rest of this window was rewound
                     if len(s.tokens) >= s.params.max_new_tokens:

@@ -38,11 +38,11 @@ class ScriptedBackend:
     """Wraps a real backend (TorchBackend or FastBackend) and returns logits that force
     `scripts[P][k]` as completion token k of a prompt of length P (the position comes from the row's
     real state, so rewinds and extends must be right for the script to line up); EOS past the script.
-    `real` records (row's state pos, real logits) after every extend."""
+    `real` records (rows' state pos, real logits) after every extend and step; `n_extend` counts extends."""
 
     def __init__(self, inner, scripts: dict[int, list[int]], eos: int):
         self.inner, self.model = inner, inner.model
-        self.scripts, self.eos, self.real = scripts, eos, []
+        self.scripts, self.eos, self.real, self.n_extend = scripts, eos, [], 0
         self.prompt_len_of_row: dict[int, int] = {}
 
     def __getattr__(self, name):          # allocate, save_rows, refresh_weights, state, ...
@@ -73,13 +73,15 @@ class ScriptedBackend:
 
     def extend(self, rows, ids):
         real = self.inner.extend(rows, ids)
+        self.n_extend += 1
         rows_t = torch.as_tensor(rows)
         self.real.append((self.inner.state.pos[rows_t].clone(), real.clone()))
         return self._force(self.inner.state.pos[rows_t], self._plen(rows_t.tolist()))
 
     def step(self, tokens):
-        self.inner.step(tokens)
+        real = self.inner.step(tokens)
         n = len(tokens)
+        self.real.append((self.inner.state.pos[:n].clone(), real.clone()))
         return self._force(self.inner.state.pos[:n], self._plen(range(n)))
 
 
@@ -95,9 +97,10 @@ def call_ids(tok, name, args_json):
     return enc(tok, f'<tool_call>{{"name": "{name}", "arguments": {args_json}}}</tool_call>')
 
 
-def run(model, tok, scripts, tools, cfg=None, reqs=None, max_new=300, slots=2, sync_every=8, kind="torch"):
+def run(model, tok, scripts, tools, cfg=None, reqs=None, max_new=300, slots=2, sync_every=8, kind="torch",
+        force_max=64):
     be = ScriptedBackend(make_backend(model, kind), scripts, tok.eos_token_id)
-    agent = Agent(be, tok, tools, cfg or AgentConfig(), slots=slots, sync_every=sync_every)
+    agent = Agent(be, tok, tools, cfg or AgentConfig(), slots=slots, sync_every=sync_every, force_max=force_max)
     try:
         params = SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=3, eos_token_id=tok.eos_token_id)
         return agent.generate(reqs or [GenRequest(list(p), params) for p in scripts_prompts(scripts)]), be, agent
@@ -145,21 +148,25 @@ def test_injected_tokens_are_the_tool_output_tokenization(model, tok):
 
 
 def assert_extend_matches_prefill(model, be, prompt, tr):
-    """For every injected tool message: the real logits after the engine's extend == a fresh forward."""
+    """For every injected tool message: the real logits once the engine has fed it (forced decode steps
+    or one extend) == a fresh forward. The last time a row reached that position is the one after the
+    injection (steps past the stop reach lower positions, then are rewound)."""
     for c in tr.tool_calls:
         full = prompt + tr.token_ids[:c.token_end]
         with torch.no_grad():
             ref = model(torch.tensor([full])).logits[0, -1].float()
-        got = [lg[0] for pos, lg in be.real if int(pos[0]) == len(full)]
-        assert got, "no extend ended at the end of the tool message"
+        got = [lg[r] for pos, lg in be.real for r in range(len(pos)) if int(pos[r]) == len(full)]
+        assert got, "no step or extend ended at the end of the tool message"
         assert torch.allclose(got[-1], ref, atol=1e-4, rtol=0), float((got[-1] - ref).abs().max())
     assert tr.tool_calls
 
 
+@pytest.mark.parametrize("force_max", [64, 0])
 @pytest.mark.parametrize("kind", ["torch", "fast"])
-def test_state_after_injection_equals_a_full_prefill(model, tok, kind):
-    """Teacher-forced equivalence: the real logits after `extend` over the tool message equal the
-    logits of a fresh forward over prompt + everything so far (within 1e-4, fp32)."""
+def test_state_after_injection_equals_a_full_prefill(model, tok, kind, force_max):
+    """Teacher-forced equivalence: the real logits after feeding the tool message (forced decode steps,
+    force_max 64; one `extend`, force_max 0) equal the logits of a fresh forward over prompt +
+    everything so far (within 1e-4, fp32)."""
     p = prompt_ids(tok, "Compute 2 ** 40 and then 3 ** 30.")
     fmt = ToolMessageFormat(tok)
     c1 = call_ids(tok, "calculator", '{"expression": "2 ** 40"}')
@@ -168,8 +175,9 @@ def test_state_after_injection_equals_a_full_prefill(model, tok, kind):
     # sync_every 8: the calls end mid-window, so the engine rewinds to its snapshot and replays
     if kind == "fast":
         pytest.importorskip("rollout.fast")
-    (tr,), be, _ = run(model, tok, script, [Calculator()], sync_every=8, kind=kind)
+    (tr,), be, _ = run(model, tok, script, [Calculator()], sync_every=8, kind=kind, force_max=force_max)
     assert type(be.inner).__name__ == {"torch": "TorchBackend", "fast": "FastBackend"}[kind]
+    assert be.n_extend == (0 if force_max else 2)      # which way the tool messages went in
     assert [c.status for c in tr.tool_calls] == ["ok", "ok"]
     assert_extend_matches_prefill(model, be, p, tr)
 

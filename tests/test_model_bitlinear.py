@@ -278,3 +278,32 @@ def test_int_mm_eval_path_equals_fp32_path(group):
     y_f32 = _exact_ternary_matmul(x, codes.float(), s, True, int_mm=False)
     assert y_int.shape == (2, 40, 48)
     assert torch.equal(y_int, y_f32)
+
+
+def test_int_mm_refusal_falls_back_to_same_numbers_with_one_warning(monkeypatch, caplog):
+    """cuBLAS can refuse an int8 problem (CUBLAS_STATUS_NOT_SUPPORTED was seen on the H100 under a
+    2 GiB memory cap): the eval path then computes the same sums in fp32 and says so once; other
+    RuntimeErrors still propagate."""
+    import model.bitlinear as bl
+
+    torch.manual_seed(1)
+    codes, s = bl.weight_quant(torch.randn(48, 128), 32)
+    x = torch.randn(40, 128)
+    want = bl._exact_ternary_matmul(x, codes.float(), s, True, int_mm=False)
+
+    def refuse(a, b):
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul")
+
+    monkeypatch.setattr(torch, "_int_mm", refuse)
+    monkeypatch.setattr(bl, "_warned", set())
+    with caplog.at_level("WARNING", logger="model.bitlinear"):
+        for _ in range(2):
+            assert torch.equal(bl._exact_ternary_matmul(x, codes.to(torch.int8), s, True, int_mm=True), want)
+    assert sum("_int_mm refused [40x128] @ [128x48]" in r.message for r in caplog.records) == 1
+
+    def broken(a, b):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(torch, "_int_mm", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        bl._exact_ternary_matmul(x, codes.to(torch.int8), s, True, int_mm=True)

@@ -35,6 +35,8 @@ GPU kernels (Triton), picked by M:
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from rollout.kernels._dispatch import interpreting, next_pow2, resolve
@@ -327,6 +329,9 @@ if triton is not None:
             for bm, bn, w in [(16, 16, 2), (16, 32, 4), (16, 64, 4), (32, 32, 4), (64, 16, 4), (64, 32, 4),
                               (64, 64, 4), (128, 32, 4), (128, 64, 8)]
         ]
+        if os.environ.get("BITMAMBA_AUTOTUNE", "1") == "0":   # GPU tests: two configs each, fewer compiles
+            _GEMV_CONFIGS = [_GEMV_CONFIGS[1], _GEMV_CONFIGS[4]]
+            _DOT_CONFIGS = [_DOT_CONFIGS[1], _DOT_CONFIGS[6]]
         _prune_by = {"early_config_prune": _prune}
         # y may alias the residual (in-place residual stream): restore it after each tuning run
         _restore = ["y_ptr"]
