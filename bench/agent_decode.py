@@ -20,6 +20,7 @@ plus total tokens/s including injected ones, wall times, calls made and injected
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -113,6 +114,19 @@ def build_script(tok, fmt: ToolMessageFormat, new: int, calls: int) -> tuple[lis
     return script, len(inject)
 
 
+def write_profile(path: str, fn) -> None:
+    """torch.profiler tables (by self CPU and by self device time) of one call of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        fn()
+    ka = prof.key_averages()
+    dev_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    Path(path).write_text(ka.table(sort_by="self_cpu_time_total", row_limit=35) + "\n\n"
+                          + ka.table(sort_by=dev_key, row_limit=25))
+
+
 def run_once(make_engine, reqs) -> tuple[float, list]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -136,6 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny model, few sequences")
+    p.add_argument("--torch-profile", default=None, help="write a torch.profiler table of one tools run here")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "agent_decode.json"))
     a = p.parse_args(argv)
     if a.quick:
@@ -174,7 +189,8 @@ def main(argv=None) -> int:
     run_once(lambda: base_engine, requests())                            # warm-up (graphs, autotune)
     base_t = min(run_once(lambda: base_engine, requests())[0] for _ in range(a.repeats))
     base_tokens = a.samples * a.new
-    res["no_tools"] = {"seconds": base_t, "sampled_tokens": base_tokens, "sampled_tok_s": base_tokens / base_t}
+    res["no_tools"] = {"seconds": base_t, "sampled_tokens": base_tokens, "sampled_tok_s": base_tokens / base_t,
+                       "engine_stats": dataclasses.asdict(base_engine.last_stats)}
     print(f"no tools: {base_t:.2f}s, {base_tokens / base_t:.0f} tok/s", file=sys.stderr)
     for lat in a.tool_latency_ms:
         tools = ToolSet([SlowCalculator(lat / 1e3)], timeout_s=30, workers=64)
@@ -187,6 +203,7 @@ def main(argv=None) -> int:
             if best is None or t < best[0]:
                 best = (t, trajs)
         t, trajs = best
+        st = dataclasses.asdict(agent.engine.last_stats)    # of the last repeat
         sampled = sum(sum(tr.sampled_mask) for tr in trajs)
         total = sum(len(tr.token_ids) for tr in trajs)
         calls = sum(len(tr.tool_calls) for tr in trajs)
@@ -195,12 +212,16 @@ def main(argv=None) -> int:
              "sampled_tok_s": sampled / t, "total_tok_s": total / t, "tool_calls": calls, "tool_calls_ok": ok,
              "injected_frac": 1 - sampled / max(total, 1),
              "ratio_sampled_tok_s": (sampled / t) / (base_tokens / base_t),
-             "ratio_total_tok_s": (total / t) / (base_tokens / base_t)}
+             "ratio_total_tok_s": (total / t) / (base_tokens / base_t), "engine_stats": st}
         res["runs"].append(r)
+        if a.torch_profile and lat == a.tool_latency_ms[0]:
+            write_profile(a.torch_profile, lambda: run_once(lambda: agent, requests()))
         agent.close()
         print(f"tools (latency {lat:g} ms): {t:.2f}s, {sampled / t:.0f} sampled tok/s, {calls} calls "
-              f"({ok} ok), ratio {r['ratio_sampled_tok_s']:.2f} (total tokens {r['ratio_total_tok_s']:.2f})",
-              file=sys.stderr)
+              f"({ok} ok), ratio {r['ratio_sampled_tok_s']:.2f} (total tokens {r['ratio_total_tok_s']:.2f}); "
+              f"steps {st['decode_steps']} vs {res['no_tools']['engine_stats']['decode_steps']} without tools, "
+              f"idle slot-steps {st['idle_slot_steps']}, forced {st['forced_tokens']}, decode {st['decode_s']:.2f}s, "
+              f"snapshots {st['snapshot_s']:.2f}s, wall {st['wall_s']:.2f}s", file=sys.stderr)
         if calls != half * a.calls or ok != calls:
             print(f"WARNING: expected {half * a.calls} successful calls", file=sys.stderr)
     res["target_ratio"] = 0.70

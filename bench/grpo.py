@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import platform
 import sys
@@ -71,6 +72,7 @@ def bench_step(quick: bool, out: Path, steps: int | None = None) -> dict:
 
 
 def bench_memory(quick: bool) -> dict:
+    faulthandler.dump_traceback_later(60, repeat=True)   # where a slow first update spends its minutes
     seqs, seq_len, prompt = (8, 128, 16) if quick else (64, 1024, 64)
     gpu = torch.cuda.is_available()
     data = {"model": {"preset": "tiny" if quick else "bitmamba2-1b",
@@ -101,6 +103,7 @@ def bench_memory(quick: bool) -> dict:
         times.append(time.perf_counter() - t0)
         print(f"memory: update {len(times)} took {times[-1]:.1f}s, peak so far "
               f"{torch.cuda.max_memory_allocated() / 2**30 if gpu else 0:.2f} GiB", flush=True)
+    faulthandler.cancel_dump_traceback_later()
     peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
     return {"shape": cfg.model.preset, "seqs": seqs, "seq_len": seq_len, "params": sum(
         p.numel() for p in learner.model.parameters()), "deepspeed": learner.ds_config,

@@ -336,6 +336,7 @@ class Engine:
                 force_buf[i, : len(replay)] = torch.tensor(replay, dtype=torch.long)
                 force_len[i], force_at[i] = len(replay), 0
                 s.n_force = len(replay)
+                stats.forced_tokens += len(replay)
                 hash_count[i] = pos        # the forced steps count up to len(s.tokens)
             else:
                 force_len[i] = 0
@@ -351,6 +352,7 @@ class Engine:
                                             stop, s.n_pauses))
             if answer is None:
                 return False
+            stats.pauses += 1
             state1 = snap_state.select(torch.tensor([snap_rows.index(i)], device=dev))
             if isinstance(answer, Future):   # asynchronous tool: free the slot meanwhile; the replay of
                 # the window waits for the answer, so that it is fed together with the injection
@@ -395,8 +397,10 @@ class Engine:
                     continue
                 break
             if self.on_stop is not None:
+                ts = time.perf_counter()
                 snap_rows = active
                 snap_state = be.save_rows(torch.tensor(active, device=dev))
+                stats.snapshot_s += time.perf_counter() - ts
                 for i in active:
                     slot[i].fed_at_sync = len(slot[i].tokens) - slot[i].n_force
             forcing = any(slot[i].n_force for i in active)
@@ -422,6 +426,7 @@ class Engine:
                 logits = be.step(tok)
             logits_owned = False
             stats.decode_steps += k
+            stats.idle_slot_steps += (S - len(active)) * k
             toks, lps, mlps = (b[:, :k].tolist() for b in (buf_tok, buf_lp, buf_mlp))
             stats.decode_s += time.perf_counter() - td
             for i in active:

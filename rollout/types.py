@@ -145,6 +145,10 @@ class GenStats:
     prompt_tokens: int = 0
     new_tokens: int = 0          # kept completion tokens (excludes steps discarded past a stop)
     decode_steps: int = 0        # batched step() calls
+    idle_slot_steps: int = 0     # slot-steps with no sample in the slot (queue empty, samples parked)
+    forced_tokens: int = 0       # tokens fed by forced steps at pauses (window replays + injections)
+    pauses: int = 0              # on_stop calls that resumed or parked a sample
+    snapshot_s: float = 0.0      # host time launching the per-sync state snapshots (with on_stop)
     wall_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
