@@ -274,11 +274,11 @@ class Engine:
         def load(i: int, s: _Sample) -> None:
             """Put a queued sample into slot i: from its prompt's prefill, or back from a pause."""
             if s.resume is not None:   # from its state at the last sync, over (window up to the stop + injected)
-                state1, pos = s.resume
+                (src, row), pos = s.resume
                 s.resume = None
                 hash_keys[i] = sample_seed(s.params.seed, s.index)
                 slot[i] = s
-                feed(i, s, state1, pos)
+                to_feed.append((i, s, src, row, pos))
                 return
             pf = prefilled.get(s.key)
             if pf is None:
@@ -310,6 +310,7 @@ class Engine:
             for i in range(S):
                 if slot[i] is None and (ready or queue):
                     load(i, ready.popleft() if ready else queue.popleft())
+            feed_all()
             idle = [i for i in range(S) if slot[i] is None]
             if idle:   # keep idle rows bounded (attention positions must stay < max_len)
                 be.load_rows(blank, torch.tensor(idle, device=dev))
@@ -326,24 +327,57 @@ class Engine:
                 s.gen = make_generator(sample_seed(s.params.seed, s.index), s.n_pauses, dev)
             return inject
 
-        def feed(i: int, s: _Sample, state1, pos: int) -> None:
-            """Slot i (holding s) <- state1, the state after s.tokens[:pos]; s.tokens[pos:] (the window up to
-            the stop + injected ids) are fed next: by forced decode steps, or one extend if long."""
-            rows = torch.tensor([i], device=dev)
-            be.load_rows(state1, rows)
-            replay = s.tokens[pos:]
-            if len(replay) <= self.force_max:
-                force_buf[i, : len(replay)] = torch.tensor(replay, dtype=torch.long)
-                force_len[i], force_at[i] = len(replay), 0
-                s.n_force = len(replay)
-                stats.forced_tokens += len(replay)
-                hash_count[i] = pos        # the forced steps count up to len(s.tokens)
-            else:
-                force_len[i] = 0
-                set_logits(i, be.extend(rows, torch.tensor([replay], dtype=torch.long, device=dev))[0])
-                hash_count[i] = len(s.tokens)
-            if seen is not None:
-                seen[i] = seen_mask([list(s.key) + s.tokens], V, dev)[0]
+        to_feed: list[tuple] = []     # (slot, sample, state, its row, pos): fed together by feed_all
+        to_park: list[tuple] = []     # (sample, snapshot row): parked samples' states, selected together
+
+        def feed_all() -> None:
+            """For each queued (i, s, src, row, pos): slot i (holding s) <- row `row` of state `src`, the state
+            after s.tokens[:pos]; s.tokens[pos:] (the window up to the stop + injected ids) are fed next by
+            forced decode steps, or by one extend if longer than force_max. One state copy per source and
+            one host->device copy for all the forced rows (a pause costs a few launches, not ~100)."""
+            if not to_feed:
+                return
+            by_src: dict[int, tuple] = {}
+            for i, s, src, row, pos in to_feed:
+                by_src.setdefault(id(src), (src, [], []))
+                by_src[id(src)][1].append(i)
+                by_src[id(src)][2].append(row)
+            for src, rows, src_rows in by_src.values():
+                if src_rows != list(range(src.batch_size)):
+                    src = src.select(torch.tensor(src_rows, device=dev))
+                be.load_rows(src, torch.tensor(rows, device=dev))
+            forced = [(i, s, pos) for i, s, _, _, pos in to_feed if len(s.tokens) - pos <= self.force_max]
+            if forced:
+                host = torch.zeros(len(forced), FB + 3, dtype=torch.long)   # [tokens | len | pos | slot]
+                for n, (i, s, pos) in enumerate(forced):
+                    replay = s.tokens[pos:]
+                    host[n, : len(replay)] = torch.tensor(replay, dtype=torch.long)
+                    host[n, FB:] = torch.tensor([len(replay), pos, i])
+                    s.n_force = len(replay)
+                    stats.forced_tokens += len(replay)
+                d = host.to(dev)
+                rows = d[:, FB + 2]
+                force_buf[rows] = d[:, :FB]
+                force_len[rows] = d[:, FB]
+                force_at[rows] = 0
+                hash_count[rows] = d[:, FB + 1]     # the forced steps count up to len(s.tokens)
+            for i, s, _, _, pos in to_feed:
+                if len(s.tokens) - pos > self.force_max:
+                    force_len[i] = 0
+                    replay = torch.tensor([s.tokens[pos:]], dtype=torch.long, device=dev)
+                    set_logits(i, be.extend(torch.tensor([i], device=dev), replay)[0])
+                    hash_count[i] = len(s.tokens)
+                if seen is not None:
+                    seen[i] = seen_mask([list(s.key) + s.tokens], V, dev)[0]
+            to_feed.clear()
+
+        def park_all() -> None:
+            """The parked samples' rows of the snapshot, in one select; each keeps (that state, its row)."""
+            if to_park:
+                sub = snap_state.select(torch.tensor([r for _, r in to_park], device=dev))
+                for n, (s, _) in enumerate(to_park):
+                    s.parked = (s.parked[0], (sub, n), s.parked[2])
+                to_park.clear()
 
         def pause(i: int, s: _Sample, stop) -> bool:
             """Ask the hook at a stop. False: finish the sample. True: it was resumed or parked."""
@@ -353,10 +387,11 @@ class Engine:
             if answer is None:
                 return False
             stats.pauses += 1
-            state1 = snap_state.select(torch.tensor([snap_rows.index(i)], device=dev))
+            snap_row = snap_rows.index(i)
             if isinstance(answer, Future):   # asynchronous tool: free the slot meanwhile; the replay of
                 # the window waits for the answer, so that it is fed together with the injection
-                s.parked = (answer, state1, s.fed_at_sync)
+                s.parked = (answer, None, s.fed_at_sync)
+                to_park.append((s, snap_row))
                 parked.append(s)
                 slot[i] = None
                 return True
@@ -364,7 +399,7 @@ class Engine:
             if len(s.tokens) >= s.params.max_new_tokens:
                 finish(i, "length")          # the injection filled the budget
             else:
-                feed(i, s, state1, s.fed_at_sync)
+                to_feed.append((i, s, snap_state, snap_row, s.fed_at_sync))
             return True
 
         def collect_parked(block: bool) -> None:
@@ -373,7 +408,7 @@ class Engine:
                 wait([s.parked[0] for s in parked], return_when=FIRST_COMPLETED)
             for s in [s for s in parked if s.parked[0].done()]:
                 parked.remove(s)
-                fut, state1, pos = s.parked
+                fut, state1, pos = s.parked      # state1: (parked states, row)
                 s.parked = None
                 answer = fut.result()
                 if answer is None:
@@ -448,6 +483,8 @@ class Engine:
                     if len(s.tokens) >= s.params.max_new_tokens:
                         finish(i, "length")
                         break
+            park_all()
+            feed_all()
 
         stats.wall_s = time.perf_counter() - t0
         self.last_stats = stats
