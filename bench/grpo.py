@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()
                  or "cpu", "torch": torch.__version__, "quick": args.quick,
                  "command": "python bench/grpo.py" + (" --quick" if args.quick else "")
-                 + (f" --only {args.only}" if args.only else "") + (f" --steps {args.steps}" if args.steps else "")}
+                 + (f" --only {args.only}" if args.only else "") + (f" --steps {args.steps}" if args.steps else ""),
+                 "env": {k: os.environ[k] for k in ("BITMAMBA_AUTOTUNE", "MAMBA_DETERMINISTIC") if k in os.environ}}
     if args.only in (None, "step"):
         # the run's metrics.jsonl lands beside the JSON, so a run cut off by a time limit still leaves its steps
         run_dir = out.parent / (out.stem + "_run") if out.parent.exists() else Path(tempfile.mkdtemp())

@@ -249,6 +249,9 @@ def run(quick: bool, steps: int | None, micro_batch: int | None, hf_kernels: str
 
 def compare(res: dict, ours_path: Path) -> dict:
     """Ratio TRL mean s/step over ours (step.mean['time/step'] in bench/grpo.py's JSON)."""
+    if not ours_path.is_file():
+        raise SystemExit(f"--compare {ours_path}: no such file (run python bench/grpo.py --only step first; "
+                         "this run's TRL numbers are saved)")
     ours = json.loads(ours_path.read_text())
     if "time/step" not in ours.get("step", {}).get("mean", {}):
         raise SystemExit(f"{ours_path}: no step.mean['time/step']; write it with python bench/grpo.py --only step")
@@ -304,10 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ROOT / "bench" / "results" / ("grpo_trl_quick.json" if args.quick else "grpo_trl.json"))
     res = {"command": " ".join(["python bench/grpo_trl.py", *(sys.argv[1:] if argv is None else argv)])}
     res.update(run(args.quick, args.steps, args.micro_batch, args.hf_kernels))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str))     # before --compare, which can fail
     if args.compare is not None:
         res["compare"] = compare(res, args.compare)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=str))
+        out.write_text(json.dumps(res, indent=1, default=str))
     print_table(res)
     print(f"wrote {out}")
     return 0
