@@ -29,12 +29,13 @@ item() {   # item SECONDS LOGNAME command...
 }
 
 case "${1:-}" in
-  tests)   # BITMAMBA_AUTOTUNE=0: two configs per ternary kernel (compile minutes, not tuning)
+  tests)   # BITMAMBA_AUTOTUNE=0: two configs per ternary kernel (compile minutes, not tuning);
+    # --timeout (pytest-timeout, in the device image): a test stuck compiling fails instead of eating the run
     export MAMBA_DETERMINISTIC=1 BITMAMBA_AUTOTUNE=0
     item 330 gpu_tests_decode python -m pytest -v -p no:cacheprovider -o addopts="" -m gpu \
-      tests/test_gpu_decode.py tests/test_engine_gpu.py --durations=12
+      tests/test_gpu_decode.py tests/test_engine_gpu.py --durations=12 --timeout=90
     item 200 gpu_tests_model python -m pytest -v -p no:cacheprovider -o addopts="" -m gpu \
-      tests/test_gpu_model.py --durations=8
+      tests/test_gpu_model.py --durations=8 --timeout=90
     ;;
   decode)
     item 300 decode_1b python bench/decode.py --preset bitmamba2-1b --batch 1 16 64 256 --hf-batch 1 64 \
