@@ -182,3 +182,37 @@ def test_async_hook_parks_the_sample_and_frees_its_slot(model, tok, prompt, gree
     cont = naive_generate(model, prompt + head, SamplingParams(max_new_tokens=24 - len(head),
                                                                stop_token_ids=[greedy_ref[i]], **GREEDY))
     assert a.token_ids[len(head):] == cont.token_ids and a.finish_reason == cont.finish_reason
+
+
+@pytest.mark.parametrize("force_max", [64, 0])
+def test_many_samples_parking_in_the_same_windows_match_one_slot_and_the_reference(model, tok, force_max):
+    """Several samples stop and park in the same sync windows (their states are selected from the
+    snapshot together, and resumed rows are loaded and fed together): every sample equals its own
+    one-slot run, and each stretch after an injection equals the naive reference from prompt + all
+    tokens so far (forced decode steps, force_max 64; one extend, force_max 0)."""
+    import threading
+    from concurrent.futures import Future
+
+    inject = tok.encode("<tool_response>ok</tool_response>", add_special_tokens=False)
+    stops = list(range(40, 384, 2))              # half the vocabulary: every sample stops early and often
+
+    def on_stop(view):
+        if view.n_pauses >= 2:
+            return None
+        fut = Future()
+        threading.Thread(target=fut.set_result, args=(inject,)).start()
+        return fut
+
+    params = SamplingParams(max_new_tokens=30, stop_token_ids=stops, **GREEDY)
+    reqs = [GenRequest(tok.encode(f"Question {k}: what is {k} + {2 * k}?", add_special_tokens=False), params,
+                       f"r{k}") for k in range(6)]
+    many = _engine(model, tok, slots=4, sync_every=8, on_stop=on_stop, force_max=force_max).generate(reqs)
+    assert sum(r.sampled_mask.count(0) for r in many) >= 6 * len(inject)     # at least one injection each
+    for r, req in zip(many, reqs):
+        one = _engine(model, tok, slots=1, sync_every=8, on_stop=on_stop, force_max=force_max).generate([req])[0]
+        assert r.token_ids == one.token_ids and r.sampled_mask == one.sampled_mask
+        # after the last injection: the naive reference from everything before it
+        end = max(i for i, m in enumerate(r.sampled_mask) if m == 0) + 1
+        rest = naive_generate(model, req.prompt_ids + r.token_ids[:end],
+                              SamplingParams(max_new_tokens=30 - end, stop_token_ids=stops, **GREEDY))
+        assert r.token_ids[end:] == rest.token_ids
