@@ -216,3 +216,30 @@ def test_many_samples_parking_in_the_same_windows_match_one_slot_and_the_referen
         rest = naive_generate(model, req.prompt_ids + r.token_ids[:end],
                               SamplingParams(max_new_tokens=30 - end, stop_token_ids=stops, **GREEDY))
         assert r.token_ids[end:] == rest.token_ids
+
+
+@pytest.mark.parametrize("noise", ["generator", "hash"])
+def test_sampled_pausing_rollouts_replay_exactly_whatever_the_slot_count(model, tok, noise):
+    """Temperature, top-k and a repetition penalty with pauses every few tokens: the forced steps of
+    the replay and the injection draw noise like any step, so 5 slots and 1 slot give the same
+    samples (per-sample seeds), for both noise sources."""
+    import threading
+    from concurrent.futures import Future
+
+    inject = tok.encode("<tool_response>ok</tool_response>", add_special_tokens=False)
+
+    def on_stop(view):
+        if view.n_pauses >= 2:
+            return None
+        fut = Future()
+        threading.Thread(target=fut.set_result, args=(inject,)).start()
+        return fut
+
+    p = SamplingParams(max_new_tokens=40, temperature=0.9, top_k=50, repetition_penalty=1.3, seed=5, n=3,
+                       stop_token_ids=list(range(40, 384, 3)))
+    reqs = [GenRequest(tok.encode(f"Q{k}: {k}+{k}?", add_special_tokens=False), p, f"r{k}") for k in range(4)]
+    a = _engine(model, tok, slots=5, on_stop=on_stop, noise=noise).generate(reqs)
+    b = _engine(model, tok, slots=1, on_stop=on_stop, noise=noise).generate(reqs)
+    assert sum(r.sampled_mask.count(0) for r in a) >= 12 * len(inject)       # pauses in (nearly) every sample
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [x for r in a for x in r.logprobs] == pytest.approx([x for r in b for x in r.logprobs], abs=1e-5)
