@@ -8,6 +8,7 @@
 #   bash bench/gpu_suite.sh profile    # kernel-level profiles of decode steps and a 2K training step
 #   bash bench/gpu_suite.sh scaling    # Ray, 4 GPUs (nvidia-h200-x4): rollout throughput over 1/2/4 workers
 #   bash bench/gpu_suite.sh trl        # TRL GRPOTrainer baseline (pack trl first: see bench/grpo_trl.py)
+#   bash bench/gpu_suite.sh save-cache # Triton's compile cache -> $OUT/triton_cache.tgz (see below)
 #
 # Every item has its own time limit, so one slow item cannot eat the run; results land in $OUT
 # (default bench/results) as they are produced. On the device: start the command with
@@ -16,6 +17,13 @@ set -u
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+# Triton's compile cache from an earlier machine (same image, sm_90, same sources => same keys): most of a
+# fresh machine's first minutes go to compiling. Save it with `bash bench/gpu_suite.sh save-cache`, copy the
+# returned file to .device/triton_cache.tgz here, and carry that path in the next runs.
+if [[ -f .device/triton_cache.tgz && ! -f ~/.triton/.restored ]]; then
+  mkdir -p ~/.triton && tar xzf .device/triton_cache.tgz -C ~/.triton && touch ~/.triton/.restored \
+    && echo "restored Triton cache: $(du -sh ~/.triton/cache | cut -f1)"
+fi
 
 item() {   # item SECONDS LOGNAME command...
   local t=$1 name=$2
@@ -64,8 +72,11 @@ case "${1:-}" in
   profile)
     item 400 profile python bench/gpu_profile.py --decode-batch 1 64 --train-context 2048 --out "$OUT/profile.json"
     ;;
+  save-cache)   # the machine's Triton cache -> $OUT/triton_cache.tgz (at most 16 MiB comes back)
+    tar czf "$OUT/triton_cache.tgz" -C ~/.triton cache && ls -la "$OUT/triton_cache.tgz"
+    ;;
   *)
-    sed -n 2,15p "$0"
+    sed -n 2,16p "$0"
     exit 2
     ;;
 esac

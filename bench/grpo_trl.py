@@ -23,13 +23,16 @@ norm stay in torch); `--hf-kernels torch` forces its pure-torch code. The JSON's
 `hf_kernel_impls` records which function each hook called. `tokens_per_s` is defined as in
 bench/grpo.py (completion tokens per second of generation); `tokens_per_s_step` divides by the step.
 
-On the GPU machine (one H100; no package registry there, so TRL travels as wheels; bench/results/
-decode.json recorded torch 2.11 and transformers 5.17 there). On the dev machine, once:
-    bash ../shared/gpu/pack.sh trl==1.16.0 accelerate==1.15.0 datasets==5.2.0 dill multiprocess xxhash
-(add pyarrow, pandas, fsspec, psutil if the device lacks them; pyarrow's wheel is about 40 MB of the
-64 MiB a run may carry). Then, in one device run bringing .device/bin and .device/p1:
-    source .device/bin/setup.sh || exit 1; python bench/grpo_trl.py --out $OUT/grpo_trl.json \\
-        --compare bench/results/grpo.json
+On the GPU machine (one H100; no package registry there, so TRL travels as wheels). The device image
+already has accelerate, pyarrow, pandas, fsspec, xxhash and transformers; on the dev machine, once:
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+        -d .whl trl==1.16.0 datasets==5.2.0 dill multiprocess
+Then a device run bringing .device/bin, .device/p1 (or a warm machine) and .whl:
+    source .device/bin/setup.sh || exit 1; OUT=$OUT bash bench/gpu_suite.sh trl
+Run on the H100 (session 3): 135.6 s for the first step, 24.21 s for the second, against our 20.3 s
+(bench/results/grpo_trl.json, rebuilt from the console log; see bench/results/h100_session3/).
 Tested: trl 1.16.0 with transformers 5.23.0, accelerate 1.15.0, torch 2.13 (CPU), `--quick` only; the
 GPU shape has not been run yet. TRL is optional: `pip install -e .[bench]` (pins trl==1.16.0).
 Nothing is downloaded at run time: the tokenizer is the repo's offline tiny BPE (rollout/tokenizer.py,
