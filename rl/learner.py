@@ -134,6 +134,11 @@ def deepspeed_config(sec: LearnerSection, on_gpu: bool) -> dict:
                                                   "weight_decay": sec.weight_decay, "eps": 1e-8}},
         "zero_optimization": zero,
         "bf16": {"enabled": bool(bf16)},
+        # bf16 weights, fp32 gradient accumulation: ZeRO-2 then accumulates the micro-batches' gradients
+        # in one fp32 buffer on the device and copies them to the offloaded optimizer once per step;
+        # with bf16 accumulation and offload it round-trips every gradient through the CPU at every
+        # micro-batch (deepspeed/runtime/zero/stage_1_and_2.py, copy_grads_in_partition)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

@@ -171,3 +171,26 @@ def test_kl_to_frozen_reference():
     ref_p = dict(learner.ref.named_parameters())
     assert any(not torch.equal(p.detach().cpu(), ref_p[n].detach().cpu())
                for n, p in learner.model.named_parameters())
+
+
+def test_bf16_learner_accumulates_gradients_in_fp32_on_the_device():
+    """With bf16 (the GPU default) the DeepSpeed config asks for fp32 gradient accumulation, which puts
+    ZeRO-2 with CPU offload on its device-side accumulation path (one copy to the CPU per optimizer
+    step, not a round trip per micro-batch); several micro-batches then give the gradient of the
+    whole batch, as in fp32."""
+    from rl.learner import deepspeed_config
+
+    assert deepspeed_config(make_cfg().learner, on_gpu=True)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in deepspeed_config(make_cfg().learner, on_gpu=False)
+    P, C = make_batch(n=6, p=5, c=12)
+    batch = TrainBatch(P, C, [[-3.0] * len(c) for c in C], [[1.0] * len(c) for c in C], [1.0, -1.0] * 3)
+    norms = []
+    for budget in (24, 4096):                      # 6 micro-batches vs one
+        torch.manual_seed(0)
+        lr = Learner(make_cfg(bf16=True, micro_batch_tokens=budget))
+        assert lr.ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
+        assert lr.optimizer.gradient_accumulation_dtype == torch.float32
+        assert lr.optimizer._use_compact_grad_partition_buffer(0)
+        assert len(pack_micro_batches(batch, list(range(6)), budget)) == (6 if budget == 24 else 1)
+        norms.append(lr.update(batch)["learn/grad_norm"])
+    assert norms[0] == pytest.approx(norms[1], rel=2e-2)      # bf16 forward/backward, fp32 sums
