@@ -14,6 +14,8 @@ exactly once.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -66,6 +68,10 @@ class GenerationWorker:
         return {"pid": os.getpid(), "version": self.version, "device": str(self.device),
                 "backend": type(self.backend).__name__, "slots": self.engine.slots,
                 "oom_backoffs": self.oom_backoffs}
+
+    def engine_stats(self) -> dict[str, Any]:
+        """The last generate's engine counters and seconds (`GenStats`)."""
+        return dataclasses.asdict(self.engine.last_stats)
 
     def load_weights(self, weights: PolicyWeights) -> int:
         """Load a policy version (the driver passes the object-store reference; Ray resolves it)."""
@@ -177,7 +183,13 @@ class WorkerGroup:
                 raise RuntimeError(f"prompt {j.uid}: got samples {[r.sample_index for r in got]}, "
                                    f"expected 0..{params.n - 1}")
             out.extend(got)
-        return out, {"workers/restarts": float(restarts), "workers/regenerated_prompts": float(regenerated)}
+        stats = {"workers/restarts": float(restarts), "workers/regenerated_prompts": float(regenerated)}
+        # where the generate phase goes: the slowest worker's engine (the rest is Ray and transfer)
+        es = ray.get([self.actors[w].engine_stats.remote() for w in range(W) if shards[w]])
+        for key in ("wall_s", "prefill_s", "decode_s", "decode_steps"):
+            stats[f"gen/engine_{key}"] = float(max(e[key] for e in es)) if es else 0.0
+        stats["gen/idle_slot_steps"] = float(sum(e["idle_slot_steps"] for e in es))
+        return out, stats
 
     def ping(self) -> list[dict]:
         return ray.get([a.ping.remote() for a in self.actors])

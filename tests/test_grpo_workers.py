@@ -35,6 +35,9 @@ def test_dead_worker_is_restarted_resynced_and_only_its_prompts_regenerated(ray_
         params = SamplingParams(max_new_tokens=5, temperature=1.0, n=3)
         clean, stats = group.generate(jobs, params)
         assert stats["workers/restarts"] == 0
+        # the slowest worker's engine: 3 prompts x 3 samples in 8 slots, 5 tokens each -> at least 5 steps
+        assert 5 <= stats["gen/engine_decode_steps"] <= 10
+        assert 0 < stats["gen/engine_decode_s"] <= stats["gen/engine_wall_s"]
 
         old_pid = ray.get(group.actors[1].ping.remote())["pid"]
         ray.get(group.actors[1].crash_on_next_generate.remote())
