@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh decode     # bench/decode.py, both presets of issue 3 -> $OUT/decode*.json
 #   bash bench/gpu_suite.sh ray        # needs Ray: GPU OOM backoff, agent_decode, learner memory (bench/grpo.py)
 #   bash bench/gpu_suite.sh grpo       # needs Ray: GRPO step-time breakdown (bench/grpo.py --only step)
-#   bash bench/gpu_suite.sh profile    # kernel-level profiles of decode steps and a 2K training step
+#   bash bench/gpu_suite.sh profile    # sampling cost per step; kernel-level profiles of decode and a 2K training step
 #   bash bench/gpu_suite.sh scaling    # Ray, 4 GPUs (nvidia-h200-x4): rollout throughput over 1/2/4 workers
 #   bash bench/gpu_suite.sh trl        # TRL GRPOTrainer baseline (pack trl first: see bench/grpo_trl.py)
 #   bash bench/gpu_suite.sh save-cache # Triton's compile cache -> $OUT/triton_cache.tgz (see below)
@@ -70,6 +70,7 @@ case "${1:-}" in
     item 540 grpo_trl python bench/grpo_trl.py --steps 2 --out "$OUT/grpo_trl.json" --compare bench/results/grpo.json
     ;;
   profile)
+    item 90 sampling python bench/sampling.py --out "$OUT/sampling.json"
     item 400 profile python bench/gpu_profile.py --decode-batch 1 64 --train-context 2048 --out "$OUT/profile.json"
     ;;
   save-cache)   # the machine's Triton cache -> $OUT/triton_cache.tgz (at most 16 MiB comes back)

@@ -191,34 +191,20 @@ def exponential_noise(generators: Sequence[torch.Generator | None], vocab_size: 
     return E
 
 
-def _i64(c: int) -> int:
-    """An unsigned 64-bit constant as the signed int64 with the same bits."""
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-def _lsr(x: Tensor, k: int) -> Tensor:
-    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
 def hash_exponential_noise(keys: Tensor, counters: Tensor, vocab_size: int) -> Tensor:
     """[B, V] Exponential(1) draws from a counter-based hash of (row key, row counter, token id).
 
     keys [B] int64 (e.g. `sample_seed(seed, i)`), counters [B] int64 (tokens drawn so far by that
-    sample). Element-wise integer ops only: one batched computation whatever B (the per-row generator
-    loop costs one launch per row on GPU), still replayable per sample and independent of batching.
-    splitmix64 finalizer over int64 with wrapping multiplies; 24-bit uniforms.
+    sample). One batched computation whatever B (the per-row generator loop costs one launch per row on
+    GPU), still replayable per sample and independent of batching. splitmix64 finalizer over int64 with
+    wrapping multiplies; 24-bit uniforms from `rollout.kernels.hash_noise.hash_uniform` (one Triton
+    kernel on CUDA, bitwise equal to its torch reference used on CPU), then -log.
     """
-    v = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
-    x = (keys[:, None] * _i64(0x9E3779B97F4A7C15) + counters[:, None] * _i64(0xD1B54A32D192ED03)
-         + v[None, :] * _i64(0xC2B2AE3D27D4EB4F))
-    x = x ^ _lsr(x, 30)
-    x = x * _i64(0xBF58476D1CE4E5B9)
-    x = x ^ _lsr(x, 27)
-    x = x * _i64(0x94D049BB133111EB)
-    x = x ^ _lsr(x, 31)
-    u = (_lsr(x, 40).float() + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(u)
+    # imported here, not at module import: rollout.kernels defines its Triton kernels on first import,
+    # and TRITON_INTERPRET (CPU tests of the kernels) must be set before that
+    from rollout.kernels.hash_noise import hash_uniform
+
+    return hash_uniform(keys, counters, vocab_size).log_().neg_()
 
 
 def sample(logits: Tensor, st: SamplingTensors, generators: Sequence[torch.Generator | None],

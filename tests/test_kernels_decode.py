@@ -277,3 +277,23 @@ def test_gemv_long_rows_padding_and_multi_tile_prologue(M):
     torch.testing.assert_close(y, ternary_matmul_ref(xq, sx, packed, scale, K, residual=r), rtol=1e-5, atol=1e-4)
     yi = ternary_matmul(xq, sx, words, scale, K, impl="triton")
     assert torch.equal(yi, ternary_matmul_ref(xq, sx, packed, scale, K))
+
+
+@needs_interp
+@pytest.mark.parametrize("B,V", [(1, 7), (3, 1024), (5, 2500)])
+def test_hash_uniform_kernel_is_bitwise_the_torch_reference(B, V):
+    """The sampling noise's hash in one Triton kernel: integer-exact, so the uniforms (and the
+    Exponential draws built from them) equal the torch reference bit for bit, for keys of any sign and
+    size and a vocabulary that does not fill the last block."""
+    from rollout.kernels.hash_noise import hash_uniform, hash_uniform_ref
+    from rollout.sampling import sample_seed
+
+    keys = torch.tensor([sample_seed(s, i) for s, i in zip(range(B), range(7, 7 + B))], dtype=torch.int64)
+    keys[0] = -(1 << 62) + 12345                       # a negative key
+    counters = torch.arange(B, dtype=torch.int64) * 977 + 3
+    u = hash_uniform(keys, counters, V, impl="triton")
+    ref = hash_uniform_ref(keys, counters, V)
+    assert u.shape == (B, V) and u.dtype == torch.float32
+    assert torch.equal(u, ref)
+    assert float(u.min()) > 0.0 and float(u.max()) < 1.0
+    assert len(torch.unique(u)) > 0.99 * B * V             # distinct draws, not a constant
