@@ -184,24 +184,30 @@ def test_async_hook_parks_the_sample_and_frees_its_slot(model, tok, prompt, gree
     assert a.token_ids[len(head):] == cont.token_ids and a.finish_reason == cont.finish_reason
 
 
+def _async_tool_hook(inject: list[int], pauses: int = 2):
+    """A pause hook like the agent's: a Future answered from another thread with `inject`, `pauses`
+    times per sample, then finish."""
+    import threading
+    from concurrent.futures import Future
+
+    def on_stop(view):
+        if view.n_pauses >= pauses:
+            return None
+        fut = Future()
+        threading.Thread(target=fut.set_result, args=(inject,)).start()
+        return fut
+    return on_stop
+
+
 @pytest.mark.parametrize("force_max", [64, 0])
 def test_many_samples_parking_in_the_same_windows_match_one_slot_and_the_reference(model, tok, force_max):
     """Several samples stop and park in the same sync windows (their states are selected from the
     snapshot together, and resumed rows are loaded and fed together): every sample equals its own
     one-slot run, and each stretch after an injection equals the naive reference from prompt + all
     tokens so far (forced decode steps, force_max 64; one extend, force_max 0)."""
-    import threading
-    from concurrent.futures import Future
-
     inject = tok.encode("<tool_response>ok</tool_response>", add_special_tokens=False)
+    on_stop = _async_tool_hook(inject)
     stops = list(range(40, 384, 2))              # half the vocabulary: every sample stops early and often
-
-    def on_stop(view):
-        if view.n_pauses >= 2:
-            return None
-        fut = Future()
-        threading.Thread(target=fut.set_result, args=(inject,)).start()
-        return fut
 
     params = SamplingParams(max_new_tokens=30, stop_token_ids=stops, **GREEDY)
     reqs = [GenRequest(tok.encode(f"Question {k}: what is {k} + {2 * k}?", add_special_tokens=False), params,
@@ -223,17 +229,8 @@ def test_sampled_pausing_rollouts_replay_exactly_whatever_the_slot_count(model, 
     """Temperature, top-k and a repetition penalty with pauses every few tokens: the forced steps of
     the replay and the injection draw noise like any step, so 5 slots and 1 slot give the same
     samples (per-sample seeds), for both noise sources."""
-    import threading
-    from concurrent.futures import Future
-
     inject = tok.encode("<tool_response>ok</tool_response>", add_special_tokens=False)
-
-    def on_stop(view):
-        if view.n_pauses >= 2:
-            return None
-        fut = Future()
-        threading.Thread(target=fut.set_result, args=(inject,)).start()
-        return fut
+    on_stop = _async_tool_hook(inject)
 
     p = SamplingParams(max_new_tokens=40, temperature=0.9, top_k=50, repetition_penalty=1.3, seed=5, n=3,
                        stop_token_ids=list(range(40, 384, 3)))
