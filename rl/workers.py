@@ -14,11 +14,9 @@ exactly once.
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import ray
@@ -71,7 +69,7 @@ class GenerationWorker:
 
     def engine_stats(self) -> dict[str, Any]:
         """The last generate's engine counters and seconds (`GenStats`)."""
-        return dataclasses.asdict(self.engine.last_stats)
+        return asdict(self.engine.last_stats)
 
     def load_weights(self, weights: PolicyWeights) -> int:
         """Load a policy version (the driver passes the object-store reference; Ray resolves it)."""
