@@ -134,7 +134,7 @@ def ternary_matmul_ref(
 if triton is not None:
 
     @triton.jit
-    def _flush_group(acc, part, sc_ptr, offs_n, mask_n, stride_sn, c, j: tl.constexpr, W: tl.constexpr, GS, K,
+    def _flush_group(acc, part, sc_ptr, offs_n, mask_n, stride_sn, c, j, W: tl.constexpr, GS, K,
                      ROW: tl.constexpr):
         """After slice j of chunk c: if a scale group ends there, acc += part / scale[n, group]; part = 0
         (one division per group of an exact partial sum, the reference's op order). acc, part: [BN] (ROW)
@@ -271,7 +271,7 @@ if triton is not None:
         for c in range(NCH):
             words = tl.load(c_ptr + offs_n[None, :] * stride_cn + (c * W + offs_w)[:, None],
                             mask=mask_n[None, :], other=0)                                # [W, BN] int32
-            for j in tl.static_range(16):
+            for j in range(16):    # not static_range: 16 unrolled int8 dots took minutes to compile
                 k = c * (16 * W) + j * W + offs_w
                 a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                             mask=mask_m[:, None] & (k < K)[None, :], other=0)             # [BM, W]
