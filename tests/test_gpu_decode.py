@@ -57,12 +57,15 @@ def test_ternary_matmul_gpu(M, N, K, gs):
     s_x = torch.rand(M, device=DEV) * 10 + 1
     y = ternary_matmul(x, s_x, codes, scale, gs, impl="triton")
     yr = ternary_matmul_ref(x, s_x, codes, scale, gs)
-    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-3)
+    # grouped scales: K / gs fp32 partials (|part / scale| up to ~1e4) are summed in another order than
+    # torch's; where they cancel, a few ulps of 1e4 remain (H100: 1 of 32K outputs off by 1.14e-3 at K/gs=32)
+    atol = 1e-3 if gs == K else 1e-3 * K // 2048
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=atol)
     yb = ternary_matmul(x, s_x, codes, scale, gs, out_dtype=torch.bfloat16, impl="triton")
     torch.testing.assert_close(yb.float(), yr, rtol=1e-2, atol=1e-1)
     r = torch.randn(M, N, device=DEV)
     yres = ternary_matmul(x, s_x, codes, scale, gs, residual=r.clone(), impl="triton")
-    torch.testing.assert_close(yres, yr + r, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(yres, yr + r, rtol=1e-5, atol=atol)
     # W1.58A16: fp32 and bf16 activations
     xf = torch.randn(M, K, device=DEV)
     ya = ternary_matmul(xf, None, codes, scale, gs, impl="triton")
