@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import importlib
 import importlib.util
 import inspect
@@ -592,11 +593,8 @@ class ToolSet:
         def on_error(e: BaseException) -> ToolOutcome:
             return ToolOutcome(f"error: {type(e).__name__}: {str(e)[:500]}", "error")
 
-        timer = threading.Timer(self.timeout_s, lambda: resolve(
+        _DEADLINES.add(t0 + self.timeout_s, out, lambda: resolve(
             ToolOutcome(f"error: tool {name} timed out after {self.timeout_s:g} s", "timeout")))
-        timer.daemon = True
-        timer.start()
-        out.add_done_callback(lambda _: timer.cancel())
         if _is_async(t):
             async def run_async():
                 return await asyncio.wait_for(t(**arguments), self.timeout_s)
@@ -623,30 +621,78 @@ class ToolSet:
         return out
 
 
+class _Deadlines:
+    """One daemon thread firing the timeouts of all pending calls (a `threading.Timer` per call cost a
+    thread start, ~1 ms of the decode thread's time, per tool call). `add(when, fut, fire)` calls
+    `fire()` at `when` (perf_counter seconds) unless `fut` is done by then."""
+
+    def __init__(self):
+        self._heap: list[tuple[float, int, Future, Callable[[], None]]] = []
+        self._cv = threading.Condition()
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, when: float, fut: Future, fire: Callable[[], None]) -> None:
+        with self._cv:
+            self._seq += 1
+            heapq.heappush(self._heap, (when, self._seq, fut, fire))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tool-deadlines", daemon=True)
+                self._thread.start()
+            if self._heap[0][1] == self._seq:    # the new one is the earliest: re-arm the wait
+                self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._heap and self._heap[0][2].done():     # answered in time: drop
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cv.wait()
+                    continue
+                delay = self._heap[0][0] - time.perf_counter()
+                if delay > 0:
+                    self._cv.wait(min(delay, 1.0))   # wakes for an earlier deadline, or re-checks done ones
+                    continue
+                _, _, fut, fire = heapq.heappop(self._heap)
+            if not fut.done():
+                fire()
+
+
+_DEADLINES = _Deadlines()
+
+
 class _DaemonPool:
     """A fixed set of daemon threads over a queue: a tool that never returns holds one thread but
-    cannot block interpreter exit (ThreadPoolExecutor joins its threads at exit)."""
+    cannot block interpreter exit (ThreadPoolExecutor joins its threads at exit). A thread is started
+    only when no started one is idle (a thread start blocks the caller for ~1 ms)."""
 
     def __init__(self, workers: int):
         self.workers = workers
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._idle = 0
         self._closed = False
         self._lock = threading.Lock()
 
     def _run(self) -> None:
         while True:
             fn = self._q.get()
+            with self._lock:
+                self._idle -= 1
             if fn is None:
                 return
             fn()
+            with self._lock:
+                self._idle += 1
 
     def submit(self, fn: Callable[[], None]) -> bool:
         with self._lock:
             if self._closed:
                 return False
-            if len(self._threads) < self.workers:
+            if self._idle <= self._q.qsize() and len(self._threads) < self.workers:
                 t = threading.Thread(target=self._run, name=f"tool-{len(self._threads)}", daemon=True)
+                self._idle += 1
                 t.start()
                 self._threads.append(t)
         self._q.put(fn)

@@ -218,6 +218,39 @@ def test_toolset_turns_failures_into_text_and_status():
         ts.close()
 
 
+def test_toolset_starts_no_thread_per_call_and_keeps_each_calls_own_deadline(monkeypatch):
+    """Fast calls reuse idle pool threads (no thread start, no timer thread per call); a short
+    deadline submitted after a long one still fires on time."""
+    release = threading.Event()
+    starts = []
+    real_start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (starts.append(self.name), real_start(self))[1])
+
+    @tool
+    def hangs():
+        "never returns (until the test ends)"
+        release.wait(60)
+        return "late"
+
+    slow = ToolSet([hangs], timeout_s=30, workers=2)
+    fast = ToolSet([Calculator(), hangs], timeout_s=0.3, workers=8)
+    try:
+        long_wait = slow.submit("hangs", {})        # 30 s deadline, queued first
+        starts.clear()
+        outs = [fast.call("calculator", {"expression": f"{i}*3"}) for i in range(50)]
+        assert [o.text for o in outs] == [str(3 * i) for i in range(50)]
+        assert len(starts) <= 1, starts                  # at most one pool thread for 50 sequential calls
+        t0 = time.perf_counter()
+        short = fast.submit("hangs", {})
+        assert short.result(timeout=5).status == "timeout"
+        assert 0.25 < time.perf_counter() - t0 < 2.0
+        assert not long_wait.done()
+    finally:
+        release.set()
+        slow.close()
+        fast.close()
+
+
 def test_function_tool_and_interface_check():
     ft = FunctionTool(lambda a, b=2: str(a * b), name="mul", description="multiply")
     assert ft(a=3) == "6" and ft.parameters["required"] == ["a"]

@@ -47,6 +47,11 @@ try:
 except ImportError:
     triton = None
 
+# slices of a 16-slice chunk unrolled per loop iteration of the tensor-core kernel: all 16 made Triton 3.6
+# take minutes per config to compile for sm_90 (session 4, timed offline with its ptxas); 8 takes ~3 s
+DOT_UNROLL = int(os.environ.get("BITMAMBA_DOT_UNROLL", "8"))
+if DOT_UNROLL not in (1, 2, 4, 8, 16):
+    raise ValueError(f"BITMAMBA_DOT_UNROLL must be 1, 2, 4, 8 or 16, got {DOT_UNROLL}")
 GEMV_MAX_M = 2   # above this the weights are read once by the tensor-core kernel (M tile 16+)
 MAX_W = 128
 _MIN_DOT_W = 32
@@ -254,7 +259,7 @@ if triton is not None:
         M, N, K, GS, NCH,
         stride_xm, stride_cn, stride_sn, stride_ym, stride_rm,
         X_INT8: tl.constexpr, PER_TENSOR: tl.constexpr, IEEE: tl.constexpr, HAS_RES: tl.constexpr,
-        W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -271,23 +276,25 @@ if triton is not None:
         for c in range(NCH):
             words = tl.load(c_ptr + offs_n[None, :] * stride_cn + (c * W + offs_w)[:, None],
                             mask=mask_n[None, :], other=0)                                # [W, BN] int32
-            for j in range(16):    # not static_range: 16 unrolled int8 dots took minutes to compile
-                k = c * (16 * W) + j * W + offs_w
-                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                            mask=mask_m[:, None] & (k < K)[None, :], other=0)             # [BM, W]
-                wj = (words >> (2 * j)) & 3
-                if X_INT8:
-                    b = (wj - 1).to(tl.int8)
-                    p = tl.dot(a, b, out_dtype=tl.int32)
-                else:
-                    b = (wj.to(tl.float32) - 1.0).to(a.dtype)
-                    if IEEE:
-                        p = tl.dot(a, b, input_precision="ieee")
+            for jj in range(16 // UNROLL):   # UNROLL slices per iteration (module doc: compile time)
+                for j2 in tl.static_range(UNROLL):
+                    j = jj * UNROLL + j2
+                    k = c * (16 * W) + j * W + offs_w
+                    a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                                mask=mask_m[:, None] & (k < K)[None, :], other=0)             # [BM, W]
+                    wj = (words >> (2 * j)) & 3
+                    if X_INT8:
+                        b = (wj - 1).to(tl.int8)
+                        p = tl.dot(a, b, out_dtype=tl.int32)
                     else:
-                        p = tl.dot(a, b)
-                part += p
-                if not PER_TENSOR:
-                    acc, part = _flush_group(acc, part, sc_ptr, offs_n, mask_n, stride_sn, c, j, W, GS, K, False)
+                        b = (wj.to(tl.float32) - 1.0).to(a.dtype)
+                        if IEEE:
+                            p = tl.dot(a, b, input_precision="ieee")
+                        else:
+                            p = tl.dot(a, b)
+                    part += p
+                    if not PER_TENSOR:
+                        acc, part = _flush_group(acc, part, sc_ptr, offs_n, mask_n, stride_sn, c, j, W, GS, K, False)
         if PER_TENSOR:
             sc0 = tl.load(sc_ptr)
             acc = tl.math.div_rn(part.to(tl.float32), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + sc0)
@@ -426,7 +433,7 @@ def ternary_matmul(
     _dot[grid](x, sx, words, scale, out, res, M, N, K, gs, nch,
                x.stride(0), words.stride(0), 0 if per_tensor else scale.stride(0), out.stride(0), res.stride(0),
                X_INT8=act_int8, PER_TENSOR=per_tensor, IEEE=x.dtype == torch.float32, HAS_RES=residual is not None,
-               W=W, **extra)
+               W=W, UNROLL=1 if x.dtype == torch.float32 else DOT_UNROLL, **extra)   # fp32 IEEE dots: ~20 s/config at 8
     return out
 
 
