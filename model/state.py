@@ -61,5 +61,5 @@ class ModelState:
     def select(self, rows: Tensor) -> "ModelState":
         """A new state holding copies of the given rows, in that order."""
         rows = torch.as_tensor(rows, device=self.pos.device, dtype=torch.long)
-        layers = [type(layer)(**{name: t[rows].clone() for name, t in _tensors(layer)}) for layer in self.layers]
-        return ModelState(layers=layers, pos=self.pos[rows].clone())
+        layers = [type(layer)(**{name: t.index_select(0, rows) for name, t in _tensors(layer)}) for layer in self.layers]
+        return ModelState(layers=layers, pos=self.pos.index_select(0, rows))

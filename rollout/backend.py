@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from model.errors import BitMambaError
-from model.state import ModelState
+from model.state import MambaState, ModelState
 
 if TYPE_CHECKING:
     from model.lm import BitMambaLM
@@ -63,6 +63,45 @@ def write_rows(dst: ModelState, rows: Tensor, src: ModelState) -> None:
                                  f"vs {tuple(t_dst.shape)} (different max_len?)")
             t_dst[rows] = t_src.to(t_dst.dtype)
     dst.pos[rows] = src.pos.to(dst.pos.device)
+
+
+class RowSnapshot:
+    """The engine's rewind point for pausing samples: the recurrent part of every slot (Mamba conv and
+    SSM states, positions) copied in place into preallocated buffers at each sync (`take`: one copy
+    per tensor, no indexing, no allocation). Attention KV caches are not copied: a rewind re-feeds
+    every position from the snapshot's on, which overwrites the entries written past it, and the
+    entries below it never change while the slot keeps its sample.
+
+    restore(rows): those slots go back to the snapshot (KV left as is).
+    rows(rows): a new 1-row-per-slot `ModelState` (snapshot recurrent state, the live KV rows) for a
+      sample leaving its slot; take it before the slot is reused.
+    """
+
+    def __init__(self, live: ModelState):
+        self.live = live
+        self.buf = [MambaState(torch.empty_like(layer.conv), torch.empty_like(layer.ssm))
+                    if isinstance(layer, MambaState) else None for layer in live.layers]
+        self.pos = torch.empty_like(live.pos)
+
+    def take(self) -> None:
+        for b, layer in zip(self.buf, self.live.layers):
+            if b is not None:
+                b.conv.copy_(layer.conv)
+                b.ssm.copy_(layer.ssm)
+        self.pos.copy_(self.live.pos)
+
+    def restore(self, rows: Tensor) -> None:
+        for b, layer in zip(self.buf, self.live.layers):
+            if b is not None:
+                layer.conv[rows] = b.conv.index_select(0, rows)
+                layer.ssm[rows] = b.ssm.index_select(0, rows)
+        self.live.pos[rows] = self.pos.index_select(0, rows)
+
+    def rows(self, rows: Tensor) -> ModelState:
+        layers = [MambaState(b.conv.index_select(0, rows), b.ssm.index_select(0, rows)) if b is not None
+                  else type(layer)(**{f.name: getattr(layer, f.name).index_select(0, rows) for f in fields(layer)})
+                  for b, layer in zip(self.buf, self.live.layers)]
+        return ModelState(layers=layers, pos=self.pos.index_select(0, rows))
 
 
 class TorchBackend:

@@ -21,8 +21,9 @@ state continues over them, no re-prefill) and the sample resumes; None finishes 
 Returning a `concurrent.futures.Future` (a tool running in a thread/process pool) parks the sample
 off-slot with a 1-row copy of its state; its slot takes other work meanwhile, and when the future
 resolves (to ids or None) the sample re-enters a slot ahead of new samples.
-Because the slot kept stepping past the stop until the sync, the engine snapshots every active slot's
-state at each sync (`backend.save_rows`) and, on a pause, restores the snapshot and feeds it
+Because the slot kept stepping past the stop until the sync, the engine snapshots the recurrent state
+of every slot at each sync (`RowSnapshot`: in-place copies, KV caches excluded) and, on a pause, restores
+the snapshot and feeds it
 [the tokens since the snapshot, up to the stop] + [injected tokens]. Up to `force_max` such tokens are
 fed by the slot's own decode steps (teacher-forced: the step takes the forced token instead of the
 sampled one, so the other slots keep decoding and nothing extra is launched); longer ones take one
@@ -43,6 +44,7 @@ import torch
 from torch import Tensor
 
 from model.errors import BitMambaError
+from rollout.backend import RowSnapshot
 from rollout.sampling import (SamplingTensors, hash_exponential_noise, make_generator, sample, sample_seed,
                               seen_mask)
 from rollout.types import GenRequest, GenResult, GenStats, SamplingParams
@@ -121,8 +123,8 @@ class Engine:
                  force_max: int = 64):
         if slots < 1 or sync_every < 1:
             raise BitMambaError(f"Engine: slots ({slots}) and sync_every ({sync_every}) must be >= 1")
-        if on_stop is not None and not hasattr(backend, "save_rows"):
-            raise BitMambaError(f"Engine(on_stop=...): backend {type(backend).__name__} has no save_rows()")
+        if on_stop is not None and not (hasattr(backend, "extend") and hasattr(backend, "state")):
+            raise BitMambaError(f"Engine(on_stop=...): backend {type(backend).__name__} needs extend() and .state")
         self.backend = backend
         self.tokenizer = tokenizer
         self.slots = slots
@@ -243,7 +245,7 @@ class Engine:
         hash_count = torch.zeros(S, dtype=torch.long, device=dev)     # tokens so far per slot
         parked: list[_Sample] = []       # waiting for an asynchronous hook (tool) result, off-slot
         ready: deque[_Sample] = deque()  # hook answered: go back into a slot before new samples
-        snap_state, snap_rows = None, []  # active slots' state at the last sync (only with on_stop)
+        snap = RowSnapshot(be.state) if self.on_stop is not None else None   # every slot at the last sync
         FB = max(1, self.force_max)
         force_buf = torch.zeros(S, FB, dtype=torch.long, device=dev)   # tokens to feed instead of sampling
         force_len = torch.zeros(S, dtype=torch.long, device=dev)
@@ -343,6 +345,9 @@ class Engine:
                 by_src[id(src)][1].append(i)
                 by_src[id(src)][2].append(row)
             for src, rows, src_rows in by_src.values():
+                if src is snap:            # resumed at the sync in their own slot (row == slot)
+                    snap.restore(torch.tensor(rows, device=dev))
+                    continue
                 if src_rows != list(range(src.batch_size)):
                     src = src.select(torch.tensor(src_rows, device=dev))
                 be.load_rows(src, torch.tensor(rows, device=dev))
@@ -374,7 +379,7 @@ class Engine:
         def park_all() -> None:
             """The parked samples' rows of the snapshot, in one select; each keeps (that state, its row)."""
             if to_park:
-                sub = snap_state.select(torch.tensor([r for _, r in to_park], device=dev))
+                sub = snap.rows(torch.tensor([r for _, r in to_park], device=dev))
                 for n, (s, _) in enumerate(to_park):
                     s.parked = (s.parked[0], (sub, n), s.parked[2])
                 to_park.clear()
@@ -387,11 +392,10 @@ class Engine:
             if answer is None:
                 return False
             stats.pauses += 1
-            snap_row = snap_rows.index(i)
             if isinstance(answer, Future):   # asynchronous tool: free the slot meanwhile; the replay of
                 # the window waits for the answer, so that it is fed together with the injection
                 s.parked = (answer, None, s.fed_at_sync)
-                to_park.append((s, snap_row))
+                to_park.append((s, i))
                 parked.append(s)
                 slot[i] = None
                 return True
@@ -399,7 +403,7 @@ class Engine:
             if len(s.tokens) >= s.params.max_new_tokens:
                 finish(i, "length")          # the injection filled the budget
             else:
-                to_feed.append((i, s, snap_state, snap_row, s.fed_at_sync))
+                to_feed.append((i, s, snap, i, s.fed_at_sync))
             return True
 
         def collect_parked(block: bool) -> None:
@@ -433,8 +437,7 @@ class Engine:
                 break
             if self.on_stop is not None:
                 ts = time.perf_counter()
-                snap_rows = active
-                snap_state = be.save_rows(torch.tensor(active, device=dev))
+                snap.take()
                 stats.snapshot_s += time.perf_counter() - ts
                 for i in active:
                     slot[i].fed_at_sync = len(slot[i].tokens) - slot[i].n_force
