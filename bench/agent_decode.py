@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         print(f"tools (latency {lat:g} ms): {t:.2f}s, {sampled / t:.0f} sampled tok/s, {calls} calls "
               f"({ok} ok), ratio {r['ratio_sampled_tok_s']:.2f} (total tokens {r['ratio_total_tok_s']:.2f}); "
               f"steps {st['decode_steps']} vs {res['no_tools']['engine_stats']['decode_steps']} without tools, "
-              f"idle slot-steps {st['idle_slot_steps']}, forced {st['forced_tokens']}, decode {st['decode_s']:.2f}s, "
+              f"idle slot-steps {st['idle_slot_steps']}, forced {st['forced_tokens']}, parked {st['parked']}/{st['pauses']}, decode {st['decode_s']:.2f}s, "
               f"snapshots {st['snapshot_s']:.2f}s, wall {st['wall_s']:.2f}s", file=sys.stderr)
         if calls != half * a.calls or ok != calls:
             print(f"WARNING: expected {half * a.calls} successful calls", file=sys.stderr)

@@ -195,13 +195,13 @@ class ToolMessageFormat:
 class Agent:
     """The agent loop: an `Engine` whose pause hook runs tools (see the module doc).
 
-    backend: a `DecodeBackend` with `save_rows` and `extend`; tokenizer: HF tokenizer (ChatML
+    backend: a `DecodeBackend` with `state` and `extend`; tokenizer: HF tokenizer (ChatML
     specials recommended); tools: a `ToolSet` (or a list of tools, wrapped with the config's limits).
     """
 
     def __init__(self, backend, tokenizer, tools: ToolSet | list, config: AgentConfig | None = None,
                  slots: int = 8, sync_every: int = 8, max_len: int | None = None, noise: str = "auto",
-                 force_max: int = 64):
+                 force_max: int = 64, park_wait_s: float = 0.002):
         self.config = config or AgentConfig()
         c = self.config
         self.tools = tools if isinstance(tools, ToolSet) else ToolSet(
@@ -211,7 +211,8 @@ class Agent:
         self.call_end_id = self.fmt._special(CALL_END)
         self.turn_end_id = self.fmt._special(IM_END)
         self.engine = Engine(backend, tokenizer, slots=slots, sync_every=sync_every, max_len=max_len,
-                             on_stop=self._on_stop, noise=noise, force_max=force_max)
+                             on_stop=self._on_stop, noise=noise, force_max=force_max,
+                             park_wait_s=park_wait_s)
         self._episodes: dict[tuple[int, int], _Episode] = {}
 
     def close(self) -> None:

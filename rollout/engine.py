@@ -18,9 +18,10 @@ How it runs (top to bottom in `generate`):
 Pausing (multi-turn tool use, issue 8): `on_stop(view) -> list[int] | Future | None` is called when a
 sample hits a stop token/sequence/string. Returning token ids injects them (the sample's recurrent
 state continues over them, no re-prefill) and the sample resumes; None finishes it ("stop").
-Returning a `concurrent.futures.Future` (a tool running in a thread/process pool) parks the sample
-off-slot with a 1-row copy of its state; its slot takes other work meanwhile, and when the future
-resolves (to ids or None) the sample re-enters a slot ahead of new samples.
+Returning a `concurrent.futures.Future` (a tool running in a thread/process pool): if it has resolved
+by the end of that sync's host work (a fast tool), the sample keeps its slot as with returned ids;
+otherwise it is parked off-slot with a 1-row copy of its state, its slot takes other work meanwhile,
+and when the future resolves (to ids or None) the sample re-enters a slot ahead of new samples.
 Because the slot kept stepping past the stop until the sync, the engine snapshots the recurrent state
 of every slot at each sync (`RowSnapshot`: in-place copies, KV caches excluded) and, on a pause, restores
 the snapshot and feeds it
@@ -111,6 +112,9 @@ class Engine:
     on_stop: the pause hook (see module doc); needs a backend with `save_rows` and `extend`.
     force_max: at a pause, feed up to this many tokens (replay + injection) through the slot's decode
       steps; more go through one `backend.extend` (0 = always extend).
+    park_wait_s: at a sync with pauses on Futures, wait up to this long for them (the GPU is idle at a
+      sync anyway): a fast tool (a calculator: ~0.1 ms, but a pool thread needs the GIL) answers and
+      its sample keeps its slot instead of leaving it and queueing for a free one (0 = never wait).
     noise: where the sampling randomness comes from, both replay a sample exactly whatever the
       batching: "generator" (a torch.Generator per sample; one small launch per row and step) or
       "hash" (`hash_exponential_noise` of (sample seed, token index): one batched computation,
@@ -120,7 +124,7 @@ class Engine:
 
     def __init__(self, backend, tokenizer=None, slots: int = 8, sync_every: int = 8,
                  max_len: int | None = None, on_stop: StopHook | None = None, noise: str = "auto",
-                 force_max: int = 64):
+                 force_max: int = 64, park_wait_s: float = 0.002):
         if slots < 1 or sync_every < 1:
             raise BitMambaError(f"Engine: slots ({slots}) and sync_every ({sync_every}) must be >= 1")
         if on_stop is not None and not (hasattr(backend, "extend") and hasattr(backend, "state")):
@@ -137,6 +141,9 @@ class Engine:
         if force_max < 0:
             raise BitMambaError(f"Engine: force_max must be >= 0, got {force_max}")
         self.force_max = force_max
+        if park_wait_s < 0:
+            raise BitMambaError(f"Engine: park_wait_s must be >= 0, got {park_wait_s}")
+        self.park_wait_s = park_wait_s
         self.last_stats = GenStats()
         self._auto_max_len = 0
 
@@ -330,7 +337,7 @@ class Engine:
             return inject
 
         to_feed: list[tuple] = []     # (slot, sample, state, its row, pos): fed together by feed_all
-        to_park: list[tuple] = []     # (sample, snapshot row): parked samples' states, selected together
+        to_park: list[tuple] = []     # (sample, slot) paused on a Future at this sync: see park_all
 
         def feed_all() -> None:
             """For each queued (i, s, src, row, pos): slot i (holding s) <- row `row` of state `src`, the state
@@ -376,34 +383,53 @@ class Engine:
                     seen[i] = seen_mask([list(s.key) + s.tokens], V, dev)[0]
             to_feed.clear()
 
+        def answer_in_slot(i: int, s: _Sample, answer) -> None:
+            """The hook's answer for s, still in slot i: finish it, or queue the rewind + injection."""
+            if answer is None:
+                finish(i, "stop")
+                return
+            add_injected(s, answer)
+            if len(s.tokens) >= s.params.max_new_tokens:
+                finish(i, "length")          # the injection filled the budget
+            else:
+                to_feed.append((i, s, snap, i, s.fed_at_sync))
+
         def park_all() -> None:
-            """The parked samples' rows of the snapshot, in one select; each keeps (that state, its row)."""
-            if to_park:
-                sub = snap.rows(torch.tensor([r for _, r in to_park], device=dev))
-                for n, (s, _) in enumerate(to_park):
+            """After a sync's pauses: a sample whose tool already answered stays in its slot (no state copy,
+            no wait for a free slot); the others leave theirs, with their rows of the snapshot (one select)."""
+            leave = []
+            pending = [s.parked[0] for s, _ in to_park if not s.parked[0].done()]
+            if pending and self.park_wait_s > 0:
+                wait(pending, timeout=self.park_wait_s)
+            for s, i in to_park:
+                if s.parked[0].done():
+                    fut, s.parked = s.parked[0], None
+                    answer_in_slot(i, s, fut.result())
+                else:
+                    leave.append((s, i))
+            if leave:
+                stats.parked += len(leave)
+                sub = snap.rows(torch.tensor([i for _, i in leave], device=dev))
+                for n, (s, i) in enumerate(leave):
                     s.parked = (s.parked[0], (sub, n), s.parked[2])
-                to_park.clear()
+                    parked.append(s)
+                    slot[i] = None
+            to_park.clear()
 
         def pause(i: int, s: _Sample, stop) -> bool:
-            """Ask the hook at a stop. False: finish the sample. True: it was resumed or parked."""
+            """Ask the hook at a stop. False: finish the sample. True: it was resumed or will be parked."""
             answer = self.on_stop(PauseView(s.req, s.index, list(s.tokens),
                                             self._decode(s.tokens) if self.tokenizer else None,
                                             stop, s.n_pauses))
             if answer is None:
                 return False
             stats.pauses += 1
-            if isinstance(answer, Future):   # asynchronous tool: free the slot meanwhile; the replay of
-                # the window waits for the answer, so that it is fed together with the injection
+            if isinstance(answer, Future):   # asynchronous tool: decided in park_all, after this sync's slots;
+                # the replay of the window waits for the answer, so that it is fed together with the injection
                 s.parked = (answer, None, s.fed_at_sync)
                 to_park.append((s, i))
-                parked.append(s)
-                slot[i] = None
                 return True
-            add_injected(s, answer)
-            if len(s.tokens) >= s.params.max_new_tokens:
-                finish(i, "length")          # the injection filled the budget
-            else:
-                to_feed.append((i, s, snap, i, s.fed_at_sync))
+            answer_in_slot(i, s, answer)
             return True
 
         def collect_parked(block: bool) -> None:

@@ -148,6 +148,7 @@ class GenStats:
     idle_slot_steps: int = 0     # slot-steps with no sample in the slot (queue empty, samples parked)
     forced_tokens: int = 0       # tokens fed by forced steps at pauses (window replays + injections)
     pauses: int = 0              # on_stop calls that resumed or parked a sample
+    parked: int = 0              # of those, pauses whose tool had not answered by the end of the sync (left the slot)
     snapshot_s: float = 0.0      # host time launching the per-sync state snapshots (with on_stop)
     wall_s: float = 0.0
     prefill_s: float = 0.0

@@ -184,9 +184,10 @@ def test_async_hook_parks_the_sample_and_frees_its_slot(model, tok, prompt, gree
     assert a.token_ids[len(head):] == cont.token_ids and a.finish_reason == cont.finish_reason
 
 
-def _async_tool_hook(inject: list[int], pauses: int = 2):
-    """A pause hook like the agent's: a Future answered from another thread with `inject`, `pauses`
-    times per sample, then finish."""
+def _async_tool_hook(inject: list[int], delay: float, pauses: int = 2):
+    """A pause hook like the agent's: a Future answered with `inject`, `pauses` times per sample, then
+    finish. delay 0: answered before the hook returns (the sample keeps its slot); else from a timer
+    thread after `delay` s (the sample is parked off-slot and resumes later)."""
     import threading
     from concurrent.futures import Future
 
@@ -194,25 +195,36 @@ def _async_tool_hook(inject: list[int], pauses: int = 2):
         if view.n_pauses >= pauses:
             return None
         fut = Future()
-        threading.Thread(target=fut.set_result, args=(inject,)).start()
+        if delay:
+            threading.Timer(delay, fut.set_result, args=(inject,)).start()
+        else:
+            fut.set_result(inject)
         return fut
     return on_stop
 
 
-@pytest.mark.parametrize("force_max", [64, 0])
-def test_many_samples_parking_in_the_same_windows_match_one_slot_and_the_reference(model, tok, force_max):
+def _check_parking(engine, delay):
+    st = engine.last_stats
+    assert st.pauses > 0
+    assert (st.parked > 0) if delay else (st.parked == 0), (delay, st.pauses, st.parked)
+
+
+@pytest.mark.parametrize("force_max, delay", [(64, 0.05), (0, 0.05), (64, 0.0)])
+def test_many_samples_parking_in_the_same_windows_match_one_slot_and_the_reference(model, tok, force_max, delay):
     """Several samples stop and park in the same sync windows (their states are selected from the
     snapshot together, and resumed rows are loaded and fed together): every sample equals its own
     one-slot run, and each stretch after an injection equals the naive reference from prompt + all
     tokens so far (forced decode steps, force_max 64; one extend, force_max 0)."""
     inject = tok.encode("<tool_response>ok</tool_response>", add_special_tokens=False)
-    on_stop = _async_tool_hook(inject)
+    on_stop = _async_tool_hook(inject, delay)
     stops = list(range(40, 384, 2))              # half the vocabulary: every sample stops early and often
 
     params = SamplingParams(max_new_tokens=30, stop_token_ids=stops, **GREEDY)
     reqs = [GenRequest(tok.encode(f"Question {k}: what is {k} + {2 * k}?", add_special_tokens=False), params,
                        f"r{k}") for k in range(6)]
-    many = _engine(model, tok, slots=4, sync_every=8, on_stop=on_stop, force_max=force_max).generate(reqs)
+    eng = _engine(model, tok, slots=4, sync_every=8, on_stop=on_stop, force_max=force_max)
+    many = eng.generate(reqs)
+    _check_parking(eng, delay)
     assert sum(r.sampled_mask.count(0) for r in many) >= 6 * len(inject)     # at least one injection each
     for r, req in zip(many, reqs):
         one = _engine(model, tok, slots=1, sync_every=8, on_stop=on_stop, force_max=force_max).generate([req])[0]
@@ -224,18 +236,20 @@ def test_many_samples_parking_in_the_same_windows_match_one_slot_and_the_referen
         assert r.token_ids[end:] == rest.token_ids
 
 
-@pytest.mark.parametrize("noise", ["generator", "hash"])
-def test_sampled_pausing_rollouts_replay_exactly_whatever_the_slot_count(model, tok, noise):
+@pytest.mark.parametrize("noise, delay", [("generator", 0.02), ("hash", 0.02), ("hash", 0.0)])
+def test_sampled_pausing_rollouts_replay_exactly_whatever_the_slot_count(model, tok, noise, delay):
     """Temperature, top-k and a repetition penalty with pauses every few tokens: the forced steps of
     the replay and the injection draw noise like any step, so 5 slots and 1 slot give the same
     samples (per-sample seeds), for both noise sources."""
     inject = tok.encode("<tool_response>ok</tool_response>", add_special_tokens=False)
-    on_stop = _async_tool_hook(inject)
+    on_stop = _async_tool_hook(inject, delay)
 
     p = SamplingParams(max_new_tokens=40, temperature=0.9, top_k=50, repetition_penalty=1.3, seed=5, n=3,
                        stop_token_ids=list(range(40, 384, 3)))
     reqs = [GenRequest(tok.encode(f"Q{k}: {k}+{k}?", add_special_tokens=False), p, f"r{k}") for k in range(4)]
-    a = _engine(model, tok, slots=5, on_stop=on_stop, noise=noise).generate(reqs)
+    eng = _engine(model, tok, slots=5, on_stop=on_stop, noise=noise)
+    a = eng.generate(reqs)
+    _check_parking(eng, delay)
     b = _engine(model, tok, slots=1, on_stop=on_stop, noise=noise).generate(reqs)
     assert sum(r.sampled_mask.count(0) for r in a) >= 12 * len(inject)       # pauses in (nearly) every sample
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
