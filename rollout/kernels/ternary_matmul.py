@@ -47,11 +47,11 @@ try:
 except ImportError:
     triton = None
 
-# slices of a 16-slice chunk unrolled per loop iteration of the tensor-core kernel: all 16 made Triton 3.6
-# take minutes per config to compile for sm_90 (session 4, timed offline with its ptxas); 8 takes ~3 s
-DOT_UNROLL = int(os.environ.get("BITMAMBA_DOT_UNROLL", "8"))
-if DOT_UNROLL not in (1, 2, 4, 8, 16):
-    raise ValueError(f"BITMAMBA_DOT_UNROLL must be 1, 2, 4, 8 or 16, got {DOT_UNROLL}")
+# slices of a 16-slice chunk unrolled per loop iteration of the tensor-core kernel (autotuned: 1 or 8).
+# All 16 made Triton 3.6 take minutes per config to compile for sm_90 (timed offline with its ptxas);
+# 8 takes ~3 s (fp32 IEEE dots ~20 s: those use 1). On the H100 neither wins everywhere (bitmamba2-1b,
+# M=64: in_proj 14.6 us at 1 vs 25.9 at 8, out_proj 20.0 vs 16.4; bench/results/h100_session4).
+_DOT_UNROLLS = (1, 8)
 GEMV_MAX_M = 2   # above this the weights are read once by the tensor-core kernel (M tile 16+)
 MAX_W = 128
 _MIN_DOT_W = 32
@@ -320,6 +320,8 @@ if triton is not None:
                     continue
             elif c.kwargs["BLOCK_M"] > max(16, next_pow2(M)):
                 continue
+            elif c.kwargs["UNROLL"] > 1 and arg("IEEE", False):
+                continue
             keep.append(c)
         return keep or configs[:1]
 
@@ -332,13 +334,13 @@ if triton is not None:
             for bn, w, st in [(2, 1, 2), (4, 1, 2), (4, 2, 2), (8, 2, 2), (16, 4, 2), (32, 4, 1), (32, 8, 1)]
         ]
         _DOT_CONFIGS = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "UNROLL": u}, num_warps=w, num_stages=2)
             for bm, bn, w in [(16, 16, 2), (16, 32, 4), (16, 64, 4), (32, 32, 4), (64, 16, 4), (64, 32, 4),
-                              (64, 64, 4), (128, 32, 4), (128, 64, 8)]
+                              (64, 64, 4), (128, 32, 4), (128, 64, 8)] for u in _DOT_UNROLLS
         ]
         if os.environ.get("BITMAMBA_AUTOTUNE", "1") == "0":   # GPU tests: two configs each, fewer compiles
             _GEMV_CONFIGS = [_GEMV_CONFIGS[1], _GEMV_CONFIGS[4]]
-            _DOT_CONFIGS = [_DOT_CONFIGS[1], _DOT_CONFIGS[6]]
+            _DOT_CONFIGS = [_DOT_CONFIGS[3], _DOT_CONFIGS[12]]     # (16, 32) unrolled 8; (64, 64) not
         _prune_by = {"early_config_prune": _prune}
         # y may alias the residual (in-place residual stream): restore it after each tuning run
         _restore = ["y_ptr"]
@@ -429,11 +431,11 @@ def ternary_matmul(
         return out
     nch = words.shape[1] // W
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
-    extra = {} if not interpreting() else {"BLOCK_M": 16, "BLOCK_N": 16}
+    extra = {} if not interpreting() else {"BLOCK_M": 16, "BLOCK_N": 16, "UNROLL": 1 if act_int8 else 8}
     _dot[grid](x, sx, words, scale, out, res, M, N, K, gs, nch,
                x.stride(0), words.stride(0), 0 if per_tensor else scale.stride(0), out.stride(0), res.stride(0),
                X_INT8=act_int8, PER_TENSOR=per_tensor, IEEE=x.dtype == torch.float32, HAS_RES=residual is not None,
-               W=W, UNROLL=1 if x.dtype == torch.float32 else DOT_UNROLL, **extra)   # fp32 IEEE dots: ~20 s/config at 8
+               W=W, **extra)
     return out
 
 
