@@ -113,8 +113,9 @@ class Engine:
     force_max: at a pause, feed up to this many tokens (replay + injection) through the slot's decode
       steps; more go through one `backend.extend` (0 = always extend).
     park_wait_s: at a sync with pauses on Futures, wait up to this long for them (the GPU is idle at a
-      sync anyway): a fast tool (a calculator: ~0.1 ms, but a pool thread needs the GIL) answers and
-      its sample keeps its slot instead of leaving it and queueing for a free one (0 = never wait).
+      sync anyway), again while each round brings answers (at most 8 rounds): a fast tool (a
+      calculator: ~0.1 ms, but pool threads take turns on the GIL) answers and its sample keeps its
+      slot instead of leaving it and queueing for a free one (0 = never wait).
     noise: where the sampling randomness comes from, both replay a sample exactly whatever the
       batching: "generator" (a torch.Generator per sample; one small launch per row and step) or
       "hash" (`hash_exponential_noise` of (sample seed, token index): one batched computation,
@@ -399,8 +400,12 @@ class Engine:
             no wait for a free slot); the others leave theirs, with their rows of the snapshot (one select)."""
             leave = []
             pending = [s.parked[0] for s, _ in to_park if not s.parked[0].done()]
-            if pending and self.park_wait_s > 0:
-                wait(pending, timeout=self.park_wait_s)
+            for _ in range(8 if self.park_wait_s > 0 else 0):   # more rounds while answers keep coming
+                if not pending:                                  # (fast calls queue behind each other)
+                    break
+                done, pending = wait(pending, timeout=self.park_wait_s)
+                if not done:
+                    break
             for s, i in to_park:
                 if s.parked[0].done():
                     fut, s.parked = s.parked[0], None
