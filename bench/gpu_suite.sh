@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in a few device runs (each part fits one 10-minute run).
 #
-#   bash bench/gpu_suite.sh tests      # GPU-marked tests (kernels, model, engine) -> $OUT/gpu_tests_*.log
+#   bash bench/gpu_suite.sh tests-kernels   # GPU-marked tests of the decode kernels + FastBackend (one run)
+#   bash bench/gpu_suite.sh tests-rest      # engine and model GPU tests (another run); `tests` = both
 #   bash bench/gpu_suite.sh decode     # bench/decode.py, both presets of issue 3 -> $OUT/decode*.json
 #   bash bench/gpu_suite.sh ray        # needs Ray: GPU OOM backoff, agent_decode, learner memory (bench/grpo.py)
 #   bash bench/gpu_suite.sh grpo       # needs Ray: GRPO step-time breakdown (bench/grpo.py --only step)
@@ -37,15 +38,22 @@ item() {   # item SECONDS LOGNAME command...
 }
 
 case "${1:-}" in
-  tests)   # BITMAMBA_AUTOTUNE=0: two configs per ternary kernel; MAMBA_DETERMINISTIC=1 without
+  tests|tests-kernels|tests-rest)   # tests = both halves (over 10 minutes on a fresh machine: run them apart)
+    # BITMAMBA_AUTOTUNE=0: two configs per ternary kernel; MAMBA_DETERMINISTIC=1 without
     # TRITON_CACHE_AUTOTUNING: mamba-ssm runs its cheapest config instead of autotuning (~50 s per shape);
     # --timeout (pytest-timeout, in the device image): a test stuck compiling fails instead of eating the run
     export MAMBA_DETERMINISTIC=1 BITMAMBA_AUTOTUNE=0
     unset TRITON_CACHE_AUTOTUNING
-    item 280 gpu_tests_decode python -m pytest -v -p no:cacheprovider -o addopts="" -m gpu \
-      tests/test_gpu_decode.py tests/test_engine_gpu.py --durations=12 --timeout=90
-    item 200 gpu_tests_model python -m pytest -v -p no:cacheprovider -o addopts="" -m gpu \
-      tests/test_gpu_model.py --durations=8 --timeout=90
+    if [[ $1 != tests-rest ]]; then
+      item 400 gpu_tests_kernels python -m pytest -v -p no:cacheprovider -o addopts="" -m gpu \
+        tests/test_gpu_decode.py --durations=12 --timeout=120
+    fi
+    if [[ $1 != tests-kernels ]]; then
+      item 200 gpu_tests_engine python -m pytest -v -p no:cacheprovider -o addopts="" -m gpu \
+        tests/test_engine_gpu.py --durations=8 --timeout=90
+      item 200 gpu_tests_model python -m pytest -v -p no:cacheprovider -o addopts="" -m gpu \
+        tests/test_gpu_model.py --durations=8 --timeout=90
+    fi
     ;;
   decode)
     item 300 decode_1b python bench/decode.py --preset bitmamba2-1b --batch 1 16 64 256 --hf-batch 1 64 \
@@ -79,7 +87,7 @@ case "${1:-}" in
     tar czf "$OUT/triton_cache.tgz" -C ~/.triton cache && ls -la "$OUT/triton_cache.tgz"
     ;;
   *)
-    sed -n 2,16p "$0"
+    sed -n 2,17p "$0"
     exit 2
     ;;
 esac

@@ -631,8 +631,11 @@ class _Deadlines:
         self._cv = threading.Condition()
         self._seq = 0
         self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
 
     def add(self, when: float, fut: Future, fire: Callable[[], None]) -> None:
+        if self._pid != os.getpid():     # a forked child: the parent's thread did not come along
+            self.__init__()
         with self._cv:
             self._seq += 1
             heapq.heappush(self._heap, (when, self._seq, fut, fire))
