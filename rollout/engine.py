@@ -109,7 +109,7 @@ class Engine:
       computed and discarded; larger = fewer syncs, more waste).
     max_len: state capacity per slot (prompt + completion); default: the longest need so far rounded
       up to a multiple of 256 (it never shrinks, so backends keep their buffers and CUDA graphs).
-    on_stop: the pause hook (see module doc); needs a backend with `save_rows` and `extend`.
+    on_stop: the pause hook (see module doc); needs a backend with `state` and `extend`.
     force_max: at a pause, feed up to this many tokens (replay + injection) through the slot's decode
       steps; more go through one `backend.extend` (0 = always extend).
     park_wait_s: at a sync with pauses on Futures, wait up to this long for them (the GPU is idle at a
