@@ -78,6 +78,10 @@ class ScriptedCalls:
         lg, st = self.inner.prefill(ids)
         return self._apply(lg[None], st.pos.to(lg.device))[0], st
 
+    def prefill_many(self, prompts):
+        lg, st = self.inner.prefill_many(prompts)
+        return self._apply(lg, st.pos.to(lg.device)), st
+
     def extend(self, rows, ids):
         lg = self.inner.extend(rows, ids)
         rows = torch.as_tensor(rows, device=lg.device)

@@ -3,6 +3,7 @@
     backend = make_backend(model, kind="auto")     # "torch" | "fast" | "auto"
     backend.allocate(slots=16, max_len=1024)       # the slot state, allocated once
     logits1, st1 = backend.prefill(prompt_ids)     # [T] -> ([V] fp32, 1-row ModelState)
+    lg, stP = backend.prefill_many(prompts)         # P prompts in few forwards -> ([P, V], P-row state)
     backend.load_rows(st1, rows)                   # copy it into slot rows (group sampling, refill)
     logits = backend.step(tokens)                  # [slots] -> [slots, V] fp32, state updated in place
     logits_r = backend.extend(rows, token_ids)     # continue some rows over [R, T] tokens (tool results)
@@ -15,6 +16,7 @@ give the same logits within fp rounding.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -36,6 +38,7 @@ class DecodeBackend(Protocol):
 
     def allocate(self, slots: int, max_len: int) -> None: ...
     def prefill(self, prompt_ids: Tensor) -> tuple[Tensor, ModelState]: ...
+    def prefill_many(self, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, ModelState]: ...
     def load_rows(self, state1: ModelState, rows: Tensor) -> None: ...
     def extend(self, rows: Tensor, token_ids: Tensor) -> Tensor: ...
     def step(self, tokens: Tensor) -> Tensor: ...
@@ -63,6 +66,63 @@ def write_rows(dst: ModelState, rows: Tensor, src: ModelState) -> None:
                                  f"vs {tuple(t_dst.shape)} (different max_len?)")
             t_dst[rows] = t_src.to(t_dst.dtype)
     dst.pos[rows] = src.pos.to(dst.pos.device)
+
+
+PREFILL_TOKENS = 8192   # padded prompt tokens per batched prefill forward (`prefill_many`)
+
+
+@torch.no_grad()
+def prefill_many(model: "BitMambaLM", prompts: Sequence[Sequence[int]], new_state: Callable[[int], ModelState],
+                 max_len: int, token_budget: int = PREFILL_TOKENS) -> tuple[Tensor, ModelState]:
+    """Prefill P prompts in a few parallel forwards: -> (fp32 logits after each prompt's last token [P, V],
+    a P-row state), both in prompt order; row p equals `prefill(prompts[p])` up to fp rounding.
+
+    A launch-bound prefill (a small model, prompts of tens of tokens) costs about the same for one prompt
+    as for sixty, so distinct prompts go together:
+    - pure Mamba models: prompts sorted by length, cut into batches of at most `token_budget` padded
+      tokens, each batch left-padded to its longest prompt (rounded up to 16 when padding is needed
+      anyway, so that few shapes recur). `seq_idx` makes the padding another document: the conv window
+      and the scan restart at each prompt's first token, so a row's final state and last logits are its
+      prompt's alone (the chunked scan sees the prompt at another offset: fp rounding only). Per-token
+      activation quantization and norms never mix rows or positions.
+    - models with attention layers: only prompts of equal length share a forward (every row's KV cache
+      starts at position 0; no padding, exact).
+    """
+    dev = next(model.parameters()).device
+    seqs = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+    lens = [int(x.numel()) for x in seqs]
+    for n, L in enumerate(lens):
+        if L == 0:
+            raise BitMambaError(f"prefill_many: prompt {n} is empty")
+        if L >= max_len:
+            raise BitMambaError(f"prompt {n} of {L} tokens does not fit max_len {max_len}")
+    P = len(seqs)
+    out = new_state(P)
+    logits = torch.empty(P, model.config.vocab_size, dtype=torch.float32, device=dev)
+    exact = bool(model.config.attention_layer_indices)
+    groups: list[list[int]] = []
+    for i in sorted(range(P), key=lambda i: lens[i]):   # ascending: the last prompt of a group is its longest
+        g = groups[-1] if groups else None
+        if g is None or (lens[g[0]] != lens[i] if exact else (len(g) + 1) * lens[i] > token_budget):
+            groups.append([i])
+        else:
+            g.append(i)
+    for g in groups:
+        T = lens[g[-1]]
+        padded = lens[g[0]] != T
+        Tp = -(-T // 16) * 16 if padded else T
+        ids = torch.zeros(len(g), Tp, dtype=torch.long)
+        seq = torch.zeros(len(g), Tp, dtype=torch.int32)
+        for r, i in enumerate(g):
+            ids[r, Tp - lens[i]:] = seqs[i]
+            seq[r, Tp - lens[i]:] = 1
+        st = new_state(len(g))
+        h = model.hidden_states(ids.to(dev), seq_idx=seq.to(dev) if padded else None, state=st)
+        st.pos.copy_(torch.tensor([lens[i] for i in g]))
+        idx = torch.tensor(g, device=dev)
+        logits[idx] = model.lm_head(h[:, -1]).float()
+        write_rows(out, idx, st)
+    return logits, out
 
 
 class RowSnapshot:
@@ -156,8 +216,14 @@ class TorchBackend:
         if ids.shape[1] >= self.max_len:
             raise BitMambaError(f"prompt of {ids.shape[1]} tokens does not fit max_len {self.max_len}")
         st = self._new_state(1)
-        out = self.model(ids, state=st)
-        return out.logits[0, -1].float(), st
+        h = self.model.hidden_states(ids, state=st)
+        return self.model.lm_head(h[:, -1])[0].float(), st
+
+    @torch.no_grad()
+    def prefill_many(self, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, ModelState]:
+        """Several prompts in few forwards (see `prefill_many`): -> (fp32 logits [P, V], P-row state)."""
+        self._need_state()
+        return prefill_many(self.model, prompts, self._new_state, self.max_len)
 
     @torch.no_grad()
     def load_rows(self, state1: ModelState, rows: Tensor) -> None:

@@ -4,9 +4,10 @@
     results = engine.generate([GenRequest(ids, SamplingParams(n=8, seed=7, max_new_tokens=256))])
 
 How it runs (top to bottom in `generate`):
-1. Every request becomes `n` samples, queued in order. Free slots take queued samples; the first
-   sample of a distinct prompt prefills it (parallel forward) and the 1-row state is copied into each
-   of its samples' slots (`load_rows`): one prefill per distinct prompt, never n.
+1. Every request becomes `n` samples, queued in order. Free slots take queued samples; the distinct
+   prompts among them are prefilled together (`backend.prefill_many`: parallel forwards over
+   left-padded batches) and each prompt's state row is copied into its samples' slots (`load_rows`):
+   one prefill per distinct prompt, never n, and a few forwards per refill, not one per prompt.
 2. A window of k <= `sync_every` decode steps for all slots at once: sample on device (per-row
    generators, no host sync), write the token and its two log-probs into column j of a device buffer,
    `backend.step(tokens)`. k is also capped by the smallest remaining length budget of the active
@@ -36,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from itertools import islice
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,10 +97,11 @@ class _Sample:
 
 @dataclass
 class _Prefilled:
-    logits: Tensor            # [V] fp32
-    state: Any                # 1-row ModelState
+    logits: Tensor            # [P, V] fp32: every prompt of its prefill batch
+    state: Any                # P-row ModelState of that batch
+    row: int                  # this prompt's row in both
     remaining: int            # samples still to load from it
-    prefill_s: float
+    prefill_s: float          # the batch's prefill time
 
 
 class Engine:
@@ -116,6 +119,9 @@ class Engine:
       sync anyway), again while each round brings answers (at most 8 rounds): a fast tool (a
       calculator: ~0.1 ms, but pool threads take turns on the GIL) answers and its sample keeps its
       slot instead of leaving it and queueing for a free one (0 = never wait).
+    batch_prefill: the distinct prompts of the samples entering free slots at once are prefilled together
+      (`backend.prefill_many`: a few forwards, not one per prompt; same state up to fp rounding). False:
+      one `backend.prefill` per prompt.
     noise: where the sampling randomness comes from, both replay a sample exactly whatever the
       batching: "generator" (a torch.Generator per sample; one small launch per row and step) or
       "hash" (`hash_exponential_noise` of (sample seed, token index): one batched computation,
@@ -125,7 +131,7 @@ class Engine:
 
     def __init__(self, backend, tokenizer=None, slots: int = 8, sync_every: int = 8,
                  max_len: int | None = None, on_stop: StopHook | None = None, noise: str = "auto",
-                 force_max: int = 64, park_wait_s: float = 0.002):
+                 force_max: int = 64, park_wait_s: float = 0.002, batch_prefill: bool = True):
         if slots < 1 or sync_every < 1:
             raise BitMambaError(f"Engine: slots ({slots}) and sync_every ({sync_every}) must be >= 1")
         if on_stop is not None and not (hasattr(backend, "extend") and hasattr(backend, "state")):
@@ -145,6 +151,7 @@ class Engine:
         if park_wait_s < 0:
             raise BitMambaError(f"Engine: park_wait_s must be >= 0, got {park_wait_s}")
         self.park_wait_s = park_wait_s
+        self.batch_prefill = batch_prefill
         self.last_stats = GenStats()
         self._auto_max_len = 0
 
@@ -254,6 +261,7 @@ class Engine:
         parked: list[_Sample] = []       # waiting for an asynchronous hook (tool) result, off-slot
         ready: deque[_Sample] = deque()  # hook answered: go back into a slot before new samples
         snap = RowSnapshot(be.state) if self.on_stop is not None else None   # every slot at the last sync
+        batched_prefill = self.batch_prefill and hasattr(be, "prefill_many")
         FB = max(1, self.force_max)
         force_buf = torch.zeros(S, FB, dtype=torch.long, device=dev)   # tokens to feed instead of sampling
         force_len = torch.zeros(S, dtype=torch.long, device=dev)
@@ -275,7 +283,7 @@ class Engine:
 
         logits_owned = True   # False while `logits` is the tensor backend.step returned
 
-        def set_logits(i: int, row: Tensor) -> None:
+        def set_logits(i, row: Tensor) -> None:
             nonlocal logits, logits_owned
             if not logits_owned:      # the backend may own the buffer it returned: copy once, then write
                 logits, logits_owned = logits.clone(), True
@@ -290,23 +298,11 @@ class Engine:
                 slot[i] = s
                 to_feed.append((i, s, src, row, pos))
                 return
-            pf = prefilled.get(s.key)
-            if pf is None:
-                tp = time.perf_counter()
-                lg, st1 = be.prefill(torch.tensor(s.key, dtype=torch.long, device=dev))
-                pf = _Prefilled(lg, st1, remaining_by_key[s.key], time.perf_counter() - tp)
-                prefilled[s.key] = pf
-                stats.n_prefills += 1
-                stats.prompt_tokens += len(s.key)
-                stats.prefill_s += pf.prefill_s
-            be.load_rows(pf.state, torch.tensor([i], device=dev))
-            set_logits(i, pf.logits)
-            force_len[i] = 0
+            pf = prefilled[s.key]       # prefill_pending ran for it
+            to_load.append((i, s, pf))
             if seen is not None:
                 seen[i] = seen_mask([s.key], V, dev)[0]
             s.gen = None if s.params.greedy else make_generator(s.params.seed, s.index, dev)
-            hash_keys[i] = sample_seed(s.params.seed, s.index)
-            hash_count[i] = 0
             s.prefill_s = pf.prefill_s
             s.t_load = time.perf_counter()
             s.ttft_s = s.t_load - t0
@@ -315,11 +311,63 @@ class Engine:
             if pf.remaining == 0:
                 del prefilled[s.key]
 
+        def prefill_pending(n_free: int) -> None:
+            """Prefill the distinct prompts of the next queued samples that will get a slot now, together
+            (`backend.prefill_many`: a few forwards instead of one per prompt)."""
+            keys: list[tuple[int, ...]] = []
+            for s in islice(queue, max(0, n_free - len(ready))):
+                if s.key not in prefilled and s.key not in keys:
+                    keys.append(s.key)
+            if not keys:
+                return
+            tp = time.perf_counter()
+            if len(keys) > 1 and batched_prefill:
+                lg, st = be.prefill_many(keys)
+                stats.prefill_batches += 1
+            else:   # one prompt, or a backend without prefill_many
+                outs = [be.prefill(torch.tensor(k, dtype=torch.long, device=dev)) for k in keys]
+                stats.prefill_batches += len(keys)
+            dt = time.perf_counter() - tp
+            for n, k in enumerate(keys):
+                if len(keys) > 1 and batched_prefill:
+                    prefilled[k] = _Prefilled(lg, st, n, remaining_by_key[k], dt)
+                else:
+                    prefilled[k] = _Prefilled(outs[n][0][None], outs[n][1], 0, remaining_by_key[k], dt / len(keys))
+                stats.prompt_tokens += len(k)
+            stats.n_prefills += len(keys)
+            stats.prefill_s += dt
+
+        def load_all() -> None:
+            """Copy the prefilled states and logits of the samples `load` queued into their slots: one state
+            copy per prefill batch, one write per per-slot tensor (not ~5 launches per slot)."""
+            if not to_load:
+                return
+            by_src: dict[int, tuple] = {}
+            for i, s, pf in to_load:
+                by_src.setdefault(id(pf.state), (pf, [], []))
+                by_src[id(pf.state)][1].append(i)
+                by_src[id(pf.state)][2].append(pf.row)
+            for pf, slots_, rows_ in by_src.values():
+                dst, src = torch.tensor(slots_, device=dev), torch.tensor(rows_, device=dev)
+                state = pf.state if rows_ == list(range(pf.state.batch_size)) else pf.state.select(src)
+                be.load_rows(state, dst)
+                set_logits(dst, pf.logits.index_select(0, src))
+            host = torch.tensor([[i, sample_seed(s.params.seed, s.index)] for i, s, _ in to_load], dtype=torch.long)
+            d = host.to(dev)
+            force_len[d[:, 0]] = 0
+            hash_keys[d[:, 0]] = d[:, 1]
+            hash_count[d[:, 0]] = 0
+            to_load.clear()
+
         def refill() -> None:
             """Load resumed, then queued samples into free slots; reset the slots left idle."""
-            for i in range(S):
-                if slot[i] is None and (ready or queue):
+            free = [i for i in range(S) if slot[i] is None]
+            if queue and free:
+                prefill_pending(len(free))
+            for i in free:
+                if ready or queue:
                     load(i, ready.popleft() if ready else queue.popleft())
+            load_all()
             feed_all()
             idle = [i for i in range(S) if slot[i] is None]
             if idle:   # keep idle rows bounded (attention positions must stay < max_len)
@@ -337,6 +385,7 @@ class Engine:
                 s.gen = make_generator(sample_seed(s.params.seed, s.index), s.n_pauses, dev)
             return inject
 
+        to_load: list[tuple] = []     # (slot, sample, _Prefilled): loaded together by load_all
         to_feed: list[tuple] = []     # (slot, sample, state, its row, pos): fed together by feed_all
         to_park: list[tuple] = []     # (sample, slot) paused on a Future at this sync: see park_all
 

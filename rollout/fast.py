@@ -38,7 +38,7 @@ from model.attention import apply_rope, rope_cos_sin
 from model.bitlinear import BitLinear
 from model.errors import BitMambaError
 from model.state import AttnState, MambaState, ModelState
-from rollout.backend import write_rows
+from rollout.backend import prefill_many, write_rows
 from rollout.kernels._dispatch import FastPathUnavailable
 from rollout.kernels.act_quant import rmsnorm_quant
 from rollout.kernels.mamba_step import MambaDims, mamba_step
@@ -300,8 +300,16 @@ class FastBackend:
         if ids.shape[1] >= b.max_len:
             raise BitMambaError(f"prompt of {ids.shape[1]} tokens does not fit max_len {b.max_len}")
         st = self.model.allocate_state(1, b.max_len, dtype=self.state_dtype, device=self.device)
-        out = self.model(ids, state=st)
-        return out.logits[0, -1].float(), st
+        h = self.model.hidden_states(ids, state=st)
+        return self.model.lm_head(h[:, -1])[0].float(), st
+
+    @torch.no_grad()
+    def prefill_many(self, prompts) -> tuple[Tensor, ModelState]:
+        """Several prompts in few parallel forwards (`rollout.backend.prefill_many`): -> ([P, V], P-row state)."""
+        b = self._need()
+        return prefill_many(self.model, prompts,
+                            lambda n: self.model.allocate_state(n, b.max_len, dtype=self.state_dtype,
+                                                                device=self.device), b.max_len)
 
     @torch.no_grad()
     def load_rows(self, state1: ModelState, rows: Tensor) -> None:

@@ -141,7 +141,8 @@ class GenStats:
 
     n_requests: int = 0
     n_samples: int = 0
-    n_prefills: int = 0
+    n_prefills: int = 0          # distinct prompts prefilled
+    prefill_batches: int = 0     # prefill calls (`prefill_many` batches several prompts into one call)
     prompt_tokens: int = 0
     new_tokens: int = 0          # kept completion tokens (excludes steps discarded past a stop)
     decode_steps: int = 0        # batched step() calls

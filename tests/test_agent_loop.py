@@ -63,6 +63,10 @@ class ScriptedBackend:
         lg, st = self.inner.prefill(ids)
         return self._force(st.pos, [int(st.pos[0])])[0], st
 
+    def prefill_many(self, prompts):
+        lg, st = self.inner.prefill_many(prompts)
+        return self._force(st.pos, st.pos.tolist()), st
+
     def load_rows(self, state1, rows):
         self.inner.load_rows(state1, rows)
         # which script a row follows: the longest prompt length <= its position (tests with two scripts

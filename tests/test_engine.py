@@ -12,7 +12,7 @@ import torch
 from model.config import BitMambaConfig
 from model.errors import BitMambaError
 from model.lm import BitMambaLM
-from rollout.backend import TorchBackend, make_backend
+from rollout.backend import TorchBackend, make_backend, prefill_many
 from rollout.engine import Engine
 from rollout.reference import naive_generate
 from rollout.sampling import SamplingTensors, process_logits, seen_mask
@@ -50,10 +50,17 @@ class CountingBackend(TorchBackend):
     def __init__(self, model):
         super().__init__(model)
         self.prefills = []
+        self.calls = []     # prompts per prefill call
 
     def prefill(self, prompt_ids):
         self.prefills.append(prompt_ids.tolist())
+        self.calls.append(1)
         return super().prefill(prompt_ids)
+
+    def prefill_many(self, prompts):
+        self.prefills += [list(p) for p in prompts]
+        self.calls.append(len(prompts))
+        return super().prefill_many(prompts)
 
 
 def test_teacher_forced_prefill_step_copy_and_refill(model):
@@ -282,3 +289,57 @@ def test_noise_auto_is_hash_on_cuda_and_generator_on_cpu(model):
     assert Engine(TorchBackend(model), noise="generator").noise_kind("cuda") == "generator"
     with pytest.raises(BitMambaError, match="noise must be"):
         Engine(TorchBackend(model), noise="dice")
+
+
+@pytest.mark.parametrize("activation", ["none", "int8"])
+@pytest.mark.parametrize("name", PRESETS)
+def test_prefill_many_equals_one_prefill_per_prompt(name, activation):
+    """Left-padded batches (pure Mamba) / equal-length batches (hybrid) give each prompt's own logits and
+    state: lengths below the conv window, across chunk boundaries, repeated lengths, several batches."""
+    model = _model(name, activation=activation)
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(5)
+    lens = [1, 2, 17, 5, 33, 5, 16, 40]
+    prompts = [torch.randint(0, V, (L,), generator=g).tolist() for L in lens]
+    be = TorchBackend(model)
+    be.allocate(4, 64)
+    for budget in (8192, 48):        # one batch / several (48 padded tokens each at most)
+        lg, st = prefill_many(model, prompts, be._new_state, be.max_len, token_budget=budget)
+        assert lg.shape == (len(prompts), V) and st.batch_size == len(prompts)
+        for p, ids in enumerate(prompts):
+            l1, s1 = be.prefill(torch.tensor(ids))
+            assert (lg[p] - l1).abs().max() < 1e-4, (budget, p)
+            assert int(st.pos[p]) == len(ids)
+            for la, lb in zip(st.layers, s1.layers):
+                for name in vars(la):
+                    a, b = getattr(la, name)[p], getattr(lb, name)[0]
+                    assert (a.float() - b.float()).abs().max() < 1e-4, (budget, p, name)
+
+
+def test_engine_prefills_the_prompts_entering_together_in_one_call(model):
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(6)
+    reqs = [GenRequest(torch.randint(0, V, (L,), generator=g).tolist(),
+                       SamplingParams(max_new_tokens=6, temperature=1.0, n=2, seed=3), request_id=k)
+            for k, L in enumerate([4, 9, 4, 21, 7])]
+    be = CountingBackend(model)
+    res = Engine(be, slots=6, sync_every=3).generate(reqs)      # 3 prompts (6 samples) fill the slots
+    assert be.calls == [3, 2]       # prompts 0-2 together, then 3-4 when their slots free up
+    one = CountingBackend(model)
+    ref = Engine(one, slots=6, sync_every=3, batch_prefill=False).generate(reqs)
+    assert one.calls == [1] * 5
+    for a, b in zip(res, ref):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.model_logprobs, b.model_logprobs)) < 1e-4
+    eng = Engine(be, slots=6, sync_every=3)
+    eng.generate(reqs)
+    assert eng.last_stats.n_prefills == 5 and eng.last_stats.prefill_batches == 2
+
+
+def test_prefill_many_names_a_bad_prompt(model):
+    be = TorchBackend(model)
+    be.allocate(2, 32)
+    with pytest.raises(BitMambaError, match="prompt 1 is empty"):
+        be.prefill_many([[1, 2], []])
+    with pytest.raises(BitMambaError, match="prompt 0 of 40 tokens does not fit max_len 32"):
+        be.prefill_many([[1] * 40, [2]])
