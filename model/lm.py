@@ -182,14 +182,24 @@ class BitMambaLM(nn.Module):
 
     # ---- recurrent inference ----
     def allocate_state(self, batch: int, max_len: int = 0, dtype: torch.dtype = torch.float32,
-                       device=None) -> ModelState:
-        """Zero state for `batch` rows: Mamba conv in `dtype`, SSM fp32, KV caches [B, max_len, ...] in
-        `dtype` (max_len needed only with attention layers)."""
+                       device=None, ssm_dtype: torch.dtype = torch.float32) -> ModelState:
+        """Zero state for `batch` rows: Mamba conv in `dtype`, SSM in `ssm_dtype` (fp32), KV caches
+        [B, max_len, ...] in `dtype` (max_len needed only with attention layers). The Mamba layers' conv
+        and SSM tensors are views of two stacked buffers (`ModelState.mamba_stack`)."""
         device = device if device is not None else self.embedding.weight.device
         if self.config.attention_layer_indices and max_len <= 0:
             raise ValueError("allocate_state: this model has attention layers; give max_len > 0")
-        layers = [blk.mixer.allocate_state(batch, max_len, dtype=dtype, device=device) for blk in self.layers]
-        return ModelState(layers=layers, pos=torch.zeros(batch, dtype=torch.long, device=device))
+        layers = [None if isinstance(blk.mixer, Mamba2Mixer) else
+                  blk.mixer.allocate_state(batch, max_len, dtype=dtype, device=device) for blk in self.layers]
+        pos = torch.zeros(batch, dtype=torch.long, device=device)
+        n_mamba = sum(layer is None for layer in layers)
+        if n_mamba == 0:
+            return ModelState(layers=layers, pos=pos)
+        one = next(blk.mixer for blk in self.layers if isinstance(blk.mixer, Mamba2Mixer)).allocate_state(
+            1, dtype=dtype, device="meta", ssm_dtype=ssm_dtype)
+        conv = torch.zeros((n_mamba, batch) + tuple(one.conv.shape[1:]), dtype=dtype, device=device)
+        ssm = torch.zeros((n_mamba, batch) + tuple(one.ssm.shape[1:]), dtype=ssm_dtype, device=device)
+        return ModelState.stacked(layers, pos, conv, ssm)
 
     def step(self, input_ids: Tensor, state: ModelState) -> Tensor:
         """One token per row: input_ids [B] -> logits [B, V]; state updated in place, pos += 1."""

@@ -56,15 +56,24 @@ def write_rows(dst: ModelState, rows: Tensor, src: ModelState) -> None:
         raise ValueError(f"write_rows: source has {src.batch_size} rows, destination {rows.numel()}")
     if len(src.layers) != len(dst.layers):
         raise ValueError(f"write_rows: {len(src.layers)} source layers, {len(dst.layers)} destination")
+    st_dst, st_src = dst.stacks(), src.stacks()
+    stacked = st_dst is not None and st_src is not None
     for ls, ld in zip(src.layers, dst.layers):
         if type(ls) is not type(ld):
             raise ValueError(f"write_rows: layer kinds differ ({type(ls).__name__} vs {type(ld).__name__})")
+        if stacked and isinstance(ld, MambaState):
+            continue            # one write per stack below
         for f in fields(ld):
             t_dst, t_src = getattr(ld, f.name), getattr(ls, f.name)
             if t_src.shape[1:] != t_dst.shape[1:]:
                 raise ValueError(f"write_rows: {type(ld).__name__}.{f.name} shapes {tuple(t_src.shape)} "
                                  f"vs {tuple(t_dst.shape)} (different max_len?)")
             t_dst[rows] = t_src.to(t_dst.dtype)
+    if stacked:
+        for t_dst, t_src in zip(st_dst, st_src):
+            if t_src.shape[2:] != t_dst.shape[2:]:
+                raise ValueError(f"write_rows: Mamba state shapes {tuple(t_src.shape[2:])} vs {tuple(t_dst.shape[2:])}")
+            t_dst[:, rows] = t_src.to(t_dst.dtype)
     dst.pos[rows] = src.pos.to(dst.pos.device)
 
 
@@ -139,28 +148,45 @@ class RowSnapshot:
 
     def __init__(self, live: ModelState):
         self.live = live
-        self.buf = [MambaState(torch.empty_like(layer.conv), torch.empty_like(layer.ssm))
-                    if isinstance(layer, MambaState) else None for layer in live.layers]
+        self.stacks = live.stacks()      # stacked live state: a few launches per operation, not ~2 per layer
+        if self.stacks is not None:
+            self.sbuf = [torch.empty_like(t) for t in self.stacks]
+        else:
+            self.buf = [MambaState(torch.empty_like(layer.conv), torch.empty_like(layer.ssm))
+                        if isinstance(layer, MambaState) else None for layer in live.layers]
         self.pos = torch.empty_like(live.pos)
 
     def take(self) -> None:
-        for b, layer in zip(self.buf, self.live.layers):
-            if b is not None:
-                b.conv.copy_(layer.conv)
-                b.ssm.copy_(layer.ssm)
+        if self.stacks is not None:
+            for b, t in zip(self.sbuf, self.stacks):
+                b.copy_(t)
+        else:
+            for b, layer in zip(self.buf, self.live.layers):
+                if b is not None:
+                    b.conv.copy_(layer.conv)
+                    b.ssm.copy_(layer.ssm)
         self.pos.copy_(self.live.pos)
 
     def restore(self, rows: Tensor) -> None:
-        for b, layer in zip(self.buf, self.live.layers):
-            if b is not None:
-                layer.conv[rows] = b.conv.index_select(0, rows)
-                layer.ssm[rows] = b.ssm.index_select(0, rows)
+        if self.stacks is not None:
+            for b, t in zip(self.sbuf, self.stacks):
+                t.index_copy_(1, rows, b.index_select(1, rows))
+        else:
+            for b, layer in zip(self.buf, self.live.layers):
+                if b is not None:
+                    layer.conv[rows] = b.conv.index_select(0, rows)
+                    layer.ssm[rows] = b.ssm.index_select(0, rows)
         self.live.pos[rows] = self.pos.index_select(0, rows)
 
     def rows(self, rows: Tensor) -> ModelState:
-        layers = [MambaState(b.conv.index_select(0, rows), b.ssm.index_select(0, rows)) if b is not None
-                  else type(layer)(**{f.name: getattr(layer, f.name).index_select(0, rows) for f in fields(layer)})
-                  for b, layer in zip(self.buf, self.live.layers)]
+        kv = [None if isinstance(layer, MambaState)
+              else type(layer)(**{f.name: getattr(layer, f.name).index_select(0, rows) for f in fields(layer)})
+              for layer in self.live.layers]
+        if self.stacks is not None:
+            return ModelState.stacked(kv, self.pos.index_select(0, rows),
+                                      *(b.index_select(1, rows) for b in self.sbuf))
+        layers = [MambaState(b.conv.index_select(0, rows), b.ssm.index_select(0, rows)) if b is not None else k
+                  for b, k in zip(self.buf, kv)]
         return ModelState(layers=layers, pos=self.pos.index_select(0, rows))
 
 
@@ -196,12 +222,8 @@ class TorchBackend:
 
     def _new_state(self, batch: int) -> ModelState:
         """Zero state; `model.allocate_state` keeps the SSM state fp32, so cast it here when asked."""
-        st = self.model.allocate_state(batch, self.max_len, dtype=self.state_dtype, device=self.device)
-        if self.state_dtype != torch.float32:
-            for layer in st.layers:
-                if hasattr(layer, "ssm"):
-                    layer.ssm = layer.ssm.to(self.state_dtype)
-        return st
+        return self.model.allocate_state(batch, self.max_len, dtype=self.state_dtype, device=self.device,
+                                         ssm_dtype=self.state_dtype)
 
     def _need_state(self) -> ModelState:
         if self.state is None:

@@ -57,14 +57,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PauseView:
-    """What an `on_stop` hook sees: the sample so far, and which stop condition fired."""
+    """What an `on_stop` hook sees: the sample so far, and which stop condition fired.
+
+    `text` (the decoded completion, None without an engine tokenizer) is decoded on first access: a
+    hook that only looks at the last call's tokens does not pay for decoding the whole completion."""
 
     request: GenRequest
     sample_index: int
     token_ids: list[int]          # completion so far, ending with the stop token(s)
-    text: str | None              # decoded completion (when the engine has a tokenizer)
     stop: int | list[int] | str   # the stop token id, token sequence or string that matched
     n_pauses: int                 # how many times this sample was resumed already
+    decode: Callable[[Sequence[int]], str] | None = field(default=None, repr=False)
+
+    @property
+    def text(self) -> str | None:
+        if self.decode is None:
+            return None
+        if not hasattr(self, "_text"):
+            self._text = self.decode(self.token_ids)
+        return self._text
 
 
 StopHook = Callable[[PauseView], "Sequence[int] | Future | None"]
@@ -472,9 +483,8 @@ class Engine:
 
         def pause(i: int, s: _Sample, stop) -> bool:
             """Ask the hook at a stop. False: finish the sample. True: it was resumed or will be parked."""
-            answer = self.on_stop(PauseView(s.req, s.index, list(s.tokens),
-                                            self._decode(s.tokens) if self.tokenizer else None,
-                                            stop, s.n_pauses))
+            answer = self.on_stop(PauseView(s.req, s.index, list(s.tokens), stop, s.n_pauses,
+                                            self._decode if self.tokenizer else None))
             if answer is None:
                 return False
             stats.pauses += 1

@@ -240,11 +240,8 @@ class FastBackend:
 
     # ---- DecodeBackend ----
     def _new_state(self, rows: int, max_len: int) -> ModelState:
-        st = self.model.allocate_state(rows, max_len, dtype=self.state_dtype, device=self.device)
-        for ls in st.layers:
-            if isinstance(ls, MambaState) and ls.ssm.dtype != self.ssm_dtype:
-                ls.ssm = ls.ssm.to(self.ssm_dtype)
-        return st
+        return self.model.allocate_state(rows, max_len, dtype=self.state_dtype, device=self.device,
+                                         ssm_dtype=self.ssm_dtype)
 
     def _need(self) -> _Bucket:
         if self._cur is None:

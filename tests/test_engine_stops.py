@@ -103,6 +103,7 @@ def test_pause_hook_injects_tokens_and_resumes_like_a_full_prefill(model, tok, p
 
     def on_stop(view):
         calls.append((view.sample_index, list(view.token_ids), view.stop, view.n_pauses))
+        assert view.text == tok.decode(view.token_ids, skip_special_tokens=False)   # decoded on access
         return inject if view.n_pauses == 0 else None
 
     params = SamplingParams(max_new_tokens=30, stop_token_ids=[stop_tok], **GREEDY)
