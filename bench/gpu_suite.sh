@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_suite.sh tests-kernels   # GPU-marked tests of the decode kernels + FastBackend (one run)
 #   bash bench/gpu_suite.sh tests-rest      # engine and model GPU tests (another run); `tests` = both
+#   bash bench/gpu_suite.sh rollout    # prefill per length + batched, agent_decode, engine GPU tests (one run)
 #   bash bench/gpu_suite.sh decode     # bench/decode.py, both presets of issue 3 -> $OUT/decode*.json
 #   bash bench/gpu_suite.sh ray        # needs Ray: GPU OOM backoff, agent_decode, learner memory (bench/grpo.py)
 #   bash bench/gpu_suite.sh grpo       # needs Ray: GRPO step-time breakdown (bench/grpo.py --only step)
@@ -55,6 +56,13 @@ case "${1:-}" in
         tests/test_gpu_model.py --durations=8 --timeout=90
     fi
     ;;
+  rollout)   # engine changes: batched prefill (prefill_many) and stacked state, timed and tested in one run
+    TRITON_PRINT_AUTOTUNING=1 item 120 prefill python bench/prefill.py --preset mini-agent-scout \
+      --lengths 17 18 19 24 33 47 64 --prompts 64 --out "$OUT/prefill.json"
+    item 200 agent_decode python bench/agent_decode.py --out "$OUT/agent_decode.json"
+    MAMBA_DETERMINISTIC=1 BITMAMBA_AUTOTUNE=0 item 180 gpu_tests_engine python -m pytest -v -p no:cacheprovider \
+      -o addopts="" -m gpu tests/test_engine_gpu.py --durations=8 --timeout=90
+    ;;
   decode)
     item 300 decode_1b python bench/decode.py --preset bitmamba2-1b --batch 1 16 64 256 --hf-batch 1 64 \
       --out "$OUT/decode.json"
@@ -68,8 +76,9 @@ case "${1:-}" in
     ;;
   grpo)
     # full autotuning (ours and mamba-ssm's) in the warm-up step; timed: steps 2-3
-    item 540 grpo_step python bench/grpo.py --only step --steps 3 \
-      --out "$OUT/grpo.json"
+    # the 4th step's update runs under torch.profiler (op tables -> $OUT/learn_profile.txt; not timed)
+    BITMAMBA_PROFILE_LEARN="$OUT" BITMAMBA_PROFILE_STEP=3 item 560 grpo_step python bench/grpo.py --only step \
+      --steps 4 --out "$OUT/grpo.json"
     ;;
   scaling)
     item 540 rollout_scaling python bench/rollout_scaling.py --workers 1 2 4 --out "$OUT/rollout_scaling.json"

@@ -66,6 +66,9 @@ def bench_step(quick: bool, out: Path, steps: int | None = None) -> dict:
         driver.close()
     recs = read_metrics(out / "metrics.jsonl")[-cfg.steps:]
     timed = recs[1:] or recs                      # the first step includes warm-up (autotune, graphs)
+    if os.environ.get("BITMAMBA_PROFILE_LEARN"):  # the step whose update ran under torch.profiler is not timed
+        profiled = int(os.environ.get("BITMAMBA_PROFILE_STEP", "1")) + 1
+        timed = [r for r in timed if r.get("step") != profiled] or timed
     avg = {k: sum(r[k] for r in timed) / len(timed) for k in PHASES if all(k in r for r in timed)}
     share = {k: avg[k] / avg["time/step"] for k in ("time/generate", "time/score", "time/learn", "time/sync")}
     return {"shape": cfg.model.preset, "group_size": cfg.group_size, "prompts": cfg.prompts_per_step,

@@ -29,6 +29,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -235,7 +236,29 @@ class Learner:
 
     # ------------------------------------------------------------------ update
     def update(self, batch: TrainBatch) -> dict[str, float]:
-        """Minibatch updates over one rollout batch; returns averaged metrics."""
+        """Minibatch updates over one rollout batch; returns averaged metrics.
+
+        BITMAMBA_PROFILE_LEARN=DIR: the update after `BITMAMBA_PROFILE_STEP` (default 1, i.e. the second;
+        the first one compiles) runs under torch.profiler; its op tables go to DIR/learn_profile.txt."""
+        where = os.environ.get("BITMAMBA_PROFILE_LEARN")
+        if not where or self.version != int(os.environ.get("BITMAMBA_PROFILE_STEP", "1")):
+            return self._update(batch)
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            out = self._update(batch)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        ka = prof.key_averages()
+        dev_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        Path(where).mkdir(parents=True, exist_ok=True)
+        (Path(where) / "learn_profile.txt").write_text(
+            f"update {self.version - 1}: {out['learn/seconds']:.2f} s (profiled)\n\n"
+            + ka.table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n" + ka.table(sort_by=dev_key, row_limit=40))
+        return out
+
+    def _update(self, batch: TrainBatch) -> dict[str, float]:
         t0 = time.perf_counter()
         n = len(batch)
         n_mb = min(self.sec.minibatches, n)

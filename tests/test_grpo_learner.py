@@ -194,3 +194,16 @@ def test_bf16_learner_accumulates_gradients_in_fp32_on_the_device():
         assert len(pack_micro_batches(batch, list(range(6)), budget)) == (6 if budget == 24 else 1)
         norms.append(lr.update(batch)["learn/grad_norm"])
     assert norms[0] == pytest.approx(norms[1], rel=2e-2)      # bf16 forward/backward, fp32 sums
+
+
+def test_profile_env_writes_the_op_tables_of_the_chosen_update(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITMAMBA_PROFILE_LEARN", str(tmp_path))
+    monkeypatch.setenv("BITMAMBA_PROFILE_STEP", "1")
+    learner = Learner(make_cfg())
+    P, C = make_batch(n=2, seed=5)
+    batch = TrainBatch(P, C, [[-5.0] * len(c) for c in C], [[1.0] * len(c) for c in C], [1.0, -1.0])
+    learner.update(batch)
+    assert not (tmp_path / "learn_profile.txt").exists()        # update 0 (compiles) is not profiled
+    m = learner.update(batch)
+    text = (tmp_path / "learn_profile.txt").read_text()
+    assert text.startswith("update 1:") and "Self CPU" in text and m["learn/optimizer_steps"] >= 1
