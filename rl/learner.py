@@ -282,7 +282,12 @@ class Learner:
                 else:
                     self.optimizer.zero_grad(set_to_none=True)
                 bad_here = 0
-                for rows in micro:
+                for j, rows in enumerate(micro):
+                    if self.engine is not None:
+                        # DeepSpeed's own boundary is a global micro-step count modulo the current GAS: with
+                        # a GAS that changes between minibatches it falls mid-minibatch (gradients leak into
+                        # the next update and the last step() is a no-op). Mark the boundary explicitly.
+                        self.engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
                     mb = collate(batch, rows)
                     logp, ent = self._logprobs(self.model, mb, entropy=True)    # [B, L-1]
                     if old is None:

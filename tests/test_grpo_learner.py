@@ -207,3 +207,17 @@ def test_profile_env_writes_the_op_tables_of_the_chosen_update(tmp_path, monkeyp
     m = learner.update(batch)
     text = (tmp_path / "learn_profile.txt").read_text()
     assert text.startswith("update 1:") and "Self CPU" in text and m["learn/optimizer_steps"] >= 1
+
+
+def test_every_minibatch_applies_one_step_when_its_micro_batch_count_varies():
+    """3 micro-batches in one minibatch, 1 in the next: DeepSpeed's modulo boundary would fall
+    mid-minibatch (and the last step() would apply nothing); the learner marks the boundaries."""
+    learner = Learner(make_cfg(micro_batch_tokens=12, minibatches=2))
+    P, C = make_batch(n=4, p=5, c=6, seed=7)                 # 11-12 tokens each: one per micro-batch
+    C[3] = C[3][:1]
+    C[2] = C[2][:1]                                            # rows 2 and 3 share one micro-batch
+    batch = TrainBatch(P, C, [[-5.0] * len(c) for c in C], [[1.0] * len(c) for c in C], [1.0, -1.0, 1.0, -1.0])
+    for _ in range(3):
+        m = learner.update(batch)
+        assert m["learn/optimizer_steps"] == 2.0 and m["learn/skipped_steps"] == 0.0, m
+    assert learner.engine.global_steps == 6
