@@ -149,6 +149,15 @@ def act_quant_ste(x: Tensor) -> Tensor:
     return _ActQuantSTE.apply(x)
 
 
+def _linear(x: Tensor, w: Tensor) -> Tensor:
+    """x @ w^T in the wider of the two dtypes (autocast decides itself), output in x's dtype: bf16 x bf16
+    runs in bf16; an fp32 input (the head's, for fp32 log-probs) against bf16 weights runs in fp32."""
+    if torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, w)
+    dt = torch.promote_types(x.dtype, w.dtype)
+    return F.linear(x.to(dt), w.to(dt)).to(x.dtype)
+
+
 def pack_ternary(codes: Tensor) -> Tensor:
     """Ternary codes [out, in] (values -1/0/1, any dtype) -> uint8 [out, in // 4].
 
@@ -296,14 +305,16 @@ class BitLinear(nn.Module):
     def act_quant(self) -> bool:
         return self.quant.ternary and self.quant.activation == "int8"
 
-    def effective_weight(self) -> Tensor:
-        """Weight used in training: STE `w + (codes/s - w).detach()` (fp32); plain weight if not ternary."""
+    def effective_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Weight used in training: STE `w + (codes/s - w).detach()`, computed in fp32 and returned in
+        `dtype` (default: the weight's, so a bf16 learner runs its matmuls on bf16 tensor cores, not fp32
+        CUDA cores; the head asks for fp32); the plain weight if not ternary."""
         if not self.ternary:
             return self.weight
         codes, s = weight_quant(self.weight.detach(), self.group_size)
         w_eff = codes / expand_scale(s, self.in_features)
         w = self.weight.float()
-        return w + (w_eff - w).detach()
+        return (w + (w_eff - w).detach()).to(dtype or self.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_weight(x, None)
@@ -313,7 +324,7 @@ class BitLinear(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         if not self.ternary:
-            return F.linear(x, self.weight if w_eff is None else w_eff)
+            return _linear(x, self.weight if w_eff is None else w_eff)
         if not self.training and not torch.is_grad_enabled():
             codes, s = self.eval_codes()
             return _exact_ternary_matmul(x, codes, s, self.act_quant).to(x.dtype)
@@ -321,9 +332,7 @@ class BitLinear(nn.Module):
             w_eff = self.effective_weight()
         if self.act_quant:
             x = act_quant_ste(x)
-        if torch.is_autocast_enabled(x.device.type):
-            return F.linear(x, w_eff)
-        return F.linear(x.to(w_eff.dtype), w_eff).to(x.dtype)
+        return _linear(x, w_eff)
 
     @torch.no_grad()
     def eval_codes(self) -> tuple[Tensor, Tensor]:

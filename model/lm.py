@@ -113,7 +113,7 @@ class BitMambaLM(nn.Module):
         """Quantize the head weight once per call (STE graph kept when grad is on) whenever the head takes
         its STE path (training mode or grad enabled); None when it takes the exact eval path."""
         if self.lm_head.ternary and (self.lm_head.training or torch.is_grad_enabled()):
-            return self.lm_head.effective_weight()
+            return self.lm_head.effective_weight(torch.float32)     # the chunked head runs in fp32
         return None
 
     def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None, labels: Tensor | None = None,
@@ -147,8 +147,13 @@ class BitMambaLM(nn.Module):
             total = total + part
         return total, val.sum()
 
+    def _head_fp32(self, hc: Tensor, w: Tensor | None) -> Tensor:
+        """fp32 logits of a chunk of hidden states: the head runs in fp32 whatever the trunk's dtype (bf16
+        logits are off by ~0.03 at a logit of 10, which log-prob ratios and the rollout mismatch feel)."""
+        return self.lm_head.forward_with_weight(hc.float(), w).float()
+
     def _ce_chunk(self, hc: Tensor, w: Tensor | None, lab: Tensor, val: Tensor) -> Tensor:
-        logits = self.lm_head.forward_with_weight(hc, w).float()
+        logits = self._head_fp32(hc, w)
         ce = F.cross_entropy(logits, lab, reduction="none")
         return (ce * val).sum()
 
@@ -175,7 +180,7 @@ class BitMambaLM(nn.Module):
         return logp
 
     def _lp_chunk(self, hc: Tensor, w: Tensor | None, tg: Tensor, want_entropy: bool):
-        logp_all = torch.log_softmax(self.lm_head.forward_with_weight(hc, w).float(), dim=-1)
+        logp_all = torch.log_softmax(self._head_fp32(hc, w), dim=-1)
         lp = logp_all.gather(-1, tg[:, None]).squeeze(-1)
         ent = -(logp_all.exp() * logp_all).sum(-1) if want_entropy else lp.new_zeros(())
         return lp, ent

@@ -189,6 +189,10 @@ class Learner:
         if self.sec.backend == "deepspeed":
             _init_single_process_dist()
             self.ds_config = deepspeed_config(self.sec, self.device.type == "cuda")
+            if self.device.type == "cuda" and self.ds_config["bf16"]["enabled"]:
+                # the fp32 matmul left in a bf16 learner is the head's (fp32 log-probs); TF32 keeps it on
+                # tensor cores (its inputs lose nothing a bf16 trunk had not already rounded away)
+                torch.set_float32_matmul_precision("high")
             model = model.to(self.device)
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],

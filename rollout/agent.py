@@ -201,7 +201,7 @@ class Agent:
 
     def __init__(self, backend, tokenizer, tools: ToolSet | list, config: AgentConfig | None = None,
                  slots: int = 8, sync_every: int = 8, max_len: int | None = None, noise: str = "auto",
-                 force_max: int = 64, park_wait_s: float = 0.002):
+                 force_max: int = 64, park_wait_s: float = 0.0, defer: int = 2):
         self.config = config or AgentConfig()
         c = self.config
         self.tools = tools if isinstance(tools, ToolSet) else ToolSet(
@@ -212,7 +212,7 @@ class Agent:
         self.turn_end_id = self.fmt._special(IM_END)
         self.engine = Engine(backend, tokenizer, slots=slots, sync_every=sync_every, max_len=max_len,
                              on_stop=self._on_stop, noise=noise, force_max=force_max,
-                             park_wait_s=park_wait_s)
+                             park_wait_s=park_wait_s, defer=defer)
         self._episodes: dict[tuple[int, int], _Episode] = {}
 
     def close(self) -> None:

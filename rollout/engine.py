@@ -20,9 +20,12 @@ Pausing (multi-turn tool use, issue 8): `on_stop(view) -> list[int] | Future | N
 sample hits a stop token/sequence/string. Returning token ids injects them (the sample's recurrent
 state continues over them, no re-prefill) and the sample resumes; None finishes it ("stop").
 Returning a `concurrent.futures.Future` (a tool running in a thread/process pool): if it has resolved
-by the end of that sync's host work (a fast tool), the sample keeps its slot as with returned ids;
-otherwise it is parked off-slot with a 1-row copy of its state, its slot takes other work meanwhile,
-and when the future resolves (to ids or None) the sample re-enters a slot ahead of new samples.
+by the end of that sync's host work, the sample keeps its slot as with returned ids; otherwise its
+state at the stop is saved (a 1-row copy) and it keeps its slot for one more window while the tool runs
+beside the GPU (`defer` windows; their decoding is discarded): answered by a sync (a fast tool), it
+resumes in its slot from the saved state; still pending after them, it is parked off-slot, its slot takes other
+work meanwhile, and when the future resolves (to ids or None) the sample re-enters a slot ahead of new
+samples.
 Because the slot kept stepping past the stop until the sync, the engine snapshots the recurrent state
 of every slot at each sync (`RowSnapshot`: in-place copies, KV caches excluded) and, on a pause, restores
 the snapshot and feeds it
@@ -126,10 +129,12 @@ class Engine:
     on_stop: the pause hook (see module doc); needs a backend with `state` and `extend`.
     force_max: at a pause, feed up to this many tokens (replay + injection) through the slot's decode
       steps; more go through one `backend.extend` (0 = always extend).
-    park_wait_s: at a sync with pauses on Futures, wait up to this long for them (the GPU is idle at a
-      sync anyway), again while each round brings answers (at most 8 rounds): a fast tool (a
-      calculator: ~0.1 ms, but pool threads take turns on the GIL) answers and its sample keeps its
-      slot instead of leaving it and queueing for a free one (0 = never wait).
+    park_wait_s: at a sync with pauses on Futures, wait up to this long for them, again while each round
+      brings answers (at most 8 rounds), with the GPU idle meanwhile (default 0: never wait; see defer).
+    defer: a sample whose Future is still pending after that keeps its slot for up to this many more
+      windows (its state at the stop saved, those windows' decoding discarded) while the tool runs beside
+      the GPU: answered by a sync, it resumes in its slot; still pending after them, it is parked (0: park
+      at once). A window is ~10 ms on a GPU: tools answering within ~20 ms never leave their slot.
     batch_prefill: the distinct prompts of the samples entering free slots at once are prefilled together
       (`backend.prefill_many`: a few forwards, not one per prompt; same state up to fp rounding). False:
       one `backend.prefill` per prompt.
@@ -142,7 +147,7 @@ class Engine:
 
     def __init__(self, backend, tokenizer=None, slots: int = 8, sync_every: int = 8,
                  max_len: int | None = None, on_stop: StopHook | None = None, noise: str = "auto",
-                 force_max: int = 64, park_wait_s: float = 0.002, batch_prefill: bool = True):
+                 force_max: int = 64, park_wait_s: float = 0.0, batch_prefill: bool = True, defer: int = 2):
         if slots < 1 or sync_every < 1:
             raise BitMambaError(f"Engine: slots ({slots}) and sync_every ({sync_every}) must be >= 1")
         if on_stop is not None and not (hasattr(backend, "extend") and hasattr(backend, "state")):
@@ -163,6 +168,9 @@ class Engine:
             raise BitMambaError(f"Engine: park_wait_s must be >= 0, got {park_wait_s}")
         self.park_wait_s = park_wait_s
         self.batch_prefill = batch_prefill
+        if defer < 0:
+            raise BitMambaError(f"Engine: defer must be >= 0 windows, got {defer}")
+        self.defer = defer
         self.last_stats = GenStats()
         self._auto_max_len = 0
 
@@ -399,6 +407,7 @@ class Engine:
         to_load: list[tuple] = []     # (slot, sample, _Prefilled): loaded together by load_all
         to_feed: list[tuple] = []     # (slot, sample, state, its row, pos): fed together by feed_all
         to_park: list[tuple] = []     # (sample, slot) paused on a Future at this sync: see park_all
+        waiting: list[tuple] = []     # (sample, slot, windows left) whose Future was pending: resolve_waiting
 
         def feed_all() -> None:
             """For each queued (i, s, src, row, pos): slot i (holding s) <- row `row` of state `src`, the state
@@ -460,12 +469,14 @@ class Engine:
             no wait for a free slot); the others leave theirs, with their rows of the snapshot (one select)."""
             leave = []
             pending = [s.parked[0] for s, _ in to_park if not s.parked[0].done()]
+            tw = time.perf_counter()
             for _ in range(8 if self.park_wait_s > 0 else 0):   # more rounds while answers keep coming
                 if not pending:                                  # (fast calls queue behind each other)
                     break
                 done, pending = wait(pending, timeout=self.park_wait_s)
                 if not done:
                     break
+            stats.pause_wait_s += time.perf_counter() - tw
             for s, i in to_park:
                 if s.parked[0].done():
                     fut, s.parked = s.parked[0], None
@@ -473,13 +484,44 @@ class Engine:
                 else:
                     leave.append((s, i))
             if leave:
-                stats.parked += len(leave)
                 sub = snap.rows(torch.tensor([i for _, i in leave], device=dev))
                 for n, (s, i) in enumerate(leave):
                     s.parked = (s.parked[0], (sub, n), s.parked[2])
-                    parked.append(s)
-                    slot[i] = None
+                    if self.defer:
+                        waiting.append((s, i, self.defer))   # keeps its slot for now (decoding is discarded)
+                    else:
+                        park(s, i)
             to_park.clear()
+
+        def park(s: _Sample, i: int) -> None:
+            stats.parked += 1
+            parked.append(s)
+            slot[i] = None
+
+        def resolve_waiting() -> None:
+            """Samples that kept their slot while their tool ran: resume them in the slot from their saved
+            row (answered), keep waiting (windows left) or park them."""
+            still = []
+            for s, i, left in waiting:
+                fut, (src, row), pos = s.parked
+                if not fut.done():
+                    if left > 1:
+                        still.append((s, i, left - 1))
+                    else:
+                        park(s, i)
+                    continue
+                s.parked = None
+                stats.deferred += 1
+                answer = fut.result()
+                if answer is None:
+                    finish(i, "stop")
+                    continue
+                add_injected(s, answer)
+                if len(s.tokens) >= s.params.max_new_tokens:
+                    finish(i, "length")
+                else:
+                    to_feed.append((i, s, src, row, pos))
+            waiting[:] = still
 
         def pause(i: int, s: _Sample, stop) -> bool:
             """Ask the hook at a stop. False: finish the sample. True: it was resumed or will be parked."""
@@ -535,16 +577,20 @@ class Engine:
             st = SamplingTensors.from_params([x.params if x else None for x in slot], dev)
             gens = [x.gen if x else None for x in slot]
             drawing = any(g is not None for g in gens)
-            k = min([W] + [slot[i].n_force + slot[i].params.max_new_tokens - len(slot[i].tokens) for i in active])
+            k = min([W] + [slot[i].n_force + slot[i].params.max_new_tokens - len(slot[i].tokens) for i in active
+                           if slot[i].parked is None])
             td = time.perf_counter()
+            if forcing:   # the forced token of every (slot, step) of this window, in a few launches up front
+                fidx = force_at[:, None] + torch.arange(k, device=dev)                  # [S, k]
+                fmask = fidx < force_len[:, None]
+                ftok = force_buf.gather(1, fidx.clamp(max=FB - 1))
+                force_at += fmask.sum(1)
             for j in range(k):
                 noise = hash_exponential_noise(hash_keys, hash_count, V) if use_hash and drawing else None
                 out = sample(logits, st, gens, seen=seen, noise=noise)
                 tok = out.tokens
                 if forcing:                  # rows replaying / injecting take the forced token instead
-                    f = force_at < force_len
-                    tok = torch.where(f, force_buf.gather(1, force_at.clamp(max=FB - 1)[:, None])[:, 0], tok)
-                    force_at += f
+                    tok = torch.where(fmask[:, j], ftok[:, j], tok)
                 hash_count += 1
                 buf_tok[:, j] = tok
                 buf_lp[:, j] = out.logprobs
@@ -559,6 +605,8 @@ class Engine:
             stats.decode_s += time.perf_counter() - td
             for i in active:
                 s = slot[i]
+                if s.parked is not None:     # waiting for its tool (resolve_waiting): this window is discarded
+                    continue
                 skip = min(k, s.n_force)     # forced steps: their tokens are in s.tokens already
                 s.n_force -= skip
                 for j in range(skip, k):
@@ -576,6 +624,7 @@ class Engine:
                     if len(s.tokens) >= s.params.max_new_tokens:
                         finish(i, "length")
                         break
+            resolve_waiting()
             park_all()
             feed_all()
 

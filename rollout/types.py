@@ -149,7 +149,9 @@ class GenStats:
     idle_slot_steps: int = 0     # slot-steps with no sample in the slot (queue empty, samples parked)
     forced_tokens: int = 0       # tokens fed by forced steps at pauses (window replays + injections)
     pauses: int = 0              # on_stop calls that resumed or parked a sample
-    parked: int = 0              # of those, pauses whose tool had not answered by the end of the sync (left the slot)
+    deferred: int = 0            # of those, pauses answered during the next window (kept their slot; Engine defer)
+    parked: int = 0              # of those, pauses not answered by then (left the slot until answered)
+    pause_wait_s: float = 0.0    # host time waiting for tool answers at syncs (Engine park_wait_s)
     snapshot_s: float = 0.0      # host time launching the per-sync state snapshots (with on_stop)
     wall_s: float = 0.0
     prefill_s: float = 0.0

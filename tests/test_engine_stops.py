@@ -45,8 +45,21 @@ def _first_new(seq, start):
     pytest.skip("no fresh token in the greedy reference")
 
 
+_ANSWER_AT_STEP: list = []     # (future, ids) answered by the next decode step (a tool that finishes mid-window)
+
+
+class _StepAnswers(TorchBackend):
+    def step(self, tokens):
+        for entry in list(_ANSWER_AT_STEP):
+            entry[2] -= 1
+            if entry[2] == 0:
+                _ANSWER_AT_STEP.remove(entry)
+                entry[0].set_result(entry[1])
+        return super().step(tokens)
+
+
 def _engine(model, tok=None, **kw):
-    return Engine(TorchBackend(model), tokenizer=tok, **kw)
+    return Engine(_StepAnswers(model), tokenizer=tok, **kw)
 
 
 def test_eos_stop_token_and_length_finish_reasons(model, tok, prompt, greedy_ref):
@@ -196,7 +209,9 @@ def _async_tool_hook(inject: list[int], delay: float, pauses: int = 2):
         if view.n_pauses >= pauses:
             return None
         fut = Future()
-        if delay:
+        if delay in ("step", "step10"):          # answered by the 1st / 10th decode step after the pause
+            _ANSWER_AT_STEP.append([fut, inject, 1 if delay == "step" else 10])
+        elif delay:
             threading.Timer(delay, fut.set_result, args=(inject,)).start()
         else:
             fut.set_result(inject)
@@ -204,13 +219,26 @@ def _async_tool_hook(inject: list[int], delay: float, pauses: int = 2):
     return on_stop
 
 
+def _defer(delay):
+    """Seconds of delay exercise parking (defer 0: park at once, not timing-dependent); the rest the default."""
+    return 0 if isinstance(delay, float) and delay else 2
+
+
 def _check_parking(engine, delay):
+    """delay 0: answered in the sync (no deferral, no parking); "step": answered during the next window
+    (deferred: kept the slot, none parked); seconds: answered much later (parked)."""
     st = engine.last_stats
     assert st.pauses > 0
-    assert (st.parked > 0) if delay else (st.parked == 0), (delay, st.pauses, st.parked)
+    if delay in ("step", "step10"):      # step10: in the second window (sync_every 8): defer=2 still waits
+        assert st.deferred > 0 and st.parked == 0, (st.pauses, st.deferred, st.parked)
+    elif delay:
+        assert st.parked > 0, (delay, st.pauses, st.parked)
+    else:
+        assert st.parked == 0 and st.deferred == 0, (st.pauses, st.deferred, st.parked)
 
 
-@pytest.mark.parametrize("force_max, delay", [(64, 0.05), (0, 0.05), (64, 0.0)])
+@pytest.mark.parametrize("force_max, delay", [(64, 0.05), (0, 0.05), (64, 0.0), (64, "step"), (0, "step"),
+                                                (64, "step10")])
 def test_many_samples_parking_in_the_same_windows_match_one_slot_and_the_reference(model, tok, force_max, delay):
     """Several samples stop and park in the same sync windows (their states are selected from the
     snapshot together, and resumed rows are loaded and fed together): every sample equals its own
@@ -223,12 +251,13 @@ def test_many_samples_parking_in_the_same_windows_match_one_slot_and_the_referen
     params = SamplingParams(max_new_tokens=30, stop_token_ids=stops, **GREEDY)
     reqs = [GenRequest(tok.encode(f"Question {k}: what is {k} + {2 * k}?", add_special_tokens=False), params,
                        f"r{k}") for k in range(6)]
-    eng = _engine(model, tok, slots=4, sync_every=8, on_stop=on_stop, force_max=force_max)
+    eng = _engine(model, tok, slots=4, sync_every=8, on_stop=on_stop, force_max=force_max, defer=_defer(delay))
     many = eng.generate(reqs)
     _check_parking(eng, delay)
     assert sum(r.sampled_mask.count(0) for r in many) >= 6 * len(inject)     # at least one injection each
     for r, req in zip(many, reqs):
-        one = _engine(model, tok, slots=1, sync_every=8, on_stop=on_stop, force_max=force_max).generate([req])[0]
+        one = _engine(model, tok, slots=1, sync_every=8, on_stop=on_stop, force_max=force_max,
+                      defer=_defer(delay)).generate([req])[0]
         assert r.token_ids == one.token_ids and r.sampled_mask == one.sampled_mask
         # after the last injection: the naive reference from everything before it
         end = max(i for i, m in enumerate(r.sampled_mask) if m == 0) + 1
@@ -237,7 +266,7 @@ def test_many_samples_parking_in_the_same_windows_match_one_slot_and_the_referen
         assert r.token_ids[end:] == rest.token_ids
 
 
-@pytest.mark.parametrize("noise, delay", [("generator", 0.02), ("hash", 0.02), ("hash", 0.0)])
+@pytest.mark.parametrize("noise, delay", [("generator", 0.02), ("hash", 0.02), ("hash", 0.0), ("hash", "step")])
 def test_sampled_pausing_rollouts_replay_exactly_whatever_the_slot_count(model, tok, noise, delay):
     """Temperature, top-k and a repetition penalty with pauses every few tokens: the forced steps of
     the replay and the injection draw noise like any step, so 5 slots and 1 slot give the same
@@ -248,10 +277,10 @@ def test_sampled_pausing_rollouts_replay_exactly_whatever_the_slot_count(model, 
     p = SamplingParams(max_new_tokens=40, temperature=0.9, top_k=50, repetition_penalty=1.3, seed=5, n=3,
                        stop_token_ids=list(range(40, 384, 3)))
     reqs = [GenRequest(tok.encode(f"Q{k}: {k}+{k}?", add_special_tokens=False), p, f"r{k}") for k in range(4)]
-    eng = _engine(model, tok, slots=5, on_stop=on_stop, noise=noise)
+    eng = _engine(model, tok, slots=5, on_stop=on_stop, noise=noise, defer=_defer(delay))
     a = eng.generate(reqs)
     _check_parking(eng, delay)
-    b = _engine(model, tok, slots=1, on_stop=on_stop, noise=noise).generate(reqs)
+    b = _engine(model, tok, slots=1, on_stop=on_stop, noise=noise, defer=_defer(delay)).generate(reqs)
     assert sum(r.sampled_mask.count(0) for r in a) >= 12 * len(inject)       # pauses in (nearly) every sample
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert [x for r in a for x in r.logprobs] == pytest.approx([x for r in b for x in r.logprobs], abs=1e-5)

@@ -307,3 +307,31 @@ def test_int_mm_refusal_falls_back_to_same_numbers_with_one_warning(monkeypatch,
     monkeypatch.setattr(torch, "_int_mm", broken)
     with pytest.raises(RuntimeError, match="something else"):
         bl._exact_ternary_matmul(x, codes.to(torch.int8), s, True, int_mm=True)
+
+
+@pytest.mark.parametrize("ternary_head", [True, False])
+def test_bf16_training_runs_projections_in_bf16_and_the_head_in_fp32(monkeypatch, ternary_head):
+    """A bf16 learner's BitLinear matmuls run in bf16 (tensor cores on GPU; they used to be upcast to fp32),
+    while the head computes fp32 logits from the bf16 trunk (log-probs for the RL ratio)."""
+    from model.config import BitMambaConfig
+    from model.lm import BitMambaLM
+
+    torch.manual_seed(0)
+    model = BitMambaLM(BitMambaConfig.preset("tiny", ternary_head=ternary_head)).to(torch.bfloat16).train()
+    ids = torch.randint(0, 256, (2, 12))
+    calls, real = [], F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: calls.append((x.dtype, w.dtype)) or real(x, w, b))
+    lp = model.token_logprobs(ids, ids.roll(-1, 1))
+    assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
+    assert calls[-1] == (torch.float32, torch.float32)                   # the head
+    assert set(calls[:-1]) == {(torch.bfloat16, torch.bfloat16)}         # every projection of the trunk
+    lp.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for _, m in model.bitlinears()
+               for p in [m.weight])
+    # the head's fp32 logits equal an fp32 head on the same (bf16) hidden states
+    with torch.no_grad():
+        h = model.hidden_states(ids).float()
+        head = model.lm_head.float()
+        ref = torch.log_softmax(head.forward_with_weight(h, head.effective_weight()), -1)
+        ref = ref.gather(-1, ids.roll(-1, 1)[..., None])[..., 0]
+    assert (lp.detach() - ref).abs().max() < 1e-4
