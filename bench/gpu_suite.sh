@@ -57,8 +57,10 @@ case "${1:-}" in
     fi
     ;;
   rollout)   # engine changes: batched prefill (prefill_many) and stacked state, timed and tested in one run
-    TRITON_PRINT_AUTOTUNING=1 item 120 prefill python bench/prefill.py --preset mini-agent-scout \
-      --lengths 17 18 19 24 33 47 64 --prompts 64 --out "$OUT/prefill.json"
+    if [[ -z ${NO_PREFILL:-} ]]; then
+      TRITON_PRINT_AUTOTUNING=1 item 120 prefill python bench/prefill.py --preset mini-agent-scout \
+        --lengths 17 18 19 24 33 47 64 --prompts 64 --out "$OUT/prefill.json"
+    fi
     item 200 agent_decode python bench/agent_decode.py --out "$OUT/agent_decode.json"
     MAMBA_DETERMINISTIC=1 BITMAMBA_AUTOTUNE=0 item 180 gpu_tests_engine python -m pytest -v -p no:cacheprovider \
       -o addopts="" -m gpu tests/test_engine_gpu.py --durations=8 --timeout=90
