@@ -39,7 +39,7 @@ PHASES = ("time/generate", "time/score", "time/learn", "time/sync", "time/step",
           "gen/engine_decode_s", "gen/engine_decode_steps")
 
 
-def step_config(quick: bool, out: Path, gpu: bool, steps: int | None = None):
+def step_config(quick: bool, out: Path, gpu: bool, steps: int | None = None, micro_batch_tokens: int = 16384):
     share = 0.5 if gpu else 0.0
     data = {
         "model": {"preset": "tiny" if quick else "mini-agent-scout",
@@ -48,7 +48,7 @@ def step_config(quick: bool, out: Path, gpu: bool, steps: int | None = None):
         "task": {"name": "arithmetic", "kwargs": {"max_operand": 99}, "eval_size": 0},
         "group_size": 8, "prompts_per_step": 8 if quick else 64, "steps": steps or (2 if quick else 4),
         "sampling": {"max_new_tokens": 32 if quick else 512, "temperature": 1.0},
-        "learner": {"lr": 1.0e-6, "num_gpus": share, "num_cpus": 1, "micro_batch_tokens": 16384,
+        "learner": {"lr": 1.0e-6, "num_gpus": share, "num_cpus": 1, "micro_batch_tokens": micro_batch_tokens,
                     "gradient_checkpointing": True},
         "workers": {"num_workers": 1, "num_gpus": share, "num_cpus": 1, "engine_slots": 512},
         "reward_pool": {"num_workers": 2}, "checkpoint_every": 0, "eval_every": 0,
@@ -57,8 +57,8 @@ def step_config(quick: bool, out: Path, gpu: bool, steps: int | None = None):
     return load_grpo_config(data=data)
 
 
-def bench_step(quick: bool, out: Path, steps: int | None = None) -> dict:
-    cfg = step_config(quick, out, torch.cuda.is_available(), steps)
+def bench_step(quick: bool, out: Path, steps: int | None = None, micro_batch_tokens: int = 16384) -> dict:
+    cfg = step_config(quick, out, torch.cuda.is_available(), steps, micro_batch_tokens)
     driver = Driver(cfg)
     try:
         driver.run()
@@ -121,18 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", choices=("step", "memory"))
     p.add_argument("--steps", type=int, default=None, help="GRPO steps of the step part, the first is warm-up (default 4)")
+    p.add_argument("--micro-batch-tokens", type=int, default=16384,
+                   help="learner micro-batch token budget of the step part (fewer, larger micro-batches: fewer launches)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     out = Path(args.out or ROOT / "bench" / "results" / ("grpo_quick.json" if args.quick else "grpo.json"))
     res: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()
                  or "cpu", "torch": torch.__version__, "quick": args.quick,
                  "command": "python bench/grpo.py" + (" --quick" if args.quick else "")
-                 + (f" --only {args.only}" if args.only else "") + (f" --steps {args.steps}" if args.steps else ""),
+                 + (f" --only {args.only}" if args.only else "") + (f" --steps {args.steps}" if args.steps else "")
+                 + (f" --micro-batch-tokens {args.micro_batch_tokens}" if args.micro_batch_tokens != 16384 else ""),
                  "env": {k: os.environ[k] for k in ("BITMAMBA_AUTOTUNE", "MAMBA_DETERMINISTIC") if k in os.environ}}
     if args.only in (None, "step"):
         # the run's metrics.jsonl lands beside the JSON, so a run cut off by a time limit still leaves its steps
         run_dir = out.parent / (out.stem + "_run") if out.parent.exists() else Path(tempfile.mkdtemp())
-        res["step"] = bench_step(args.quick, run_dir, args.steps)
+        res["step"] = bench_step(args.quick, run_dir, args.steps, args.micro_batch_tokens)
         print(json.dumps(res["step"]["mean"], indent=1), flush=True)
     if args.only in (None, "memory"):
         res["memory"] = bench_memory(args.quick)
