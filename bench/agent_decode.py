@@ -150,9 +150,11 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=256, help="completion tokens per sequence (sampled + injected)")
     p.add_argument("--calls", type=int, default=2, help="tool calls per tool sequence")
     p.add_argument("--tool-latency-ms", type=float, nargs="+", default=[0.0, 20.0])
-    p.add_argument("--pause-modes", nargs="+", default=["defer", "wait"], choices=["defer", "wait"],
-                   help="defer: the engine's default (no wait; a pending tool keeps its slot up to 2 windows); "
-                        "wait: session 4's (wait up to 2 ms at the sync, then park)")
+    p.add_argument("--pause-modes", nargs="+", default=["defer", "wait"], choices=["defer", "nowait", "wait"],
+                   help="defer: the engine's default (wait up to 2 ms at the sync, then a pending tool keeps its "
+                        "slot up to 2 windows, then it parks); nowait: the same without the wait; "
+                        "wait: session 4's (wait up to 2 ms, then park)")
+    p.add_argument("--cprofile", default=None, help="write cProfile stats (text) of one extra tools run here")
     p.add_argument("--sync-every", type=int, default=8)
     p.add_argument("--backend", default="auto")
     p.add_argument("--repeats", type=int, default=2)
@@ -201,7 +203,8 @@ def main(argv=None) -> int:
     res["no_tools"] = {"seconds": base_t, "sampled_tokens": base_tokens, "sampled_tok_s": base_tokens / base_t,
                        "engine_stats": dataclasses.asdict(base_engine.last_stats)}
     print(f"no tools: {base_t:.2f}s, {base_tokens / base_t:.0f} tok/s", file=sys.stderr)
-    modes = {"defer": dict(park_wait_s=0.0, defer=2), "wait": dict(park_wait_s=0.002, defer=0)}
+    modes = {"defer": dict(park_wait_s=0.002, defer=2), "nowait": dict(park_wait_s=0.0, defer=2),
+             "wait": dict(park_wait_s=0.002, defer=0)}
     for lat, mode in [(lat, m) for lat in a.tool_latency_ms for m in a.pause_modes]:
         tools = ToolSet([SlowCalculator(lat / 1e3)], timeout_s=30, workers=64)
         agent = Agent(tool_be, tok, tools, AgentConfig(max_tool_calls=a.calls + 1), slots=a.slots,
@@ -224,6 +227,17 @@ def main(argv=None) -> int:
              "ratio_sampled_tok_s": (sampled / t) / (base_tokens / base_t),
              "ratio_total_tok_s": (total / t) / (base_tokens / base_t), "engine_stats": st}
         res["runs"].append(r)
+        if a.cprofile and lat == a.tool_latency_ms[0] and mode == a.pause_modes[0]:
+            import cProfile
+            import io
+            import pstats
+            prof = cProfile.Profile()
+            prof.runcall(run_once, lambda: agent, requests())
+            buf = io.StringIO()
+            ps = pstats.Stats(prof, stream=buf)
+            ps.sort_stats("tottime").print_stats(40)
+            ps.sort_stats("cumulative").print_stats("rollout|tokeniz|concurrent|threading", 60)
+            Path(a.cprofile).write_text(buf.getvalue())
         if a.torch_profile and lat == a.tool_latency_ms[0]:
             write_profile(a.torch_profile, lambda: run_once(lambda: agent, requests()))
         agent.close()

@@ -47,6 +47,7 @@ from typing import Any
 
 from model.errors import ConfigError
 from rollout.engine import Engine, PauseView
+from rollout.tokenizer import FastCodec
 from rollout.toolcall import CALL_END, CALL_START, ToolCall, last_call
 from rollout.tools import ToolOutcome, ToolSet
 from rollout.types import GenRequest, GenResult, SamplingParams
@@ -166,6 +167,7 @@ class ToolMessageFormat:
         self.resp_start = self._piece([RESP_START]) if wrap_response else []
         self.resp_end = self._piece([RESP_END]) if wrap_response else []
         self._lock = threading.Lock()
+        self.codec = FastCodec(tokenizer)
 
     def _special(self, s: str) -> int | None:
         i = self.tok.convert_tokens_to_ids(s)
@@ -188,7 +190,7 @@ class ToolMessageFormat:
 
     def ids(self, result: str) -> list[int]:
         with self._lock:   # tool threads encode concurrently; the decode thread only decodes
-            body = self.tok.encode(neutralize(result, self.specials), add_special_tokens=False)
+            body = self.codec.encode(neutralize(result, self.specials))
         return self.prefix + self.resp_start + body + self.resp_end + self.suffix
 
 
@@ -201,7 +203,7 @@ class Agent:
 
     def __init__(self, backend, tokenizer, tools: ToolSet | list, config: AgentConfig | None = None,
                  slots: int = 8, sync_every: int = 8, max_len: int | None = None, noise: str = "auto",
-                 force_max: int = 64, park_wait_s: float = 0.0, defer: int = 2):
+                 force_max: int = 64, park_wait_s: float = 0.002, defer: int = 2):
         self.config = config or AgentConfig()
         c = self.config
         self.tools = tools if isinstance(tools, ToolSet) else ToolSet(
@@ -247,7 +249,7 @@ class Agent:
         if len(ep.calls) >= self.config.max_tool_calls:
             ep.limit = "max_tool_calls"
             return None
-        segment = self.tok.decode(view.token_ids[ep.seg_start:], skip_special_tokens=False)
+        segment = self.fmt.codec.decode(view.token_ids[ep.seg_start:])
         call: ToolCall = last_call(segment)
         rec = ToolCallRecord(call.name, call.arguments, call.raw, "malformed")
         rec.token_start = len(view.token_ids)
@@ -297,19 +299,27 @@ class Agent:
             out.append(self._trajectory(res, ep))
         return out
 
+    def _full_text(self, res: GenResult) -> str:
+        """The completion decoded with its special tokens; the engine decoded it already (without the EOS)."""
+        if res.text is None:
+            return self.fmt.codec.decode(res.token_ids)
+        if res.finish_reason == "eos":
+            return res.text + self.fmt.codec.decode(res.token_ids[-1:])
+        return res.text
+
     def _trajectory(self, res: GenResult, ep: _Episode) -> Trajectory:
         ids, mask = res.token_ids, res.sampled_mask or [1] * len(res.token_ids)
         calls = [c for c in ep.calls if c.token_end >= 0 and c.token_start < len(ids)]
         messages: list[dict] = [dict(m) for m in (res.meta or {}).get("messages", [])]
         pos = 0
         for c in calls:
-            seg = self.tok.decode(ids[pos:c.token_start], skip_special_tokens=False)
+            seg = self.fmt.codec.decode(ids[pos:c.token_start])
             messages.append({"role": "assistant", "content": seg,
                              "tool_calls": [{"name": c.name, "arguments": c.arguments}] if c.name else []})
             messages.append({"role": self.config.tool_role, "content": c.result, "status": c.status})
             pos = c.token_end
         tail = ids[pos:] if pos <= len(ids) else []
-        final = self.tok.decode(tail, skip_special_tokens=False)
+        final = self.fmt.codec.decode(tail)
         for end in (IM_END, self.tok.eos_token or ""):
             if end and final.endswith(end):
                 final = final[:-len(end)]
@@ -322,7 +332,7 @@ class Agent:
                   "truncated": sum(c.truncated for c in ep.calls)}
         return Trajectory(prompt_ids=list(res.prompt_ids), token_ids=list(ids), sampled_mask=list(mask),
                           logprobs=[lp if m else 0.0 for lp, m in zip(res.model_logprobs, mask)],
-                          text=self.tok.decode(ids, skip_special_tokens=False), messages=messages,
+                          text=self._full_text(res), messages=messages,
                           tool_calls=ep.calls, finish_reason=res.finish_reason, limit=ep.limit,
                           counts=counts, result=res)
 

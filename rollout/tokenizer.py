@@ -115,3 +115,43 @@ def load_tokenizer(path_or_name: str | Path):
     except OSError as e:
         raise CheckpointError(f"tokenizer {path_or_name!r}: not a local directory and not loadable "
                               f"from the hub ({e})") from e
+
+
+_PROBE = "<|im_start|>user\nÀ 12 + 35 = ?\t日本 <tool_call>{\"a\": 1}</tool_call><|im_end|>\n"
+
+
+class FastCodec:
+    """`decode(ids)` / `encode(text)` (special tokens kept, none added) straight through the Rust
+    `tokenizers.Tokenizer` behind a transformers fast tokenizer: the transformers wrappers spend
+    ~0.1-0.2 ms per call in Python (converting every id, building an encoding object), which the
+    decode thread pays for every pause and finished sample. Used only when a probe round-trips the
+    same as the wrapper (ids and text, including special tokens and non-ASCII); otherwise, or for a
+    slow tokenizer, the wrapper's own methods (identical results either way)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.fast = False
+        rust = getattr(tokenizer, "_tokenizer", None)
+        if rust is None or not hasattr(rust, "encode") or not hasattr(rust, "decode"):
+            return
+        self._rust = rust
+        self._cleanup = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        try:
+            ids = tokenizer.encode(_PROBE, add_special_tokens=False)
+            self.fast = (self._encode_rust(_PROBE) == ids
+                         and self._decode_rust(ids) == tokenizer.decode(ids, skip_special_tokens=False))
+        except Exception:   # any oddity of a custom tokenizer: keep the wrapper
+            self.fast = False
+
+    def _encode_rust(self, text: str) -> list[int]:
+        return self._rust.encode(text, add_special_tokens=False).ids
+
+    def _decode_rust(self, ids) -> str:
+        text = self._rust.decode(list(ids), skip_special_tokens=False)
+        return self.tok.clean_up_tokenization(text) if self._cleanup else text
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode_rust(text) if self.fast else self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self._decode_rust(ids) if self.fast else self.tok.decode(list(ids), skip_special_tokens=False)

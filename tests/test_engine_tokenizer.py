@@ -45,3 +45,39 @@ def test_save_load_offline_and_chat_template(tok, tmp_path):
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no tokenizer"):
         load_tokenizer(empty)
+
+
+@pytest.mark.parametrize("cleanup", [False, True])
+def test_fast_codec_equals_the_transformers_wrapper(cleanup):
+    import random
+
+    from rollout.tokenizer import FastCodec, build_tiny_tokenizer
+
+    t = build_tiny_tokenizer(384)
+    t.clean_up_tokenization_spaces = cleanup
+    c = FastCodec(t)
+    assert c.fast or cleanup      # transformers 5 ignores the cleanup for BPE: the probe sees it and keeps the wrapper
+    rng = random.Random(0)
+    texts = ["a , b . c ' s n't", "<|im_start|>tool\n<tool_response>1 ?</tool_response><|im_end|>", "é 日本 \t x"]
+    for _ in range(100):
+        ids = [rng.randrange(len(t)) for _ in range(rng.randrange(0, 50))]
+        assert c.decode(ids) == t.decode(ids, skip_special_tokens=False)
+        texts.append(t.decode(ids, skip_special_tokens=False))
+    for s in texts:
+        assert c.encode(s) == t.encode(s, add_special_tokens=False)
+        assert c.decode(t.encode(s, add_special_tokens=False)) == t.decode(t.encode(s, add_special_tokens=False),
+                                                                           skip_special_tokens=False)
+
+
+def test_fast_codec_keeps_the_wrapper_for_a_tokenizer_without_a_rust_backend():
+    from rollout.tokenizer import FastCodec
+
+    class Slow:
+        def encode(self, text, add_special_tokens=False):
+            return [ord(ch) for ch in text]
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(map(chr, ids))
+
+    c = FastCodec(Slow())
+    assert not c.fast and c.encode("hi") == [104, 105] and c.decode([104, 105]) == "hi"
