@@ -36,7 +36,8 @@ from rl.metrics import read_metrics  # noqa: E402
 
 PHASES = ("time/generate", "time/score", "time/learn", "time/sync", "time/step", "tokens_per_s",
           "sync/bytes", "learn/tokens", "response_len_mean", "gen/engine_wall_s", "gen/engine_prefill_s",
-          "gen/engine_decode_s", "gen/engine_decode_steps")
+          "gen/engine_decode_s", "gen/engine_decode_steps", "sync/export_s", "sync/worker_load_s",
+          "sync/worker_refresh_s")
 
 
 def step_config(quick: bool, out: Path, gpu: bool, steps: int | None = None, micro_batch_tokens: int = 16384):

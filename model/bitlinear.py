@@ -359,15 +359,18 @@ class BitLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     @torch.no_grad()
-    def pack(self) -> PackedTernary:
+    def pack(self, to_cpu: bool = True) -> PackedTernary:
+        """The exported form (codes, scale, norm) on the CPU; `to_cpu=False` keeps it on the weight's
+        device (the fast decode backend re-packs on the GPU without a round trip through the host)."""
         if not self.ternary:
             raise ValueError(f"{self.name}: pack() needs a ternary layer (quant.ternary is False)")
         codes, s = weight_quant(self.weight, self.group_size)
+        dev = "cpu" if to_cpu else self.weight.device
         return PackedTernary(
-            codes=pack_ternary(codes.to(torch.int8)).cpu(), scale=s.float().cpu(),
+            codes=pack_ternary(codes.to(torch.int8)).to(dev), scale=s.float().to(dev),
             in_features=self.in_features, out_features=self.out_features,
             group_size=self.group_size or self.in_features,
-            norm_weight=None if self.norm is None else self.norm.weight.detach().float().cpu(),
+            norm_weight=None if self.norm is None else self.norm.weight.detach().float().to(dev),
             norm_eps=self.norm.eps if self.norm is not None else 0.0, act_quant=self.act_quant)
 
     @torch.no_grad()

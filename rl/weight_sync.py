@@ -84,8 +84,9 @@ def load_into(model: nn.Module, weights: PolicyWeights) -> None:
         if not isinstance(mod, BitLinear) or tuple(mod.weight.shape) != (codes.shape[0], codes.shape[1] * 4):
             raise CheckpointError(f"policy weights: {name} packed {tuple(codes.shape)} does not fit "
                                   f"{type(mod).__name__} {tuple(getattr(mod, 'weight').shape)}")
-        lat = latent_from_packed(codes, scale, mod.in_features)
-        mod.weight.copy_(lat.to(mod.weight.device, mod.weight.dtype))
+        dev = mod.weight.device        # unpack where the weight lives (a GPU worker: no host-side float pass)
+        lat = latent_from_packed(codes.to(dev), scale.to(dev), mod.in_features)
+        mod.weight.copy_(lat.to(mod.weight.dtype))
     for name, t in weights.dense.items():
         dst = state[name]
         if dst.shape != t.shape:
@@ -105,5 +106,8 @@ def sync_to_workers(learner, workers) -> dict[str, float]:
     ref = learner.export_weights.remote()
     workers.load_weights(ref)
     stats = ray.get(learner.last_export_stats.remote())
-    return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": stats["bytes"],
-            "sync/export_s": stats["seconds"]}
+    out = {"sync/seconds": time.perf_counter() - t0, "sync/bytes": stats["bytes"],
+           "sync/export_s": stats["seconds"]}
+    if hasattr(workers, "load_stats"):      # the slowest worker's load: unpack into the model, re-pack kernels
+        out.update(workers.load_stats())
+    return out

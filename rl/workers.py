@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -73,10 +74,19 @@ class GenerationWorker:
 
     def load_weights(self, weights: PolicyWeights) -> int:
         """Load a policy version (the driver passes the object-store reference; Ray resolves it)."""
+        t0 = time.perf_counter()
         load_into(self.model, weights)
+        t1 = time.perf_counter()
         self.backend.refresh_weights()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last_load = {"sync/worker_load_s": t1 - t0, "sync/worker_refresh_s": time.perf_counter() - t1}
         self.version = weights.version
         return self.version
+
+    def load_stats(self) -> dict[str, float]:
+        """Seconds of the last `load_weights`: into the model, and the backend's re-pack."""
+        return dict(getattr(self, "last_load", {}))
 
     def generate(self, jobs: list[PromptJob], params: SamplingParams) -> list[GenResult]:
         """All `params.n` samples of every job, ordered by job then sample index."""
@@ -137,6 +147,12 @@ class WorkerGroup:
         """Every worker loads the same object-store reference; remembered for restarts."""
         self.weights_ref = weights_ref
         return ray.get([a.load_weights.remote(weights_ref) for a in self.actors])
+
+    def load_stats(self) -> dict[str, float]:
+        """The slowest worker's `load_stats` (the sync waits for it)."""
+        per = ray.get([a.load_stats.remote() for a in self.actors])
+        keys = {k for d in per for k in d}
+        return {k: float(max(d.get(k, 0.0) for d in per)) for k in sorted(keys)}
 
     def _restart(self, w: int, reason: Exception) -> None:
         log.warning("generation worker %d died (%s); restarting and resyncing weights", w,

@@ -147,7 +147,7 @@ class FastBackend:
         for name, lin in self.model.bitlinears():
             if not lin.ternary:
                 continue
-            p = lin.pack()
+            p = lin.pack(to_cpu=False)
             own = None if lin.norm is None else _Norm(lin.norm.weight, lin.norm.eps)
             words = kernel_layout(p.codes.to(self.device), lin.in_features, p.group_size)
             cur = self.packed.get(name)

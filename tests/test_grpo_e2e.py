@@ -35,6 +35,8 @@ def test_grpo_runs_logs_checkpoints_and_resumes_exactly(ray_local, tmp_path):
         for k in ("learn/pg_loss", "learn/grad_norm", "learn/mismatch_kl", "sync/bytes", "time/generate",
                   "frac_zero_std_groups", "response_len_mean"):
             assert k in r, k
+        # where the sync goes: the slowest worker's unpack into its model and its backend re-pack
+        assert 0.0 < r["sync/worker_load_s"] + r["sync/worker_refresh_s"] <= r["time/sync"]
         assert r["learn/mismatch_max_ratio"] < 1.01        # worker and learner agree on the policy
     assert "eval/pass@1" in recs[1] and "eval/pass@4" in recs[3]
     ckpts = CheckpointManager(full / "checkpoints").checkpoints()
