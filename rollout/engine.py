@@ -456,14 +456,19 @@ class Engine:
                     seen[i] = seen_mask([list(s.key) + s.tokens], V, dev)[0]
             to_feed.clear()
 
+        def take_answer(s: _Sample, answer) -> str | None:
+            """Inject the hook's answer into s; -> the finish reason if that ends it ("stop": no answer,
+            "length": the injection filled the budget), else None (it goes on)."""
+            if answer is None:
+                return "stop"
+            add_injected(s, answer)
+            return "length" if len(s.tokens) >= s.params.max_new_tokens else None
+
         def answer_in_slot(i: int, s: _Sample, answer) -> None:
             """The hook's answer for s, still in slot i: finish it, or queue the rewind + injection."""
-            if answer is None:
-                finish(i, "stop")
-                return
-            add_injected(s, answer)
-            if len(s.tokens) >= s.params.max_new_tokens:
-                finish(i, "length")          # the injection filled the budget
+            reason = take_answer(s, answer)
+            if reason:
+                finish(i, reason)
             else:
                 to_feed.append((i, s, snap, i, s.fed_at_sync))
 
@@ -515,13 +520,9 @@ class Engine:
                     continue
                 s.parked = None
                 stats.deferred += 1
-                answer = fut.result()
-                if answer is None:
-                    finish(i, "stop")
-                    continue
-                add_injected(s, answer)
-                if len(s.tokens) >= s.params.max_new_tokens:
-                    finish(i, "length")
+                reason = take_answer(s, fut.result())
+                if reason:
+                    finish(i, reason)
                 else:
                     to_feed.append((i, s, src, row, pos))
             waiting[:] = still
@@ -549,13 +550,9 @@ class Engine:
                 parked.remove(s)
                 fut, state1, pos = s.parked      # state1: (parked states, row)
                 s.parked = None
-                answer = fut.result()
-                if answer is None:
-                    finish_sample(s, "stop")
-                    continue
-                add_injected(s, answer)
-                if len(s.tokens) >= s.params.max_new_tokens:
-                    finish_sample(s, "length")
+                reason = take_answer(s, fut.result())
+                if reason:
+                    finish_sample(s, reason)
                     continue
                 s.resume = (state1, pos)
                 ready.append(s)
