@@ -60,7 +60,7 @@ class ScriptedCalls:
         ban[vocab_limit:] = True
         self.ban_bias = torch.where(ban, float("-inf"), 0.0)
 
-    def __getattr__(self, name):       # allocate, load_rows, save_rows, refresh_weights, state, ...
+    def __getattr__(self, name):       # allocate, load_rows, refresh_weights, state, ...
         return getattr(self.inner, name)
 
     def _apply(self, logits, pos):

@@ -267,10 +267,6 @@ class TorchBackend:
         """tokens [slots] -> fp32 logits [slots, V]; every slot's state advances by one token."""
         return self.model.step(tokens.to(self.device, torch.long), self._need_state()).float()
 
-    def save_rows(self, rows: Tensor) -> ModelState:
-        """A copy of the given slot rows' state (the engine's snapshot for pausing sequences)."""
-        return self._need_state().select(torch.as_tensor(rows, dtype=torch.long, device=self.device))
-
     def refresh_weights(self) -> None:
         """Nothing to re-pack: this backend reads the model's weights directly."""
 

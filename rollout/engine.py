@@ -336,44 +336,51 @@ class Engine:
         def prefill_pending(n_free: int) -> None:
             """Prefill the distinct prompts of the next queued samples that will get a slot now, together
             (`backend.prefill_many`: a few forwards instead of one per prompt)."""
-            keys: list[tuple[int, ...]] = []
-            for s in islice(queue, max(0, n_free - len(ready))):
-                if s.key not in prefilled and s.key not in keys:
-                    keys.append(s.key)
+            keys = list(dict.fromkeys(s.key for s in islice(queue, max(0, n_free - len(ready)))
+                                      if s.key not in prefilled))
             if not keys:
                 return
             tp = time.perf_counter()
             if len(keys) > 1 and batched_prefill:
                 lg, st = be.prefill_many(keys)
-                stats.prefill_batches += 1
+                dt = time.perf_counter() - tp
+                done = [(lg, st, n, dt) for n in range(len(keys))]
             else:   # one prompt, or a backend without prefill_many
                 outs = [be.prefill(torch.tensor(k, dtype=torch.long, device=dev)) for k in keys]
-                stats.prefill_batches += len(keys)
-            dt = time.perf_counter() - tp
-            for n, k in enumerate(keys):
-                if len(keys) > 1 and batched_prefill:
-                    prefilled[k] = _Prefilled(lg, st, n, remaining_by_key[k], dt)
-                else:
-                    prefilled[k] = _Prefilled(outs[n][0][None], outs[n][1], 0, remaining_by_key[k], dt / len(keys))
+                dt = time.perf_counter() - tp
+                done = [(lg1[None], st1, 0, dt / len(keys)) for lg1, st1 in outs]
+            for k, (lg_k, st_k, row, t_k) in zip(keys, done):
+                prefilled[k] = _Prefilled(lg_k, st_k, row, remaining_by_key[k], t_k)
                 stats.prompt_tokens += len(k)
+            stats.prefill_batches += len({id(d[1]) for d in done})
             stats.n_prefills += len(keys)
             stats.prefill_s += dt
+
+        def by_source(items: list[tuple]) -> list[tuple]:
+            """[(slot, source state, its row)] -> [(source, slots, rows)], one group per source object."""
+            groups: dict[int, tuple] = {}
+            for i, src, row in items:
+                g = groups.setdefault(id(src), (src, [], []))
+                g[1].append(i)
+                g[2].append(row)
+            return list(groups.values())
+
+        def copy_rows_in(src, slots_: list[int], rows_: list[int]) -> None:
+            """Slots <- those rows of `src`: one select (none when they are all of src, in order) and one load."""
+            if rows_ != list(range(src.batch_size)):
+                src = src.select(torch.tensor(rows_, device=dev))
+            be.load_rows(src, torch.tensor(slots_, device=dev))
 
         def load_all() -> None:
             """Copy the prefilled states and logits of the samples `load` queued into their slots: one state
             copy per prefill batch, one write per per-slot tensor (not ~5 launches per slot)."""
             if not to_load:
                 return
-            by_src: dict[int, tuple] = {}
-            for i, s, pf in to_load:
-                by_src.setdefault(id(pf.state), (pf, [], []))
-                by_src[id(pf.state)][1].append(i)
-                by_src[id(pf.state)][2].append(pf.row)
-            for pf, slots_, rows_ in by_src.values():
-                dst, src = torch.tensor(slots_, device=dev), torch.tensor(rows_, device=dev)
-                state = pf.state if rows_ == list(range(pf.state.batch_size)) else pf.state.select(src)
-                be.load_rows(state, dst)
-                set_logits(dst, pf.logits.index_select(0, src))
+            logits_of = {id(pf.state): pf.logits for _, _, pf in to_load}
+            for src, slots_, rows_ in by_source([(i, pf.state, pf.row) for i, _, pf in to_load]):
+                copy_rows_in(src, slots_, rows_)
+                set_logits(torch.tensor(slots_, device=dev),
+                           logits_of[id(src)].index_select(0, torch.tensor(rows_, device=dev)))
             host = torch.tensor([[i, sample_seed(s.params.seed, s.index)] for i, s, _ in to_load], dtype=torch.long)
             d = host.to(dev)
             force_len[d[:, 0]] = 0
@@ -419,18 +426,11 @@ class Engine:
             one host->device copy for all the forced rows (a pause costs a few launches, not ~100)."""
             if not to_feed:
                 return
-            by_src: dict[int, tuple] = {}
-            for i, s, src, row, pos in to_feed:
-                by_src.setdefault(id(src), (src, [], []))
-                by_src[id(src)][1].append(i)
-                by_src[id(src)][2].append(row)
-            for src, rows, src_rows in by_src.values():
+            for src, slots_, rows_ in by_source([(i, src, row) for i, _, src, row, _ in to_feed]):
                 if src is snap:            # resumed at the sync in their own slot (row == slot)
-                    snap.restore(torch.tensor(rows, device=dev))
-                    continue
-                if src_rows != list(range(src.batch_size)):
-                    src = src.select(torch.tensor(src_rows, device=dev))
-                be.load_rows(src, torch.tensor(rows, device=dev))
+                    snap.restore(torch.tensor(slots_, device=dev))
+                else:
+                    copy_rows_in(src, slots_, rows_)
             forced = [(i, s, pos) for i, s, _, _, pos in to_feed if len(s.tokens) - pos <= self.force_max]
             if forced:
                 host = torch.zeros(len(forced), FB + 3, dtype=torch.long)   # [tokens | len | pos | slot]

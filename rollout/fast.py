@@ -339,6 +339,3 @@ class FastBackend:
             return b.logits[: self.slots].clone()
         return self._decode(b.tokens, b.state)[: self.slots].float()
 
-    def save_rows(self, rows: Tensor) -> ModelState:
-        """A copy of the given slot rows' state (the engine's snapshot for pausing sequences)."""
-        return self._need().state.select(torch.as_tensor(rows, dtype=torch.long, device=self.device))

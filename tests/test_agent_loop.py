@@ -45,7 +45,7 @@ class ScriptedBackend:
         self.scripts, self.eos, self.real, self.n_extend = scripts, eos, [], 0
         self.prompt_len_of_row: dict[int, int] = {}
 
-    def __getattr__(self, name):          # allocate, save_rows, refresh_weights, state, ...
+    def __getattr__(self, name):          # allocate, refresh_weights, state, ...
         return getattr(self.inner, name)
 
     def _force(self, pos, plen):
