@@ -150,10 +150,11 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=256, help="completion tokens per sequence (sampled + injected)")
     p.add_argument("--calls", type=int, default=2, help="tool calls per tool sequence")
     p.add_argument("--tool-latency-ms", type=float, nargs="+", default=[0.0, 20.0])
-    p.add_argument("--pause-modes", nargs="+", default=["defer", "wait"], choices=["defer", "nowait", "wait"],
-                   help="defer: the engine's default (wait up to 2 ms at the sync, then a pending tool keeps its "
-                        "slot up to 2 windows, then it parks); nowait: the same without the wait; "
-                        "wait: session 4's (wait up to 2 ms, then park)")
+    p.add_argument("--pause-modes", nargs="+", default=["defer", "wait"], choices=["defer", "defer4", "wait"],
+                   help="defer: the engine's default (a pending tool keeps its sample's slot up to 2 windows and "
+                        "the sample resumes at the first decode step after the answer (hash noise), then it parks); "
+                        "defer4: the same with 4 windows; wait: wait up to 2 ms at the sync with the GPU idle, "
+                        "then park (session 4)")
     p.add_argument("--cprofile", default=None, help="write cProfile stats (text) of one extra tools run here")
     p.add_argument("--sync-every", type=int, default=8)
     p.add_argument("--backend", default="auto")
@@ -193,22 +194,26 @@ def main(argv=None) -> int:
     # pay the same per-step benchmark overhead
     base_be = ScriptedCalls(inner, [-1] * len(script), tool_prompt_len, specials, len(tok))
     tool_be = ScriptedCalls(inner, script, tool_prompt_len, specials, len(tok))
-    base_engine = Engine(base_be, tok, slots=a.slots, sync_every=a.sync_every)
+    # hash noise (the engine's choice on CUDA) also on the CPU, so that --quick runs the same paths
+    base_engine = Engine(base_be, tok, slots=a.slots, sync_every=a.sync_every, noise="hash")
     res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "backend": type(inner).__name__,
            "preset": a.preset, "slots": a.slots, "samples": a.samples, "prompt": a.prompt, "new": a.new,
-           "calls_per_tool_sequence": a.calls, "inject_tokens_per_call": inject_len, "runs": []}
+           "calls_per_tool_sequence": a.calls, "inject_tokens_per_call": inject_len,
+           "rust_codec": fmt.codec.fast, "runs": []}
+    import transformers
+    print(f"transformers {transformers.__version__}; Rust tokenizer calls: {fmt.codec.fast}", file=sys.stderr)
     run_once(lambda: base_engine, requests())                            # warm-up (graphs, autotune)
     base_t = min(run_once(lambda: base_engine, requests())[0] for _ in range(a.repeats))
     base_tokens = a.samples * a.new
     res["no_tools"] = {"seconds": base_t, "sampled_tokens": base_tokens, "sampled_tok_s": base_tokens / base_t,
                        "engine_stats": dataclasses.asdict(base_engine.last_stats)}
     print(f"no tools: {base_t:.2f}s, {base_tokens / base_t:.0f} tok/s", file=sys.stderr)
-    modes = {"defer": dict(park_wait_s=0.002, defer=2), "nowait": dict(park_wait_s=0.0, defer=2),
+    modes = {"defer": dict(park_wait_s=0.002, defer=2), "defer4": dict(park_wait_s=0.002, defer=4),
              "wait": dict(park_wait_s=0.002, defer=0)}
     for lat, mode in [(lat, m) for lat in a.tool_latency_ms for m in a.pause_modes]:
         tools = ToolSet([SlowCalculator(lat / 1e3)], timeout_s=30, workers=64)
         agent = Agent(tool_be, tok, tools, AgentConfig(max_tool_calls=a.calls + 1), slots=a.slots,
-                      sync_every=a.sync_every, **modes[mode])
+                      sync_every=a.sync_every, noise="hash", **modes[mode])
         agent.generate(requests()[:4])                                      # warm-up
         best = None
         for _ in range(a.repeats):
@@ -244,7 +249,7 @@ def main(argv=None) -> int:
         print(f"tools (latency {lat:g} ms, {mode}): {t:.2f}s, {sampled / t:.0f} sampled tok/s, {calls} calls "
               f"({ok} ok), ratio {r['ratio_sampled_tok_s']:.2f} (total tokens {r['ratio_total_tok_s']:.2f}); "
               f"steps {st['decode_steps']} vs {res['no_tools']['engine_stats']['decode_steps']} without tools, "
-              f"idle slot-steps {st['idle_slot_steps']}, forced {st['forced_tokens']}, deferred {st['deferred']}/parked {st['parked']}/{st['pauses']}, "
+              f"idle slot-steps {st['idle_slot_steps']}, forced {st['forced_tokens']}, deferred {st['deferred']} (rejoined mid-window {st['rejoined']})/parked {st['parked']}/{st['pauses']}, "
               f"waited {st['pause_wait_s']:.2f}s, decode {st['decode_s']:.2f}s, "
               f"snapshots {st['snapshot_s']:.2f}s, wall {st['wall_s']:.2f}s", file=sys.stderr)
         if calls != half * a.calls or ok != calls:

@@ -141,6 +141,7 @@ class RowSnapshot:
     every position from the snapshot's on, which overwrites the entries written past it, and the
     entries below it never change while the slot keeps its sample.
 
+    take(rows): re-snapshot only those slots (a sample resumed mid-window, at its new rewind point).
     restore(rows): those slots go back to the snapshot (KV left as is).
     rows(rows): a new 1-row-per-slot `ModelState` (snapshot recurrent state, the live KV rows) for a
       sample leaving its slot; take it before the slot is reused.
@@ -156,7 +157,11 @@ class RowSnapshot:
                         if isinstance(layer, MambaState) else None for layer in live.layers]
         self.pos = torch.empty_like(live.pos)
 
-    def take(self) -> None:
+    def take(self, rows: Tensor | None = None) -> None:
+        """Snapshot every slot (one copy per tensor), or only `rows`."""
+        if rows is not None:
+            self._copy_rows(rows, to_snapshot=True)
+            return
         if self.stacks is not None:
             for b, t in zip(self.sbuf, self.stacks):
                 b.copy_(t)
@@ -167,16 +172,19 @@ class RowSnapshot:
                     b.ssm.copy_(layer.ssm)
         self.pos.copy_(self.live.pos)
 
-    def restore(self, rows: Tensor) -> None:
+    def _copy_rows(self, rows: Tensor, to_snapshot: bool) -> None:
+        """(snapshot buffer, live tensor, row dim) for each tensor: stacks keep layers first."""
         if self.stacks is not None:
-            for b, t in zip(self.sbuf, self.stacks):
-                t.index_copy_(1, rows, b.index_select(1, rows))
+            pairs = [(b, t, 1) for b, t in zip(self.sbuf, self.stacks)]
         else:
-            for b, layer in zip(self.buf, self.live.layers):
-                if b is not None:
-                    layer.conv[rows] = b.conv.index_select(0, rows)
-                    layer.ssm[rows] = b.ssm.index_select(0, rows)
-        self.live.pos[rows] = self.pos.index_select(0, rows)
+            pairs = [(x, y, 0) for b, layer in zip(self.buf, self.live.layers) if b is not None
+                     for x, y in ((b.conv, layer.conv), (b.ssm, layer.ssm))]
+        for b, t, dim in pairs + [(self.pos, self.live.pos, 0)]:
+            dst, src = (b, t) if to_snapshot else (t, b)
+            dst.index_copy_(dim, rows, src.index_select(dim, rows))
+
+    def restore(self, rows: Tensor) -> None:
+        self._copy_rows(rows, to_snapshot=False)
 
     def rows(self, rows: Tensor) -> ModelState:
         kv = [None if isinstance(layer, MambaState)

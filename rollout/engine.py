@@ -21,11 +21,13 @@ sample hits a stop token/sequence/string. Returning token ids injects them (the 
 state continues over them, no re-prefill) and the sample resumes; None finishes it ("stop").
 Returning a `concurrent.futures.Future` (a tool running in a thread/process pool): if it has resolved
 by the end of that sync's host work, the sample keeps its slot as with returned ids; otherwise its
-state at the stop is saved (a 1-row copy) and it keeps its slot for one more window while the tool runs
-beside the GPU (`defer` windows; their decoding is discarded): answered by a sync (a fast tool), it
-resumes in its slot from the saved state; still pending after them, it is parked off-slot, its slot takes other
-work meanwhile, and when the future resolves (to ids or None) the sample re-enters a slot ahead of new
-samples.
+state at the stop is saved (a 1-row copy) and it keeps its slot for up to `defer` windows while the tool
+runs beside the GPU (the slot's decoding meanwhile is discarded). With hash noise (or greedy) the
+decode loop checks the Future before every step and the sample resumes at the first step after the
+answer, mid-window ("rejoined": its steps so far are discarded, its rewind point moves there); with a
+per-sample generator it resumes at a sync, so that its noise does not depend on timing. Still pending
+after `defer` windows, it is parked off-slot, its slot takes other work meanwhile, and when the future
+resolves (to ids or None) the sample re-enters a slot ahead of new samples.
 Because the slot kept stepping past the stop until the sync, the engine snapshots the recurrent state
 of every slot at each sync (`RowSnapshot`: in-place copies, KV caches excluded) and, on a pause, restores
 the snapshot and feeds it
@@ -130,13 +132,14 @@ class Engine:
     on_stop: the pause hook (see module doc); needs a backend with `state` and `extend`.
     force_max: at a pause, feed up to this many tokens (replay + injection) through the slot's decode
       steps; more go through one `backend.extend` (0 = always extend).
-    park_wait_s: at a sync with pauses on Futures, wait up to this long for them, again while each round
-      brings answers (at most 8 rounds), with the GPU idle meanwhile: a calculator answers in ~0.2 ms
-      (H100 run: 256 waits took 0.05 s in all), cheaper than a deferred window (0 = never wait).
-    defer: a sample whose Future is still pending after that keeps its slot for up to this many more
-      windows (its state at the stop saved, those windows' decoding discarded) while the tool runs beside
-      the GPU: answered by a sync, it resumes in its slot; still pending after them, it is parked (0: park
-      at once). A window is ~10 ms on a GPU: tools answering within ~20 ms never leave their slot.
+    park_wait_s: at a sync with pauses on Futures of samples that cannot resume mid-window (generator
+      noise, or defer=0), wait up to this long for them, again while each round brings answers (at most
+      8 rounds), with the GPU idle meanwhile: a calculator answers in ~0.2 ms, cheaper than a deferred
+      window (0 = never wait). Samples that can resume mid-window are not waited for.
+    defer: a sample whose Future is still pending keeps its slot for up to this many windows (its state
+      at the stop saved, the slot's decoding discarded) while the tool runs beside the GPU, and resumes
+      in its slot when answered (mid-window with hash noise or greedy, else at a sync); still pending
+      after them, it is parked (0: park at once). A window is ~10 ms on a GPU.
     batch_prefill: the distinct prompts of the samples entering free slots at once are prefilled together
       (`backend.prefill_many`: a few forwards, not one per prompt; same state up to fp rounding). False:
       one `backend.prefill` per prompt.
@@ -419,13 +422,16 @@ class Engine:
         to_park: list[tuple] = []     # (sample, slot) paused on a Future at this sync: see park_all
         waiting: list[tuple] = []     # (sample, slot, windows left) whose Future was pending: resolve_waiting
 
-        def feed_all() -> None:
+        def feed_all(at: int = 0) -> Tensor | None:
             """For each queued (i, s, src, row, pos): slot i (holding s) <- row `row` of state `src`, the state
             after s.tokens[:pos]; s.tokens[pos:] (the window up to the stop + injected ids) are fed next by
             forced decode steps, or by one extend if longer than force_max. One state copy per source and
-            one host->device copy for all the forced rows (a pause costs a few launches, not ~100)."""
+            one host->device copy for all the forced rows (a pause costs a few launches, not ~100).
+            at > 0: mid-window, before step `at` (see rejoin): the slots' `at` steps so far are discarded
+            too, and their rewind point moves here (the window's snapshot of them predates the resume).
+            -> the fed slots (device tensor), or None if nothing was queued."""
             if not to_feed:
-                return
+                return None
             for src, slots_, rows_ in by_source([(i, src, row) for i, _, src, row, _ in to_feed]):
                 if src is snap:            # resumed at the sync in their own slot (row == slot)
                     snap.restore(torch.tensor(slots_, device=dev))
@@ -438,7 +444,7 @@ class Engine:
                     replay = s.tokens[pos:]
                     host[n, : len(replay)] = torch.tensor(replay, dtype=torch.long)
                     host[n, FB:] = torch.tensor([len(replay), pos, i])
-                    s.n_force = len(replay)
+                    s.n_force = at + len(replay)
                     stats.forced_tokens += len(replay)
                 d = host.to(dev)
                 rows = d[:, FB + 2]
@@ -452,9 +458,16 @@ class Engine:
                     replay = torch.tensor([s.tokens[pos:]], dtype=torch.long, device=dev)
                     set_logits(i, be.extend(torch.tensor([i], device=dev), replay)[0])
                     hash_count[i] = len(s.tokens)
+                    s.n_force = at
                 if seen is not None:
                     seen[i] = seen_mask([list(s.key) + s.tokens], V, dev)[0]
+            fed = torch.tensor([i for i, *_ in to_feed], device=dev)
+            if at:
+                snap.take(fed)
+                for i, s, _, _, pos in to_feed:
+                    s.fed_at_sync = len(s.tokens) - (s.n_force - at)
             to_feed.clear()
+            return fed
 
         def take_answer(s: _Sample, answer) -> str | None:
             """Inject the hook's answer into s; -> the finish reason if that ends it ("stop": no answer,
@@ -476,7 +489,8 @@ class Engine:
             """After a sync's pauses: a sample whose tool already answered stays in its slot (no state copy,
             no wait for a free slot); the others leave theirs, with their rows of the snapshot (one select)."""
             leave = []
-            pending = [s.parked[0] for s, _ in to_park if not s.parked[0].done()]
+            # a joinable sample resumes at the first decode step after its answer: no need to idle the GPU
+            pending = [s.parked[0] for s, _ in to_park if not (s.parked[0].done() or joinable(s))]
             tw = time.perf_counter()
             for _ in range(8 if self.park_wait_s > 0 else 0):   # more rounds while answers keep coming
                 if not pending:                                  # (fast calls queue behind each other)
@@ -526,6 +540,31 @@ class Engine:
                 else:
                     to_feed.append((i, s, src, row, pos))
             waiting[:] = still
+
+        def joinable(s: _Sample) -> bool:
+            """Whether s may resume mid-window: its noise must not depend on where windows start (hash
+            noise is keyed by token index; a per-sample generator would draw a timing-dependent amount)."""
+            return self.defer > 0 and (use_hash or s.params.greedy)
+
+        def rejoin(at: int) -> Tensor | None:
+            """Before decode step `at`: waiting samples whose tool has answered (with ids that leave budget)
+            resume in their slot now instead of at the next sync. -> their slots, or None."""
+            for w in list(waiting):
+                s, i, _ = w
+                fut = s.parked[0]
+                if not (joinable(s) and fut.done()) or fut.cancelled() or fut.exception() is not None:
+                    continue
+                answer = fut.result()
+                if answer is None or len(s.tokens) + len(answer) >= s.params.max_new_tokens:
+                    continue                      # it finishes: left to the sync
+                waiting.remove(w)
+                _, (src, row), pos = s.parked
+                s.parked = None
+                stats.deferred += 1
+                stats.rejoined += 1
+                take_answer(s, answer)
+                to_feed.append((i, s, src, row, pos))
+            return feed_all(at) if to_feed else None
 
         def pause(i: int, s: _Sample, stop) -> bool:
             """Ask the hook at a stop. False: finish the sample. True: it was resumed or will be parked."""
@@ -586,6 +625,17 @@ class Engine:
                 ftok = force_buf.gather(1, fidx.clamp(max=FB - 1))
                 force_at += fmask.sum(1)
             for j in range(k):
+                fed = rejoin(j) if waiting else None
+                if fed is not None:      # their forced tokens from step j on (the rows were not forcing)
+                    if not forcing:
+                        fmask = torch.zeros(S, k, dtype=torch.bool, device=dev)
+                        ftok = torch.zeros(S, k, dtype=torch.long, device=dev)
+                        forcing = True
+                    fidx = force_at[fed, None] + torch.arange(k - j, device=dev)
+                    fm = fidx < force_len[fed, None]
+                    fmask[fed, j:] = fm
+                    ftok[fed, j:] = force_buf[fed].gather(1, fidx.clamp(max=FB - 1))
+                    force_at[fed] += fm.sum(1)
                 noise = hash_exponential_noise(hash_keys, hash_count, V) if use_hash and drawing else None
                 out = sample(logits, st, gens, seen=seen, noise=noise)
                 tok = out.tokens
@@ -598,7 +648,7 @@ class Engine:
                 if seen is not None:
                     seen.scatter_(1, tok[:, None], True)
                 logits = be.step(tok)
-            logits_owned = False
+                logits_owned = False
             stats.decode_steps += k
             stats.idle_slot_steps += (S - len(active)) * k
             toks, lps, mlps = (b[:, :k].tolist() for b in (buf_tok, buf_lp, buf_mlp))

@@ -117,7 +117,8 @@ def load_tokenizer(path_or_name: str | Path):
                               f"from the hub ({e})") from e
 
 
-_PROBE = "<|im_start|>user\nÀ 12 + 35 = ?\t日本 <tool_call>{\"a\": 1}</tool_call><|im_end|>\n"
+# special tokens, non-ASCII, and the spaces before punctuation that `clean_up_tokenization` removes
+_PROBE = "<|im_start|>user\nÀ 12 + 35 = ? a , b . it 's n't\t日本 <tool_call>{\"a\": 1}</tool_call><|im_end|>\n"
 
 
 class FastCodec:
@@ -135,13 +136,22 @@ class FastCodec:
         if rust is None or not hasattr(rust, "encode") or not hasattr(rust, "decode"):
             return
         self._rust = rust
-        self._cleanup = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         try:
             ids = tokenizer.encode(_PROBE, add_special_tokens=False)
-            self.fast = (self._encode_rust(_PROBE) == ids
-                         and self._decode_rust(ids) == tokenizer.decode(ids, skip_special_tokens=False))
+            want = tokenizer.decode(ids, skip_special_tokens=False)
+            if self._encode_rust(_PROBE) != ids:
+                return
+            # whether the wrapper cleans up spaces is decided by what it does on the probe, not by the
+            # attribute: transformers 5 ignores `clean_up_tokenization_spaces` for BPE models, 4.x applies it
+            declared = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+            for cleanup in (declared, not declared):
+                self._cleanup = cleanup
+                if self._decode_rust(ids) == want:
+                    self.fast = True
+                    return
         except Exception:   # any oddity of a custom tokenizer: keep the wrapper
-            self.fast = False
+            pass
+        self.fast = False
 
     def _encode_rust(self, text: str) -> list[int]:
         return self._rust.encode(text, add_special_tokens=False).ids

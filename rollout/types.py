@@ -94,7 +94,7 @@ class GenRequest:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.prompt_ids = [int(t) for t in self.prompt_ids]
+        self.prompt_ids = list(map(int, self.prompt_ids))   # (numpy / tensor ids -> int; map: 2x faster)
         if not self.prompt_ids:
             raise ConfigError(f"request {self.request_id!r}: empty prompt_ids")
 
@@ -149,7 +149,8 @@ class GenStats:
     idle_slot_steps: int = 0     # slot-steps with no sample in the slot (queue empty, samples parked)
     forced_tokens: int = 0       # tokens fed by forced steps at pauses (window replays + injections)
     pauses: int = 0              # on_stop calls that resumed or parked a sample
-    deferred: int = 0            # of those, pauses answered during the next window (kept their slot; Engine defer)
+    deferred: int = 0            # of those, pauses answered during the next windows (kept their slot; Engine defer)
+    rejoined: int = 0            # of those, resumed mid-window, at the first step after the answer (hash noise/greedy)
     parked: int = 0              # of those, pauses not answered by then (left the slot until answered)
     pause_wait_s: float = 0.0    # host time waiting for tool answers at syncs (Engine park_wait_s)
     snapshot_s: float = 0.0      # host time launching the per-sync state snapshots (with on_stop)

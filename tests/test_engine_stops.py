@@ -231,6 +231,7 @@ def _check_parking(engine, delay):
     assert st.pauses > 0
     if delay in ("step", "step10"):      # step10: in the second window (sync_every 8): defer=2 still waits
         assert st.deferred > 0 and st.parked == 0, (st.pauses, st.deferred, st.parked)
+        assert st.rejoined > 0           # greedy / hash noise: resumed at the step after the answer, mid-window
     elif delay:
         assert st.parked > 0, (delay, st.pauses, st.parked)
     else:
@@ -284,3 +285,32 @@ def test_sampled_pausing_rollouts_replay_exactly_whatever_the_slot_count(model, 
     assert sum(r.sampled_mask.count(0) for r in a) >= 12 * len(inject)       # pauses in (nearly) every sample
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert [x for r in a for x in r.logprobs] == pytest.approx([x for r in b for x in r.logprobs], abs=1e-5)
+
+
+@pytest.mark.parametrize("force_max", [64, 0])
+def test_samples_resumed_mid_window_pause_again_in_that_window_and_every_stretch_matches_the_reference(
+        model, tok, force_max):
+    """Answers arrive one decode step after the pause, so samples resume mid-window; with a one-token
+    injection and 16-step windows they often stop again before that window ends, which rewinds to the
+    rewind point set at the resume. Every stretch between injections equals the naive reference from
+    prompt + all tokens before it, and 3 slots give the same samples as 1."""
+    inject = tok.encode("<tool_response>", add_special_tokens=False)[:1]
+    on_stop = _async_tool_hook(inject, "step", pauses=6)
+    stops = list(range(40, 384, 2))
+    params = SamplingParams(max_new_tokens=48, stop_token_ids=stops, **GREEDY)
+    reqs = [GenRequest(tok.encode(f"Q{k}: {k} * {k + 3}?", add_special_tokens=False), params, f"r{k}")
+            for k in range(5)]
+    eng = _engine(model, tok, slots=3, sync_every=16, on_stop=on_stop, force_max=force_max)
+    many = eng.generate(reqs)
+    st = eng.last_stats
+    assert st.rejoined >= 10 and st.parked == 0, (st.pauses, st.rejoined, st.parked)
+    one = _engine(model, tok, slots=1, sync_every=16, on_stop=on_stop, force_max=force_max).generate(reqs)
+    assert [r.token_ids for r in many] == [r.token_ids for r in one]
+    for r, req in zip(many, reqs):
+        starts = [0] + [e for e in range(1, len(r.sampled_mask)) if r.sampled_mask[e] and not r.sampled_mask[e - 1]]
+        assert len(starts) >= 3
+        for a in starts:
+            b = next((e for e in range(a, len(r.sampled_mask)) if not r.sampled_mask[e]), len(r.sampled_mask))
+            ref = naive_generate(model, req.prompt_ids + r.token_ids[:a],
+                                 SamplingParams(max_new_tokens=48 - a, stop_token_ids=stops, **GREEDY))
+            assert r.token_ids[a:b] == ref.token_ids[:b - a], (r.request_id, a)

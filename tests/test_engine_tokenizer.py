@@ -56,7 +56,7 @@ def test_fast_codec_equals_the_transformers_wrapper(cleanup):
     t = build_tiny_tokenizer(384)
     t.clean_up_tokenization_spaces = cleanup
     c = FastCodec(t)
-    assert c.fast or cleanup      # transformers 5 ignores the cleanup for BPE: the probe sees it and keeps the wrapper
+    assert c.fast   # whether the wrapper cleans up (transformers 5 ignores it for BPE) is probed, not assumed
     rng = random.Random(0)
     texts = ["a , b . c ' s n't", "<|im_start|>tool\n<tool_response>1 ?</tool_response><|im_end|>", "é 日本 \t x"]
     for _ in range(100):
