@@ -291,6 +291,14 @@ class Engine:
         force_buf = torch.zeros(S, FB, dtype=torch.long, device=dev)   # tokens to feed instead of sampling
         force_len = torch.zeros(S, dtype=torch.long, device=dev)
         force_at = torch.zeros(S, dtype=torch.long, device=dev)
+        pinned = dev.type == "cuda"
+
+        def to_dev(x) -> Tensor:
+            """Host ints -> a long tensor on the device. On CUDA through pinned memory, asynchronously: a
+            plain copy from pageable memory waits for the GPU to drain its queue, which mid-window (rejoin)
+            would stall the decode loop."""
+            t = x if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.long)
+            return t.pin_memory().to(dev, non_blocking=True) if pinned else t.to(dev)
 
         def finish_sample(s: _Sample, reason: str) -> None:
             now = time.perf_counter()
@@ -371,8 +379,8 @@ class Engine:
         def copy_rows_in(src, slots_: list[int], rows_: list[int]) -> None:
             """Slots <- those rows of `src`: one select (none when they are all of src, in order) and one load."""
             if rows_ != list(range(src.batch_size)):
-                src = src.select(torch.tensor(rows_, device=dev))
-            be.load_rows(src, torch.tensor(slots_, device=dev))
+                src = src.select(to_dev(rows_))
+            be.load_rows(src, to_dev(slots_))
 
         def load_all() -> None:
             """Copy the prefilled states and logits of the samples `load` queued into their slots: one state
@@ -382,10 +390,10 @@ class Engine:
             logits_of = {id(pf.state): pf.logits for _, _, pf in to_load}
             for src, slots_, rows_ in by_source([(i, pf.state, pf.row) for i, _, pf in to_load]):
                 copy_rows_in(src, slots_, rows_)
-                set_logits(torch.tensor(slots_, device=dev),
-                           logits_of[id(src)].index_select(0, torch.tensor(rows_, device=dev)))
+                set_logits(to_dev(slots_),
+                           logits_of[id(src)].index_select(0, to_dev(rows_)))
             host = torch.tensor([[i, sample_seed(s.params.seed, s.index)] for i, s, _ in to_load], dtype=torch.long)
-            d = host.to(dev)
+            d = to_dev(host)
             force_len[d[:, 0]] = 0
             hash_keys[d[:, 0]] = d[:, 1]
             hash_count[d[:, 0]] = 0
@@ -403,7 +411,7 @@ class Engine:
             feed_all()
             idle = [i for i in range(S) if slot[i] is None]
             if idle:   # keep idle rows bounded (attention positions must stay < max_len)
-                be.load_rows(blank, torch.tensor(idle, device=dev))
+                be.load_rows(blank, to_dev(idle))
 
         def add_injected(s: _Sample, inject) -> list[int]:
             inject = [int(t) for t in inject][: s.params.max_new_tokens - len(s.tokens)]
@@ -434,7 +442,7 @@ class Engine:
                 return None
             for src, slots_, rows_ in by_source([(i, src, row) for i, _, src, row, _ in to_feed]):
                 if src is snap:            # resumed at the sync in their own slot (row == slot)
-                    snap.restore(torch.tensor(slots_, device=dev))
+                    snap.restore(to_dev(slots_))
                 else:
                     copy_rows_in(src, slots_, rows_)
             forced = [(i, s, pos) for i, s, _, _, pos in to_feed if len(s.tokens) - pos <= self.force_max]
@@ -446,7 +454,7 @@ class Engine:
                     host[n, FB:] = torch.tensor([len(replay), pos, i])
                     s.n_force = at + len(replay)
                     stats.forced_tokens += len(replay)
-                d = host.to(dev)
+                d = to_dev(host)
                 rows = d[:, FB + 2]
                 force_buf[rows] = d[:, :FB]
                 force_len[rows] = d[:, FB]
@@ -455,13 +463,13 @@ class Engine:
             for i, s, _, _, pos in to_feed:
                 if len(s.tokens) - pos > self.force_max:
                     force_len[i] = 0
-                    replay = torch.tensor([s.tokens[pos:]], dtype=torch.long, device=dev)
-                    set_logits(i, be.extend(torch.tensor([i], device=dev), replay)[0])
+                    replay = to_dev([s.tokens[pos:]])
+                    set_logits(i, be.extend(to_dev([i]), replay)[0])
                     hash_count[i] = len(s.tokens)
                     s.n_force = at
                 if seen is not None:
                     seen[i] = seen_mask([list(s.key) + s.tokens], V, dev)[0]
-            fed = torch.tensor([i for i, *_ in to_feed], device=dev)
+            fed = to_dev([i for i, *_ in to_feed])
             if at:
                 snap.take(fed)
                 for i, s, _, _, pos in to_feed:
@@ -506,7 +514,7 @@ class Engine:
                 else:
                     leave.append((s, i))
             if leave:
-                sub = snap.rows(torch.tensor([i for _, i in leave], device=dev))
+                sub = snap.rows(to_dev([i for _, i in leave]))
                 for n, (s, i) in enumerate(leave):
                     s.parked = (s.parked[0], (sub, n), s.parked[2])
                     if self.defer:
