@@ -25,9 +25,10 @@ state at the stop is saved (a 1-row copy) and it keeps its slot for up to `defer
 runs beside the GPU (the slot's decoding meanwhile is discarded). With hash noise (or greedy) the
 decode loop checks the Future before every step and the sample resumes at the first step after the
 answer, mid-window ("rejoined": its steps so far are discarded, its rewind point moves there); with a
-per-sample generator it resumes at a sync, so that its noise does not depend on timing. Still pending
-after `defer` windows, it is parked off-slot, its slot takes other work meanwhile, and when the future
-resolves (to ids or None) the sample re-enters a slot ahead of new samples.
+per-sample generator it resumes at a sync, so that its noise does not depend on timing. If other
+samples wait for a slot and it is still pending after `defer` windows, it is parked off-slot, its slot
+takes other work meanwhile, and when the future resolves (to ids or None) the sample re-enters a slot
+ahead of new samples.
 Because the slot kept stepping past the stop until the sync, the engine snapshots the recurrent state
 of every slot at each sync (`RowSnapshot`: in-place copies, KV caches excluded) and, on a pause, restores
 the snapshot and feeds it
@@ -136,10 +137,11 @@ class Engine:
       noise, or defer=0), wait up to this long for them, again while each round brings answers (at most
       8 rounds), with the GPU idle meanwhile: a calculator answers in ~0.2 ms, cheaper than a deferred
       window (0 = never wait). Samples that can resume mid-window are not waited for.
-    defer: a sample whose Future is still pending keeps its slot for up to this many windows (its state
-      at the stop saved, the slot's decoding discarded) while the tool runs beside the GPU, and resumes
-      in its slot when answered (mid-window with hash noise or greedy, else at a sync); still pending
-      after them, it is parked (0: park at once). A window is ~10 ms on a GPU.
+    defer: a sample whose Future is still pending keeps its slot (its state at the stop saved, the
+      slot's decoding discarded) while the tool runs beside the GPU, and resumes in its slot when
+      answered (mid-window with hash noise or greedy, else at a sync). While other samples wait for a
+      slot it keeps it at most this many windows, then it is parked (0: park at once); while none wait,
+      until answered (a parked sample would free a slot nobody needs). A window is ~10 ms on a GPU.
     batch_prefill: the distinct prompts of the samples entering free slots at once are prefilled together
       (`backend.prefill_many`: a few forwards, not one per prompt; same state up to fp rounding). False:
       one `backend.prefill` per prompt.
@@ -497,8 +499,10 @@ class Engine:
             """After a sync's pauses: a sample whose tool already answered stays in its slot (no state copy,
             no wait for a free slot); the others leave theirs, with their rows of the snapshot (one select)."""
             leave = []
-            # a joinable sample resumes at the first decode step after its answer: no need to idle the GPU
-            pending = [s.parked[0] for s, _ in to_park if not (s.parked[0].done() or joinable(s))]
+            others = busy()
+            # the GPU idles for a sample that will leave its slot, or that can only resume at a sync; one that
+            # keeps its slot and resumes at the first decode step after its answer is not waited for
+            pending = [s.parked[0] for s, _ in to_park if not s.parked[0].done() and (others or not joinable(s))]
             tw = time.perf_counter()
             for _ in range(8 if self.park_wait_s > 0 else 0):   # more rounds while answers keep coming
                 if not pending:                                  # (fast calls queue behind each other)
@@ -517,11 +521,15 @@ class Engine:
                 sub = snap.rows(to_dev([i for _, i in leave]))
                 for n, (s, i) in enumerate(leave):
                     s.parked = (s.parked[0], (sub, n), s.parked[2])
-                    if self.defer:
+                    if self.defer or not others:
                         waiting.append((s, i, self.defer))   # keeps its slot for now (decoding is discarded)
                     else:
                         park(s, i)
             to_park.clear()
+
+        def busy() -> bool:
+            """Samples wait for a slot (queued, or back from a pause): a pending tool should not hold one."""
+            return bool(queue or ready)
 
         def park(s: _Sample, i: int) -> None:
             stats.parked += 1
@@ -535,7 +543,9 @@ class Engine:
             for s, i, left in waiting:
                 fut, (src, row), pos = s.parked
                 if not fut.done():
-                    if left > 1:
+                    if not busy():            # nobody needs the slot: keep it, whatever `defer` says
+                        still.append((s, i, left))
+                    elif left > 1:
                         still.append((s, i, left - 1))
                     else:
                         park(s, i)
@@ -552,7 +562,7 @@ class Engine:
         def joinable(s: _Sample) -> bool:
             """Whether s may resume mid-window: its noise must not depend on where windows start (hash
             noise is keyed by token index; a per-sample generator would draw a timing-dependent amount)."""
-            return self.defer > 0 and (use_hash or s.params.greedy)
+            return use_hash or s.params.greedy
 
         def rejoin(at: int) -> Tensor | None:
             """Before decode step `at`: waiting samples whose tool has answered (with ids that leave budget)

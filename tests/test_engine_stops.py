@@ -314,3 +314,24 @@ def test_samples_resumed_mid_window_pause_again_in_that_window_and_every_stretch
             ref = naive_generate(model, req.prompt_ids + r.token_ids[:a],
                                  SamplingParams(max_new_tokens=48 - a, stop_token_ids=stops, **GREEDY))
             assert r.token_ids[a:b] == ref.token_ids[:b - a], (r.request_id, a)
+
+
+def test_a_slow_tool_keeps_its_slot_when_no_sample_waits_for_one(model, tok):
+    """Parking frees a slot for queued work; with none queued (every sample already in a slot) a sample
+    whose tool takes several windows keeps its slot even with defer=0, and resumes mid-window."""
+    inject = tok.encode("<tool_response>ok</tool_response>", add_special_tokens=False)
+    on_stop = _async_tool_hook(inject, "step10", pauses=1)     # answered 10 steps (2.5 windows) later
+    params = SamplingParams(max_new_tokens=24, stop_token_ids=list(range(40, 384, 2)), **GREEDY)
+    reqs = [GenRequest(tok.encode(f"Q{k}: {k} - 1?", add_special_tokens=False), params, f"r{k}") for k in range(2)]
+    eng = _engine(model, tok, slots=2, sync_every=4, on_stop=on_stop, defer=0)
+    out = eng.generate(reqs)
+    st = eng.last_stats
+    assert st.pauses == 2 and st.parked == 0 and st.rejoined == 2, (st.pauses, st.parked, st.rejoined)
+    for r, req in zip(out, reqs):
+        end = max(i for i, m in enumerate(r.sampled_mask) if m == 0) + 1
+        ref = naive_generate(model, req.prompt_ids + r.token_ids[:end],
+                             SamplingParams(max_new_tokens=24 - end, stop_token_ids=params.stop_token_ids, **GREEDY))
+        assert r.token_ids[end:] == ref.token_ids
+    busy = _engine(model, tok, slots=1, sync_every=4, on_stop=on_stop, defer=0)
+    busy.generate(reqs)
+    assert busy.last_stats.parked >= 1      # the other sample waited for the only slot: the first one parked
