@@ -500,9 +500,11 @@ class Engine:
             no wait for a free slot); the others leave theirs, with their rows of the snapshot (one select)."""
             leave = []
             others = busy()
-            # the GPU idles for a sample that will leave its slot, or that can only resume at a sync; one that
-            # keeps its slot and resumes at the first decode step after its answer is not waited for
-            pending = [s.parked[0] for s, _ in to_park if not s.parked[0].done() and (others or not joinable(s))]
+            # the GPU idles for a sample that can only resume at a sync, or that would leave its slot at once
+            # (defer 0 with samples waiting for one); one that keeps its slot and resumes at the first decode
+            # step after its answer is not waited for (a step or two of its slot cost less than an idle GPU)
+            pending = [s.parked[0] for s, _ in to_park
+                       if not s.parked[0].done() and (not joinable(s) or (others and not self.defer))]
             tw = time.perf_counter()
             for _ in range(8 if self.park_wait_s > 0 else 0):   # more rounds while answers keep coming
                 if not pending:                                  # (fast calls queue behind each other)
@@ -525,7 +527,15 @@ class Engine:
                         waiting.append((s, i, self.defer))   # keeps its slot for now (decoding is discarded)
                     else:
                         park(s, i)
+                blank_held()
             to_park.clear()
+
+        def blank_held() -> None:
+            """Slots held by samples waiting for their tool restart each window from the zero state, like idle
+            ones: their discarded steps must not run positions past max_len (KV caches) however long the tool
+            takes. Their real state (recurrent and KV) is in their saved row."""
+            if waiting:
+                be.load_rows(blank, to_dev([i for _, i, _ in waiting]))
 
         def busy() -> bool:
             """Samples wait for a slot (queued, or back from a pause): a pending tool should not hold one."""
@@ -558,6 +568,7 @@ class Engine:
                 else:
                     to_feed.append((i, s, src, row, pos))
             waiting[:] = still
+            blank_held()
 
         def joinable(s: _Sample) -> bool:
             """Whether s may resume mid-window: its noise must not depend on where windows start (hash

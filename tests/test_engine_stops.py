@@ -335,3 +335,29 @@ def test_a_slow_tool_keeps_its_slot_when_no_sample_waits_for_one(model, tok):
     busy = _engine(model, tok, slots=1, sync_every=4, on_stop=on_stop, defer=0)
     busy.generate(reqs)
     assert busy.last_stats.parked >= 1      # the other sample waited for the only slot: the first one parked
+
+
+def test_a_slot_held_for_many_windows_keeps_attention_positions_in_bounds(model, tok):
+    """tiny-hybrid has attention layers: a sample holding its slot while its tool takes 300 decode steps
+    (far past max_len) must not write KV entries past max_len, and resumes exactly."""
+    from concurrent.futures import Future
+
+    inject = tok.encode("<tool_response>ok</tool_response>", add_special_tokens=False)
+    stops = list(range(40, 384, 2))
+
+    def on_stop(view):
+        if view.n_pauses:
+            return None
+        fut = Future()
+        _ANSWER_AT_STEP.append([fut, inject, 300])
+        return fut
+
+    params = SamplingParams(max_new_tokens=24, stop_token_ids=stops, **GREEDY)
+    prompt = tok.encode("Q: 7 * 8?", add_special_tokens=False)
+    eng = _engine(model, tok, slots=1, sync_every=8, on_stop=on_stop, max_len=len(prompt) + 25)
+    r = eng.generate([GenRequest(prompt, params, "r")])[0]
+    assert eng.last_stats.decode_steps > 300 and eng.last_stats.parked == 0
+    end = max(i for i, m in enumerate(r.sampled_mask) if m == 0) + 1
+    ref = naive_generate(model, prompt + r.token_ids[:end],
+                         SamplingParams(max_new_tokens=24 - end, stop_token_ids=stops, **GREEDY))
+    assert r.token_ids[end:] == ref.token_ids
