@@ -242,45 +242,31 @@ class Agent:
         return stop == CALL_END or (self.call_end_id is not None and stop == self.call_end_id)
 
     def _on_stop(self, view: PauseView):
-        """The engine's pause hook (decode thread): None ends the episode; a Future resumes it.
-
-        Only the cheap decisions run here. Decoding the call, parsing it, validating its arguments and
-        starting the tool run on the tool threads, so the GPU does not idle for them; the engine keeps
-        decoding and resumes the sample when the Future has its ids."""
+        """The engine's pause hook (decode thread): None ends the episode; ids or a Future resume it."""
         if not self._is_call_end(view.stop):
             return None                                      # end of turn / user stop: finish
         ep = self._episodes[(view.request.request_id, view.sample_index)]
         if len(ep.calls) >= self.config.max_tool_calls:
             ep.limit = "max_tool_calls"
             return None
+        segment = self.fmt.codec.decode(view.token_ids[ep.seg_start:])
+        call: ToolCall = last_call(segment)
+        rec = ToolCallRecord(call.name, call.arguments, call.raw, "malformed")
+        rec.token_start = len(view.token_ids)
+        ep.calls.append(rec)
+        if not call.ok:
+            return self._inject(ep, rec, ToolOutcome(f"error: {call.error}", "malformed"))
         out: Future = Future()
-        ids, start = view.token_ids[ep.seg_start:], len(view.token_ids)
 
-        def fail(e: Exception) -> None:   # never leave the engine waiting on a future that cannot resolve
-            log.error("agent: handling the tool call failed (%s: %s); ending the episode", type(e).__name__, e)
-            if not out.done():
-                out.set_result(None)
-
-        def answer(rec: ToolCallRecord, outcome) -> None:
+        def done(f: Future) -> None:
             try:
-                out.set_result(self._inject(ep, rec, outcome() if callable(outcome) else outcome))
-            except Exception as e:
-                fail(e)
-
-        def start_call() -> None:    # on a tool thread; the sample stays paused until `out` resolves
-            try:
-                call: ToolCall = last_call(self.fmt.codec.decode(ids))
-                rec = ToolCallRecord(call.name, call.arguments, call.raw, "malformed")
-                rec.token_start = start
-                ep.calls.append(rec)
-                if not call.ok:
-                    answer(rec, ToolOutcome(f"error: {call.error}", "malformed"))
-                    return
-                self.tools.submit(call.name, call.arguments).add_done_callback(lambda f: answer(rec, f.result))
-            except Exception as e:
-                fail(e)
-
-        self.tools.run_soon(start_call)
+                ids = self._inject(ep, rec, f.result())
+            except Exception as e:   # never leave the engine waiting on a future that cannot resolve
+                log.error("agent: building the tool message failed (%s: %s); ending the episode",
+                          type(e).__name__, e)
+                ids = None
+            out.set_result(ids)
+        self.tools.submit(call.name, call.arguments).add_done_callback(done)
         return out
 
     def _inject(self, ep: _Episode, rec: ToolCallRecord, o: ToolOutcome) -> list[int]:

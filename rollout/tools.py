@@ -564,11 +564,6 @@ class ToolSet:
             return ToolOutcome(value[:self.max_result_chars] + f"\n[truncated {cut} characters]", "ok", True)
         return ToolOutcome(value, "ok")
 
-    def run_soon(self, fn: Callable[[], None]) -> None:
-        """Run fn() on the tool threads (the caller's own work moved off its thread); inline once closed."""
-        if not self._pool.submit(fn):
-            fn()
-
     # -- the call
     def call(self, name: str, arguments: dict) -> ToolOutcome:
         """Blocking form of `submit` (same guards and timeout)."""
