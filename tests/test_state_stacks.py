@@ -47,6 +47,12 @@ def test_allocate_state_makes_mamba_layers_views_of_two_stacks(model):
     assert conv.shape[:2] == (len(idx), 3) and conv.dtype == torch.bfloat16 and ssm.dtype == torch.float32
     st.layers[idx[-1]].ssm.fill_(2.0)              # writing a layer writes its slice of the stack
     assert float(ssm[-1].min()) == 2.0 and float(ssm[0].abs().max()) == 0.0
+    if len(idx) > 1:                               # views of the stack in the wrong order break it too
+        a, b = st.layers[idx[0]], st.layers[idx[1]]
+        a.conv, b.conv = b.conv, a.conv
+        assert st.stacks() is None
+        a.conv, b.conv = b.conv, a.conv
+        assert st.stacks() is not None
     st.layers[idx[0]].ssm = st.layers[idx[0]].ssm.clone()   # a reassigned tensor breaks the link
     assert st.stacks() is None
 
