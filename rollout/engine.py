@@ -134,7 +134,7 @@ class Engine:
     force_max: at a pause, feed up to this many tokens (replay + injection) through the slot's decode
       steps; more go through one `backend.extend` (0 = always extend).
     park_wait_s: at a sync with pauses on Futures of samples that cannot resume mid-window (generator
-      noise, or defer=0), wait up to this long for them, again while each round brings answers (at most
+      noise) or would leave their slot at once (defer=0 while others wait), wait up to this long for them, again while each round brings answers (at most
       8 rounds), with the GPU idle meanwhile: a calculator answers in ~0.2 ms, cheaper than a deferred
       window (0 = never wait). Samples that can resume mid-window are not waited for.
     defer: a sample whose Future is still pending keeps its slot (its state at the stop saved, the
@@ -435,16 +435,17 @@ class Engine:
         to_park: list[tuple] = []     # (sample, slot) paused on a Future at this sync: see park_all
         waiting: list[tuple] = []     # (sample, slot, windows left) whose Future was pending: resolve_waiting
 
-        def feed_all(at: int = 0) -> Tensor | None:
+        def feed_all(at: int | None = None) -> Tensor | None:
             """For each queued (i, s, src, row, pos): slot i (holding s) <- row `row` of state `src`, the state
             after s.tokens[:pos]; s.tokens[pos:] (the window up to the stop + injected ids) are fed next by
             forced decode steps, or by one extend if longer than force_max. One state copy per source and
             one host->device copy for all the forced rows (a pause costs a few launches, not ~100).
-            at > 0: mid-window, before step `at` (see rejoin): the slots' `at` steps so far are discarded
-            too, and their rewind point moves here (the window's snapshot of them predates the resume).
-            -> the fed slots (device tensor), or None if nothing was queued."""
+            at (rejoin): inside the window, before its step `at`; the slots' `at` steps so far are discarded
+            too, and their rewind point moves here (the window's snapshot of them predates the resume, even
+            at step 0). -> (at given) the fed slots, as a device tensor; else None."""
             if not to_feed:
                 return None
+            skip = at or 0
             for src, slots_, rows_ in by_source([(i, src, row) for i, _, src, row, _ in to_feed]):
                 if src is snap:            # resumed at the sync in their own slot (row == slot)
                     snap.restore(to_dev(slots_))
@@ -457,7 +458,7 @@ class Engine:
                     replay = s.tokens[pos:]
                     host[n, : len(replay)] = torch.tensor(replay, dtype=torch.long)
                     host[n, FB:] = torch.tensor([len(replay), pos, i])
-                    s.n_force = at + len(replay)
+                    s.n_force = skip + len(replay)
                     stats.forced_tokens += len(replay)
                 d = to_dev(host)
                 rows = d[:, FB + 2]
@@ -471,11 +472,12 @@ class Engine:
                     replay = to_dev([s.tokens[pos:]])
                     set_logits(i, be.extend(to_dev([i]), replay)[0])
                     hash_count[i] = len(s.tokens)
-                    s.n_force = at
+                    s.n_force = skip
                 if seen is not None:
                     seen[i] = seen_mask([list(s.key) + s.tokens], V, dev)[0]
-            fed = to_dev([i for i, *_ in to_feed])
-            if at:
+            fed = None
+            if at is not None:
+                fed = to_dev([i for i, *_ in to_feed])
                 snap.take(fed)
                 for i, s, _, _, pos in to_feed:
                     s.fed_at_sync = len(s.tokens) - (s.n_force - at)
@@ -524,21 +526,23 @@ class Engine:
                     leave.append((s, i))
             if leave:
                 sub = snap.rows(to_dev([i for _, i in leave]))
+                held = []
                 for n, (s, i) in enumerate(leave):
                     s.parked = (s.parked[0], (sub, n), s.parked[2])
                     if self.defer or not others:
-                        waiting.append((s, i, self.defer))   # keeps its slot for now (decoding is discarded)
+                        held.append((s, i, self.defer))   # keeps its slot for now (decoding is discarded)
                     else:
                         park(s, i)
-                blank_held()
+                blank_held(held)
+                waiting.extend(held)
             to_park.clear()
 
-        def blank_held() -> None:
+        def blank_held(held: list[tuple]) -> None:
             """Slots held by samples waiting for their tool restart each window from the zero state, like idle
             ones: their discarded steps must not run positions past max_len (KV caches) however long the tool
             takes. Their real state (recurrent and KV) is in their saved row."""
-            if waiting:
-                be.load_rows(blank, to_dev([i for _, i, _ in waiting]))
+            if held:
+                be.load_rows(blank, to_dev([i for _, i, _ in held]))
 
         def busy() -> bool:
             """Samples wait for a slot (queued, or back from a pause): a pending tool should not hold one."""
@@ -571,7 +575,7 @@ class Engine:
                 else:
                     to_feed.append((i, s, src, row, pos))
             waiting[:] = still
-            blank_held()
+            blank_held(still)
 
         def joinable(s: _Sample) -> bool:
             """Whether s may resume mid-window: its noise must not depend on where windows start (hash

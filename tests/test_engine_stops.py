@@ -48,7 +48,16 @@ def _first_new(seq, start):
 _ANSWER_AT_STEP: list = []     # (future, ids) answered by the next decode step (a tool that finishes mid-window)
 
 
+_ANSWER_AT_LOAD: list = []     # (future, ids) answered by the next load_rows (during the sync that paused it)
+
+
 class _StepAnswers(TorchBackend):
+    def load_rows(self, state1, rows):
+        while _ANSWER_AT_LOAD:
+            fut, ids = _ANSWER_AT_LOAD.pop()
+            fut.set_result(ids)
+        return super().load_rows(state1, rows)
+
     def step(self, tokens):
         for entry in list(_ANSWER_AT_STEP):
             entry[2] -= 1
@@ -211,6 +220,8 @@ def _async_tool_hook(inject: list[int], delay: float, pauses: int = 2):
         fut = Future()
         if delay in ("step", "step10"):          # answered by the 1st / 10th decode step after the pause
             _ANSWER_AT_STEP.append([fut, inject, 1 if delay == "step" else 10])
+        elif delay == "load":                    # after the sync's checks, before the next window's step 0
+            _ANSWER_AT_LOAD.append((fut, inject))
         elif delay:
             threading.Timer(delay, fut.set_result, args=(inject,)).start()
         else:
@@ -287,15 +298,16 @@ def test_sampled_pausing_rollouts_replay_exactly_whatever_the_slot_count(model, 
     assert [x for r in a for x in r.logprobs] == pytest.approx([x for r in b for x in r.logprobs], abs=1e-5)
 
 
-@pytest.mark.parametrize("force_max", [64, 0])
+@pytest.mark.parametrize("force_max, delay", [(64, "step"), (0, "step"), (64, "load"), (0, "load")])
 def test_samples_resumed_mid_window_pause_again_in_that_window_and_every_stretch_matches_the_reference(
-        model, tok, force_max):
-    """Answers arrive one decode step after the pause, so samples resume mid-window; with a one-token
-    injection and 16-step windows they often stop again before that window ends, which rewinds to the
-    rewind point set at the resume. Every stretch between injections equals the naive reference from
-    prompt + all tokens before it, and 3 slots give the same samples as 1."""
+        model, tok, force_max, delay):
+    """Answers arrive one decode step after the pause ("step"), or after the sync's checks but before the
+    next window's first step ("load"), so samples resume inside a window; with a one-token injection and
+    16-step windows they often stop again before that window ends, which rewinds to the rewind point set
+    at the resume. Every stretch between injections equals the naive reference from prompt + all tokens
+    before it, and 3 slots give the same samples as 1."""
     inject = tok.encode("<tool_response>", add_special_tokens=False)[:1]
-    on_stop = _async_tool_hook(inject, "step", pauses=6)
+    on_stop = _async_tool_hook(inject, delay, pauses=6)
     stops = list(range(40, 384, 2))
     params = SamplingParams(max_new_tokens=48, stop_token_ids=stops, **GREEDY)
     reqs = [GenRequest(tok.encode(f"Q{k}: {k} * {k + 3}?", add_special_tokens=False), params, f"r{k}")
