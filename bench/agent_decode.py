@@ -96,6 +96,7 @@ class SlowCalculator(Calculator):
     def __init__(self, latency_s: float):
         super().__init__()
         self.latency_s = latency_s
+        self.inline = latency_s == 0     # a sleeping stand-in for a real tool runs on the tool threads
 
     def __call__(self, expression: str) -> str:
         if self.latency_s:

@@ -56,6 +56,13 @@ from rollout.sandbox import SandboxConfig, run_python
 
 @runtime_checkable
 class Tool(Protocol):
+    """name, description, JSON-schema `parameters` and a call returning text (sync or async).
+
+    Optional `inline = True`: the tool is cheap and bounded (pure computation that cannot block or run
+    long, like the calculator), so `ToolSet` runs it on the calling thread, without a timeout. This
+    spares the rollout's decode thread a thread hop and the GIL contention of a tool thread (~0.5 ms
+    per call with the GPU idle)."""
+
     name: str
     description: str
     parameters: dict
@@ -130,6 +137,7 @@ class Calculator:
 
     name = "calculator"
     description = "Evaluate an arithmetic expression exactly (+ - * / // % ** and parentheses)."
+    inline = True      # bounded by its limits: runs on the caller's thread (see `Tool`)
     parameters = {"type": "object", "properties": {"expression": {"type": "string"}},
                   "required": ["expression"]}
 
@@ -593,6 +601,12 @@ class ToolSet:
         def on_error(e: BaseException) -> ToolOutcome:
             return ToolOutcome(f"error: {type(e).__name__}: {str(e)[:500]}", "error")
 
+        if getattr(t, "inline", False) is True and not _is_async(t):   # cheap and bounded: right here
+            try:
+                resolve(self._finish_text(t(**arguments)))
+            except BaseException as e:   # the tool's own failure is text for the model
+                resolve(on_error(e))
+            return out
         _DEADLINES.add(t0 + self.timeout_s, out, lambda: resolve(
             ToolOutcome(f"error: tool {name} timed out after {self.timeout_s:g} s", "timeout")))
         if _is_async(t):

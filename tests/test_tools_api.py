@@ -256,3 +256,33 @@ def test_function_tool_and_interface_check():
     assert ft(a=3) == "6" and ft.parameters["required"] == ["a"]
     with pytest.raises(ConfigError, match="name must be an identifier"):
         load_tool(FunctionTool(lambda: "", name="bad name"))
+
+
+def test_inline_tools_run_on_the_calling_thread_and_the_others_on_tool_threads():
+    """`inline = True` (the calculator): the Future is resolved when submit returns, computed on the
+    caller's thread, failures still text; other sync tools run on the pool's threads."""
+    import threading
+
+    from rollout.tools import Calculator, FunctionTool, ToolSet
+
+    seen = {}
+
+    class Where(Calculator):
+        name = "where"
+
+        def __call__(self, expression: str) -> str:
+            seen["inline"] = threading.get_ident()
+            return super().__call__(expression)
+
+    def pooled(x: str) -> str:
+        seen["pooled"] = threading.get_ident()
+        return x
+
+    with ToolSet([Where(), FunctionTool(pooled)]) as ts:
+        f = ts.submit("where", {"expression": "6 * 7"})
+        assert f.done() and f.result().text == "42" and f.result().status == "ok"
+        assert seen["inline"] == threading.get_ident()
+        bad = ts.submit("where", {"expression": "1 / 0"})
+        assert bad.done() and bad.result().status == "error" and "division by zero" in bad.result().text
+        assert ts.call("pooled", {"x": "hi"}).text == "hi" and seen["pooled"] != threading.get_ident()
+    assert Calculator.inline is True
