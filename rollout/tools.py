@@ -137,14 +137,14 @@ class Calculator:
 
     name = "calculator"
     description = "Evaluate an arithmetic expression exactly (+ - * / // % ** and parentheses)."
-    inline = True      # bounded by its limits: runs on the caller's thread (see `Tool`)
     parameters = {"type": "object", "properties": {"expression": {"type": "string"}},
                   "required": ["expression"]}
 
     def __init__(self, max_chars: int = 1000, max_digits: int = 1000, max_exponent: int = 10_000,
-                 decimals: int = 12):
+                 decimals: int = 12, inline: bool = True):
         self.max_chars, self.max_digits, self.max_exponent, self.decimals = \
             max_chars, max_digits, max_exponent, decimals
+        self.inline = inline   # bounded by its limits: runs on the caller's thread (see `Tool`); False: a tool thread
 
     def __call__(self, expression: str) -> str:
         return format_number(self.evaluate(expression), self.decimals)

@@ -285,4 +285,6 @@ def test_inline_tools_run_on_the_calling_thread_and_the_others_on_tool_threads()
         bad = ts.submit("where", {"expression": "1 / 0"})
         assert bad.done() and bad.result().status == "error" and "division by zero" in bad.result().text
         assert ts.call("pooled", {"x": "hi"}).text == "hi" and seen["pooled"] != threading.get_ident()
-    assert Calculator.inline is True
+    assert Calculator().inline is True and Calculator(inline=False).inline is False
+    with ToolSet([Calculator(inline=False)]) as ts:
+        assert ts.call("calculator", {"expression": "2 ** 10"}).text == "1024"
