@@ -577,6 +577,14 @@ class Engine:
             waiting[:] = still
             blank_held(still)
 
+        def forced_steps(rows, n: int) -> tuple[Tensor, Tensor]:
+            """For those slots (a device index, or slice(None)): which of the next n steps take a forced
+            token, and which token ([R, n] each); their force cursors move past them."""
+            fidx = force_at[rows, None] + torch.arange(n, device=dev)
+            mask = fidx < force_len[rows, None]
+            force_at[rows] += mask.sum(1)
+            return mask, force_buf[rows].gather(1, fidx.clamp(max=FB - 1))
+
         def joinable(s: _Sample) -> bool:
             """Whether s may resume mid-window: its noise must not depend on where windows start (hash
             noise is keyed by token index; a per-sample generator would draw a timing-dependent amount)."""
@@ -656,10 +664,7 @@ class Engine:
                            if slot[i].parked is None])
             td = time.perf_counter()
             if forcing:   # the forced token of every (slot, step) of this window, in a few launches up front
-                fidx = force_at[:, None] + torch.arange(k, device=dev)                  # [S, k]
-                fmask = fidx < force_len[:, None]
-                ftok = force_buf.gather(1, fidx.clamp(max=FB - 1))
-                force_at += fmask.sum(1)
+                fmask, ftok = forced_steps(slice(None), k)
             in_window = True
             for j in range(k):
                 fed = rejoin(j) if waiting else None
@@ -668,11 +673,7 @@ class Engine:
                         fmask = torch.zeros(S, k, dtype=torch.bool, device=dev)
                         ftok = torch.zeros(S, k, dtype=torch.long, device=dev)
                         forcing = True
-                    fidx = force_at[fed, None] + torch.arange(k - j, device=dev)
-                    fm = fidx < force_len[fed, None]
-                    fmask[fed, j:] = fm
-                    ftok[fed, j:] = force_buf[fed].gather(1, fidx.clamp(max=FB - 1))
-                    force_at[fed] += fm.sum(1)
+                    fmask[fed, j:], ftok[fed, j:] = forced_steps(fed, k - j)
                 noise = hash_exponential_noise(hash_keys, hash_count, V) if use_hash and drawing else None
                 out = sample(logits, st, gens, seen=seen, noise=noise)
                 tok = out.tokens

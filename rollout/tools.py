@@ -601,15 +601,19 @@ class ToolSet:
         def on_error(e: BaseException) -> ToolOutcome:
             return ToolOutcome(f"error: {type(e).__name__}: {str(e)[:500]}", "error")
 
-        if getattr(t, "inline", False) is True and not _is_async(t):   # cheap and bounded: right here
+        def run_sync():
             try:
                 resolve(self._finish_text(t(**arguments)))
             except BaseException as e:   # the tool's own failure is text for the model
                 resolve(on_error(e))
+
+        is_async = _is_async(t)
+        if getattr(t, "inline", False) is True and not is_async:   # cheap and bounded: right here
+            run_sync()
             return out
         _DEADLINES.add(t0 + self.timeout_s, out, lambda: resolve(
             ToolOutcome(f"error: tool {name} timed out after {self.timeout_s:g} s", "timeout")))
-        if _is_async(t):
+        if is_async:
             async def run_async():
                 return await asyncio.wait_for(t(**arguments), self.timeout_s)
 
@@ -625,11 +629,6 @@ class ToolSet:
             cf.add_done_callback(done_async)
             return out
 
-        def run_sync():
-            try:
-                resolve(self._finish_text(t(**arguments)))
-            except BaseException as e:   # the tool's own failure is text for the model
-                resolve(on_error(e))
         if not self._pool.submit(run_sync):
             resolve(ToolOutcome("error: the tool set is closed", "error"))
         return out
