@@ -37,10 +37,11 @@ from rl.metrics import read_metrics  # noqa: E402
 PHASES = ("time/generate", "time/score", "time/learn", "time/sync", "time/step", "tokens_per_s",
           "sync/bytes", "learn/tokens", "response_len_mean", "gen/engine_wall_s", "gen/engine_prefill_s",
           "gen/engine_decode_s", "gen/engine_decode_steps", "sync/export_s", "sync/worker_load_s",
-          "sync/worker_refresh_s")
+          "sync/worker_refresh_s", "sync/ipc_workers")
 
 
-def step_config(quick: bool, out: Path, gpu: bool, steps: int | None = None, micro_batch_tokens: int = 16384):
+def step_config(quick: bool, out: Path, gpu: bool, steps: int | None = None, micro_batch_tokens: int = 16384,
+                one_step_off: bool = False, weight_sync: str = "auto"):
     share = 0.5 if gpu else 0.0
     data = {
         "model": {"preset": "tiny" if quick else "mini-agent-scout",
@@ -51,15 +52,18 @@ def step_config(quick: bool, out: Path, gpu: bool, steps: int | None = None, mic
         "sampling": {"max_new_tokens": 32 if quick else 512, "temperature": 1.0},
         "learner": {"lr": 1.0e-6, "num_gpus": share, "num_cpus": 1, "micro_batch_tokens": micro_batch_tokens,
                     "gradient_checkpointing": True},
-        "workers": {"num_workers": 1, "num_gpus": share, "num_cpus": 1, "engine_slots": 512},
+        "workers": {"num_workers": 1, "num_gpus": share, "num_cpus": 1, "engine_slots": 512,
+                    "weight_sync": weight_sync},
+        "one_step_off_policy": one_step_off,
         "reward_pool": {"num_workers": 2}, "checkpoint_every": 0, "eval_every": 0,
         "output_dir": str(out), "wandb": False,
     }
     return load_grpo_config(data=data)
 
 
-def bench_step(quick: bool, out: Path, steps: int | None = None, micro_batch_tokens: int = 16384) -> dict:
-    cfg = step_config(quick, out, torch.cuda.is_available(), steps, micro_batch_tokens)
+def bench_step(quick: bool, out: Path, steps: int | None = None, micro_batch_tokens: int = 16384,
+               one_step_off: bool = False, weight_sync: str = "auto") -> dict:
+    cfg = step_config(quick, out, torch.cuda.is_available(), steps, micro_batch_tokens, one_step_off, weight_sync)
     driver = Driver(cfg)
     try:
         driver.run()
@@ -67,12 +71,15 @@ def bench_step(quick: bool, out: Path, steps: int | None = None, micro_batch_tok
         driver.close()
     recs = read_metrics(out / "metrics.jsonl")[-cfg.steps:]
     timed = recs[1:] or recs                      # the first step includes warm-up (autotune, graphs)
+    if cfg.one_step_off_policy:                   # the last step prefetches nothing: not a steady-state step
+        timed = timed[:-1] or timed
     if os.environ.get("BITMAMBA_PROFILE_LEARN"):  # the step whose update ran under torch.profiler is not timed
         profiled = int(os.environ.get("BITMAMBA_PROFILE_STEP", "1")) + 1
         timed = [r for r in timed if r.get("step") != profiled] or timed
     avg = {k: sum(r[k] for r in timed) / len(timed) for k in PHASES if all(k in r for r in timed)}
     share = {k: avg[k] / avg["time/step"] for k in ("time/generate", "time/score", "time/learn", "time/sync")}
     return {"shape": cfg.model.preset, "group_size": cfg.group_size, "prompts": cfg.prompts_per_step,
+            "one_step_off_policy": cfg.one_step_off_policy, "weight_sync": cfg.workers.weight_sync,
             "max_new_tokens": cfg.sampling.max_new_tokens, "steps_timed": len(timed), "mean": avg,
             "share_of_step": share, "first_step": {k: recs[0].get(k) for k in PHASES}}
 
@@ -124,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="GRPO steps of the step part, the first is warm-up (default 4)")
     p.add_argument("--micro-batch-tokens", type=int, default=16384,
                    help="learner micro-batch token budget of the step part (fewer, larger micro-batches: fewer launches)")
+    p.add_argument("--one-step-off", action="store_true",
+                   help="one_step_off_policy: the next batch generates while the learner updates")
+    p.add_argument("--weight-sync", choices=("auto", "object_store"), default="auto",
+                   help="workers.weight_sync (auto: CUDA IPC to a worker on the learner's GPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     out = Path(args.out or ROOT / "bench" / "results" / ("grpo_quick.json" if args.quick else "grpo.json"))
@@ -131,12 +142,15 @@ def main(argv: list[str] | None = None) -> int:
                  or "cpu", "torch": torch.__version__, "quick": args.quick,
                  "command": "python bench/grpo.py" + (" --quick" if args.quick else "")
                  + (f" --only {args.only}" if args.only else "") + (f" --steps {args.steps}" if args.steps else "")
-                 + (f" --micro-batch-tokens {args.micro_batch_tokens}" if args.micro_batch_tokens != 16384 else ""),
+                 + (f" --micro-batch-tokens {args.micro_batch_tokens}" if args.micro_batch_tokens != 16384 else "")
+                 + (" --one-step-off" if args.one_step_off else "")
+                 + (f" --weight-sync {args.weight_sync}" if args.weight_sync != "auto" else ""),
                  "env": {k: os.environ[k] for k in ("BITMAMBA_AUTOTUNE", "MAMBA_DETERMINISTIC") if k in os.environ}}
     if args.only in (None, "step"):
         # the run's metrics.jsonl lands beside the JSON, so a run cut off by a time limit still leaves its steps
         run_dir = out.parent / (out.stem + "_run") if out.parent.exists() else Path(tempfile.mkdtemp())
-        res["step"] = bench_step(args.quick, run_dir, args.steps, args.micro_batch_tokens)
+        res["step"] = bench_step(args.quick, run_dir, args.steps, args.micro_batch_tokens, args.one_step_off,
+                                 args.weight_sync)
         print(json.dumps(res["step"]["mean"], indent=1), flush=True)
     if args.only in (None, "memory"):
         res["memory"] = bench_memory(args.quick)

@@ -116,7 +116,7 @@ def run_k(args, k: int, gpu: bool, model_config: dict, weights_ref, jobs: list[P
     try:
         start_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        group.load_weights(weights_ref)
+        group.load_weights([weights_ref] * k)
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         group.generate(jobs, params)                            # warm-up: graph capture, autotune

@@ -239,6 +239,7 @@ class Driver:
         self.prompts = PromptSource(self.task, self.tokenizer, limit, cfg.task.prompt_too_long)
         RemoteLearner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)(Learner)
         self.learner = RemoteLearner.remote(cfg, init_dir)
+        self.learner_gpu = ray.get(self.learner.gpu.remote())
         model_config = ray.get(self.learner.get_model_config.remote())
         if len(self.tokenizer) > model_config["vocab_size"]:
             raise ConfigError(f"tokenizer {cfg.model.tokenizer!r} has {len(self.tokenizer)} tokens but the model's "
@@ -281,8 +282,8 @@ class Driver:
                               eos_token_id=self.tokenizer.eos_token_id, n=n, seed=0)
 
     def sync_weights(self) -> dict[str, float]:
-        """Learner -> object store (once) -> every worker."""
-        return sync_to_workers(self.learner, self.workers)
+        """Learner -> every worker: by CUDA IPC on the learner's GPU, else through the object store (once)."""
+        return sync_to_workers(self.learner, self.workers, self.cfg.workers.weight_sync, self.learner_gpu)
 
     # -------------------------------------------------------------- rollout
     def generate(self, rows: list[PromptRow], n: int, salt: int = 0, temperature: float | None = None,

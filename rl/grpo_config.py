@@ -177,8 +177,11 @@ class WorkersSection:
     local_dashboard: bool = False        # local Ray: start the dashboard / job server (bound below)
     dashboard_host: str = "127.0.0.1"    # local Ray: dashboard / job server bind address
     engine_slots: int = 64               # rows decoded together per worker
+    weight_sync: str = "auto"            # auto: CUDA IPC for workers on the learner's GPU | object_store
 
     def __post_init__(self):
+        if self.weight_sync not in ("auto", "object_store"):
+            raise ConfigError(f"workers.weight_sync: 'auto' or 'object_store', got {self.weight_sync!r}")
         if self.num_workers < 1:
             raise ConfigError(f"workers.num_workers: must be >= 1, got {self.num_workers}")
         if self.num_gpus < 0 or self.num_cpus < 0:

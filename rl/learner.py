@@ -42,7 +42,7 @@ from model.lm import BitMambaLM
 from rl import algo
 from rl.checkpoint import CheckpointManager, load_checkpoint
 from rl.grpo_config import GRPOConfig, LearnerSection, build_model
-from rl.weight_sync import PolicyWeights, export_policy
+from rl.weight_sync import PolicyWeights, SharedPolicy, export_policy, export_shared, gpu_uuid, policy_views, to_host
 
 log = logging.getLogger("rl.learner")
 
@@ -186,6 +186,7 @@ class Learner:
         self.optimizer_steps = 0
         self._skipped = 0                  # optimizer steps skipped in the current update (non-finite)
         self._last_export = {"bytes": 0.0, "seconds": 0.0}
+        self._shared: tuple[SharedPolicy, torch.Tensor] | None = None   # the last CUDA IPC export, kept alive
         if self.sec.backend == "deepspeed":
             _init_single_process_dist()
             self.ds_config = deepspeed_config(self.sec, self.device.type == "cuda")
@@ -388,17 +389,42 @@ class Learner:
 
     # ------------------------------------------------------------------ weights
     def export_weights(self) -> PolicyWeights:
-        """The current policy for the generation workers (ternary packed, the rest as is)."""
+        """The current policy for the generation workers (ternary packed, the rest as is), on CPU."""
         t0 = time.perf_counter()
         w = export_policy(self.model, self.version)
-        self._last_export = {"bytes": float(w.nbytes), "seconds": time.perf_counter() - t0}
+        self._note_export(w.nbytes, t0)
         return w
 
-    def last_export_stats(self) -> dict[str, float]:
-        """Bytes and seconds of the last `export_weights` (for the sync metrics)."""
-        return dict(self._last_export)
+    def export_shared(self) -> SharedPolicy:
+        """The current policy in one buffer on this GPU, as a CUDA IPC handle for workers on the same GPU.
+        The buffer stays alive until the next `export_shared` (restarted workers may still load it)."""
+        t0 = time.perf_counter()
+        self._shared = None                     # the previous version's buffer goes first
+        sp, buf = export_shared(self.model, self.version)
+        self._shared = (sp, buf)
+        self._note_export(sp.nbytes, t0)
+        return sp
 
-    # ------------------------------------------------------------------ checkpoints
+    def last_shared_as_weights(self) -> PolicyWeights:
+        """The last `export_shared` version as `PolicyWeights` on CPU (for a worker that cannot map it)."""
+        if self._shared is None:
+            raise RuntimeError("last_shared_as_weights: nothing was exported with export_shared")
+        sp, buf = self._shared
+        return to_host(policy_views(sp.version, buf, sp.packed, sp.dense))
+
+    def gpu(self) -> str | None:
+        """This learner's GPU UUID (None on CPU): workers with the same UUID load by CUDA IPC."""
+        return gpu_uuid() if self.device.type == "cuda" else None
+
+    def _note_export(self, nbytes: int, t0: float) -> None:
+        self._last_export["bytes"] += float(nbytes)
+        self._last_export["seconds"] += time.perf_counter() - t0
+
+    def last_export_stats(self) -> dict[str, float]:
+        """Bytes and seconds of the exports since the last call (for the sync metrics)."""
+        out, self._last_export = self._last_export, {"bytes": 0.0, "seconds": 0.0}
+        return out
+
     def optimizer_state(self) -> dict:
         """Optimizer state readable with torch.load(weights_only=True) (no pickled objects)."""
         if self.engine is None:

@@ -2,7 +2,8 @@
 
     RemoteWorker = ray.remote(num_cpus=1, num_gpus=0.25)(GenerationWorker)   # at launch, in rl/grpo.py
     group = WorkerGroup(RemoteWorker, worker_kwargs, num_workers=2)
-    group.load_weights(weights_ref)                 # one object-store reference for every worker
+    group.load_weights([ref] * 2)                   # per worker: an object-store reference (the same
+                                                    # one for all) or a CUDA IPC `SharedPolicy`
     samples = group.generate(jobs, params)          # sharded by prompt; dead workers restarted
 
 Every prompt is a `PromptJob` with a unique `uid` and its own seed, and is sampled as one engine
@@ -26,7 +27,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from model.errors import BitMambaError
 from rl.grpo_config import ModelSection, build_tokenizer, model_from_config
-from rl.weight_sync import PolicyWeights, load_into
+from rl.weight_sync import PolicyWeights, SharedPolicy, gpu_uuid, load_into, open_shared
 from rollout.backend import make_backend
 from rollout.engine import Engine
 from rollout.types import GenRequest, GenResult, SamplingParams
@@ -66,15 +67,18 @@ class GenerationWorker:
     def ping(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": self.version, "device": str(self.device),
                 "backend": type(self.backend).__name__, "slots": self.engine.slots,
-                "oom_backoffs": self.oom_backoffs}
+                "oom_backoffs": self.oom_backoffs, "gpu": gpu_uuid() if self.device.type == "cuda" else None}
 
     def engine_stats(self) -> dict[str, Any]:
         """The last generate's engine counters and seconds (`GenStats`)."""
         return asdict(self.engine.last_stats)
 
-    def load_weights(self, weights: PolicyWeights) -> int:
-        """Load a policy version (the driver passes the object-store reference; Ray resolves it)."""
+    def load_weights(self, weights: PolicyWeights | SharedPolicy) -> int:
+        """Load a policy version: an object-store reference (Ray resolves it) or a `SharedPolicy` on this
+        GPU (mapped by CUDA IPC; loaded on the GPU, then unmapped)."""
         t0 = time.perf_counter()
+        if isinstance(weights, SharedPolicy):
+            weights = open_shared(weights)
         load_into(self.model, weights)
         t1 = time.perf_counter()
         self.backend.refresh_weights()
@@ -136,17 +140,43 @@ class WorkerGroup:
         self.kwargs = kwargs
         self.max_restarts = max_restarts
         self.actors = [self._spawn() for _ in range(num_workers)]
-        self.weights_ref = None
+        self.weights_refs: list | None = None
+        self.ipc_loads: list[bool] = []
         self.restarts = 0
-        ray.get([a.ping.remote() for a in self.actors])
+        self._gpus = [p.get("gpu") for p in ray.get([a.ping.remote() for a in self.actors])]
 
     def _spawn(self):
         return self.remote_cls.options(max_restarts=0, max_task_retries=0).remote(**self.kwargs)
 
-    def load_weights(self, weights_ref) -> list[int]:
-        """Every worker loads the same object-store reference; remembered for restarts."""
-        self.weights_ref = weights_ref
-        return ray.get([a.load_weights.remote(weights_ref) for a in self.actors])
+    def gpus(self) -> list[str | None]:
+        """Per worker: its GPU UUID (None on CPU, or after a failed CUDA IPC load: object store from then on)."""
+        return list(self._gpus)
+
+    def load_weights(self, refs: list, fallback=None) -> list[int]:
+        """Worker w loads refs[w]: an object-store reference or a `SharedPolicy` (CUDA IPC). A worker that
+        cannot map a `SharedPolicy` loads `fallback()` (an object-store reference of the same version)
+        instead, with a warning, and stays on the object store. Returns the workers' versions;
+        `self.ipc_loads` says which loaded by IPC. Remembered for restarts."""
+        if len(refs) != len(self.actors):
+            raise ValueError(f"load_weights: {len(refs)} references for {len(self.actors)} workers")
+        self.weights_refs, self._fallback = list(refs), fallback
+        calls = [a.load_weights.remote(r) for a, r in zip(self.actors, refs)]
+        used, versions = [], []
+        for w, (call, r) in enumerate(zip(calls, refs)):
+            try:
+                versions.append(ray.get(call))
+                used.append(isinstance(r, SharedPolicy))
+            except ray.exceptions.RayTaskError as e:
+                if not isinstance(r, SharedPolicy) or fallback is None:
+                    raise
+                log.warning("worker %d could not load the policy by CUDA IPC (%s); using the object store "
+                            "from now on", w, str(e).strip().splitlines()[-1])
+                self._gpus[w] = None
+                self.weights_refs[w] = fallback()
+                versions.append(ray.get(self.actors[w].load_weights.remote(self.weights_refs[w])))
+                used.append(False)
+        self.ipc_loads = used
+        return versions
 
     def load_stats(self) -> dict[str, float]:
         """The slowest worker's `load_stats` (the sync waits for it)."""
@@ -162,8 +192,14 @@ class WorkerGroup:
         except Exception:  # already gone; nothing to clean up
             pass
         self.actors[w] = self._spawn()
-        if self.weights_ref is not None:
-            ray.get(self.actors[w].load_weights.remote(self.weights_ref))
+        gpu = ray.get(self.actors[w].ping.remote()).get("gpu")
+        if self.weights_refs is not None:
+            ref = self.weights_refs[w]
+            if isinstance(ref, SharedPolicy) and ref.gpu != gpu:   # came back on another GPU
+                ref = self.weights_refs[w] = self._fallback()
+            ray.get(self.actors[w].load_weights.remote(ref))
+        if self._gpus[w] is not None:           # (None after a failed IPC load: stays on the object store)
+            self._gpus[w] = gpu
 
     def generate(self, jobs: list[PromptJob], params: SamplingParams) -> tuple[list[GenResult], dict]:
         """Samples of every job (ordered by job, then sample index) and stats (restarts, regenerated)."""

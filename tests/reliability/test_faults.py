@@ -115,7 +115,7 @@ def test_worker_killed_mid_rollout_restarted_resynced_only_lost_prompts_regenera
     group = WorkerGroup(RemoteWorker, {"mark_dir": str(tmp_path), "model_config": model.config.to_dict(),
                                        "model_section": cfg.model, "slots": 8}, num_workers=2, max_restarts=2)
     try:
-        assert group.load_weights(ray.put(export_policy(model, version=3))) == [3, 3]
+        assert group.load_weights([ray.put(export_policy(model, version=3))] * 2) == [3, 3]
         g = torch.Generator().manual_seed(0)
         jobs = [PromptJob(f"p{i}", torch.randint(10, 300, (4,), generator=g).tolist(), seed=50 + i) for i in range(6)]
         params = SamplingParams(max_new_tokens=5, temperature=1.0, n=3)
