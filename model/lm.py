@@ -9,6 +9,8 @@ BitLinear numerics: in eval mode under no_grad every BitLinear computes the pack
 
 Loss: chunked cross-entropy over 1024-token chunks; with grad enabled each chunk's head + CE runs under
 `torch.utils.checkpoint`, so the fp32 logits of one chunk at most are alive at a time.
+Log-probs with grad (the learner): one fused autograd Function over ~512 MB chunks (model/head_logprob.py)
+that saves only the log-sum-exp and recomputes the logits in backward; without grad the chunked path above.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from model import checkpoint as ckpt_io
 from model.attention import Attention
-from model.bitlinear import BitLinear
+from model.bitlinear import BitLinear, act_quant_ste
 from model.config import BitMambaConfig, QuantConfig
+from model.head_logprob import head_logprobs
 from model.mamba2 import Mamba2Mixer
 from model.norm import RMSNorm
 from model.state import ModelState
@@ -158,13 +161,18 @@ class BitMambaLM(nn.Module):
         return (ce * val).sum()
 
     def token_logprobs(self, input_ids: Tensor, targets: Tensor, *, seq_idx: Tensor | None = None,
-                       chunk: int = CE_CHUNK, return_entropy: bool = False):
-        """log p(targets[b, t] | input_ids[b, :t+1]) fp32 [B, T] (and entropy [B, T] fp32 if asked).
-        Chunked over tokens like the loss (checkpointed per chunk when grad is enabled)."""
+                       chunk: int | None = None, return_entropy: bool = False):
+        """log p(targets[b, t] | input_ids[b, :t+1]) fp32 [B, T] (and entropy [B, T] fp32, never differentiable,
+        if asked). With grad enabled (no autocast): the fused head (`head_logprobs`, chunk default ~512 MB of
+        fp32 logits); otherwise chunked over `chunk` (default CE_CHUNK) tokens like the loss."""
         h = self.hidden_states(input_ids, seq_idx=seq_idx)
         B, T = targets.shape
         hf = h.reshape(-1, h.shape[-1])
         tg = targets.reshape(-1).long()
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type):
+            lp, ent = head_logprobs(*self._head_input(hf), tg, chunk, return_entropy)
+            return (lp.reshape(B, T), ent.reshape(B, T)) if return_entropy else lp.reshape(B, T)
+        chunk = chunk or CE_CHUNK
         w = self._head_weight()
         use_ckpt = torch.is_grad_enabled()
         lps, ents = [], []
@@ -176,8 +184,20 @@ class BitMambaLM(nn.Module):
             ents.append(ent)
         logp = torch.cat(lps).reshape(B, T)
         if return_entropy:
-            return logp, torch.cat(ents).reshape(B, T)
+            return logp, torch.cat(ents).reshape(B, T).detach()
         return logp
+
+    def _head_input(self, hf: Tensor) -> tuple[Tensor, Tensor]:
+        """The STE head's matmul operands for hf [n, d]: x [n, d] (fp32 after the head's own norm / int8
+        activation STE, else hf as is: the fused head upcasts) and the effective weight [V, d]
+        (`forward_with_weight` with grad enabled; BitLinear has no bias)."""
+        head = self.lm_head
+        x = hf.float() if head.norm is not None or head.act_quant else hf
+        if head.norm is not None:
+            x = head.norm(x)
+        if head.act_quant:
+            x = act_quant_ste(x)
+        return x, (self._head_weight() if head.ternary else head.weight)
 
     def _lp_chunk(self, hc: Tensor, w: Tensor | None, tg: Tensor, want_entropy: bool):
         logp_all = torch.log_softmax(self._head_fp32(hc, w), dim=-1)

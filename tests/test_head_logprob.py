@@ -1,0 +1,163 @@
+"""Fused head log-probs (model/head_logprob.py) against plain autograd and the previous chunked head."""
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from model.config import BitMambaConfig
+from model.head_logprob import head_chunk, head_logprobs
+from model.lm import CE_CHUNK, BitMambaLM
+
+
+def _ref(x, w, tg):
+    logp = torch.log_softmax(x.float() @ w.float().T, -1)
+    return logp.gather(-1, tg[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+
+def test_head_chunk():
+    assert head_chunk(50257) == 2670                     # 2670 x 50257 fp32 ~ 512 MB
+    assert head_chunk(256) == 8192 and head_chunk(10 ** 7) == 256
+
+
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 8, 37])
+def test_fused_equals_reference(xdt, chunk):
+    torch.manual_seed(0)
+    n, d, v = 37, 16, 50
+    x = torch.randn(n, d).to(xdt).requires_grad_()
+    w = (0.7 * torch.randn(v, d)).requires_grad_()
+    tg = torch.randint(0, v, (n,))
+    g = torch.randn(n)
+    g[::3] = 0                                           # tokens without gradient
+    lp, ent = head_logprobs(x, w, tg, chunk, want_entropy=True)
+    lp_r, ent_r = _ref(x, w, tg)
+    assert lp.dtype == ent.dtype == torch.float32 and not ent.requires_grad and lp.requires_grad
+    torch.testing.assert_close(lp, lp_r.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ent_r.detach(), rtol=1e-5, atol=1e-5)
+    gx, gw = torch.autograd.grad((lp * g).sum(), (x, w))
+    rx, rw = torch.autograd.grad((lp_r * g).sum(), (x, w))
+    assert gx.dtype == xdt and gw.dtype == torch.float32
+    torch.testing.assert_close(gx.float(), rx.float(), rtol=1e-5, atol=1e-5 * rx.float().abs().max().item())
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-5 * rw.abs().max().item())
+    assert head_logprobs(x, w, tg, chunk)[1] is None
+
+
+def test_fused_grad_only_where_needed():
+    x, w, tg = torch.randn(5, 4, requires_grad=True), torch.randn(7, 4, dtype=torch.bfloat16), torch.arange(5)
+    lp, _ = head_logprobs(x, w, tg, 2)
+    lp.sum().backward()
+    assert x.grad is not None and w.grad is None
+    w.requires_grad_()
+    head_logprobs(x.detach(), w, tg, 2)[0].sum().backward()
+    assert w.grad.dtype == torch.bfloat16                # bf16 weight: fp32 accumulation, cast once
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    tg = torch.randint(0, 9, (7,))
+    assert torch.autograd.gradcheck(lambda a, b: head_logprobs(a, b, tg, 3)[0], (x, w))
+
+
+# ---- BitMambaLM.token_logprobs with grad == the previous implementation ----
+
+def old_token_logprobs(m: BitMambaLM, ids, targets, chunk=CE_CHUNK):
+    """The head path before the fused Function: checkpointed chunks of log_softmax + gather + entropy."""
+    def lp_chunk(hc, w, tg):
+        logp_all = torch.log_softmax(m.lm_head.forward_with_weight(hc.float(), w).float(), dim=-1)
+        return logp_all.gather(-1, tg[:, None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
+
+    h = m.hidden_states(ids)
+    hf, tg = h.reshape(-1, h.shape[-1]), targets.reshape(-1).long()
+    w = m._head_weight()
+    lps, ents = zip(*[checkpoint(lp_chunk, hf[s:s + chunk], w, tg[s:s + chunk], use_reentrant=False)
+                      for s in range(0, hf.shape[0], chunk)])
+    return torch.cat(lps).reshape(targets.shape), torch.cat(ents).reshape(targets.shape)
+
+
+MODELS = {
+    "tiny": dict(),                                                    # fp head, no own norm
+    "tiny-tied": dict(tie_embeddings=True),                            # fp head = embedding
+    "tiny-ternary": dict(ternary_head=True),                           # ternary head + int8 acts
+    "tiny-bitmamba2": dict(),                                          # ternary head + own norm
+    "tiny-bitmamba2-fphead": dict(ternary_head=False),                 # fp head + own norm
+}
+
+
+def make(name):
+    torch.manual_seed(0)
+    preset = "tiny-bitmamba2" if name.startswith("tiny-bitmamba2") else "tiny"
+    m = BitMambaLM(BitMambaConfig.preset(preset, **MODELS[name]))
+    with torch.no_grad():
+        m.embedding.weight.normal_(0, 1.0)
+    return m.train()
+
+
+def _grads(m):
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("chunk", [None, 5, 7])                       # 26 tokens: one chunk / 5+1 / 3+5 rows
+def test_token_logprobs_equal_previous(name, chunk):
+    m = make(name)
+    assert m.lm_head.ternary == ("ternary" in name or name == "tiny-bitmamba2")
+    ids, tg = torch.randint(0, 256, (2, 13)), torch.randint(0, 256, (2, 13))
+    wts = torch.randn(2, 13)
+    wts[0, :4] = 0
+    m.zero_grad(set_to_none=True)
+    lp, ent = m.token_logprobs(ids, tg, chunk=chunk, return_entropy=True)
+    assert "HeadLogprob" in type(lp.grad_fn.next_functions[0][0]).__name__   # the fused path ran
+    assert lp.shape == ent.shape == (2, 13) and not ent.requires_grad
+    (lp * wts).sum().backward()
+    got = _grads(m)
+    m.zero_grad(set_to_none=True)
+    lp_o, ent_o = old_token_logprobs(m, ids, tg, chunk or CE_CHUNK)
+    (lp_o * wts).sum().backward()
+    want = _grads(m)
+    torch.testing.assert_close(lp, lp_o.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ent_o.detach(), rtol=1e-5, atol=1e-5)
+    assert got.keys() == want.keys() and len(got) == len(list(m.parameters()))
+    for k in want:
+        scale = want[k].abs().max().item()
+        assert scale > 0, k
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5 * scale, msg=k)
+    # the full-sequence fp32 log_softmax of the logits agrees too
+    ref = torch.log_softmax(m(ids).logits.float(), -1).gather(-1, tg[..., None])[..., 0]
+    torch.testing.assert_close(lp, ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-bitmamba2", "tiny"])
+def test_no_grad_path_unchanged(name):
+    """Without grad (eval: exact int8 head; train mode: STE numbers) the chunked path is bit-for-bit the old one."""
+    m = make(name)
+    ids, tg = torch.randint(0, 256, (2, 13)), torch.randint(0, 256, (2, 13))
+    for train in (False, True):
+        m.train(train)
+        with torch.no_grad():
+            lp, ent = m.token_logprobs(ids, tg, chunk=5, return_entropy=True)
+            lp_o, ent_o = old_token_logprobs(m, ids, tg, 5)
+            assert lp.grad_fn is None
+        assert torch.equal(lp, lp_o) and torch.equal(ent, ent_o)
+
+
+def test_bf16_trunk():
+    """bf16 model (trunk and weights): fused head in fp32, same values and grads as before."""
+    m = make("tiny-bitmamba2-fphead").to(torch.bfloat16)
+    ids, tg = torch.randint(0, 256, (2, 13)), torch.randint(0, 256, (2, 13))
+    m.zero_grad(set_to_none=True)
+    lp, ent = m.token_logprobs(ids, tg, chunk=5, return_entropy=True)
+    assert lp.dtype == ent.dtype == torch.float32
+    lp.sum().backward()
+    got = _grads(m)
+    m.zero_grad(set_to_none=True)
+    lp_o, ent_o = old_token_logprobs(m, ids, tg, 5)
+    lp_o.sum().backward()
+    want = _grads(m)
+    torch.testing.assert_close(lp, lp_o.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ent_o.detach(), rtol=1e-5, atol=1e-5)
+    for k in want:   # bf16 grads: the old path summed per-chunk bf16 head grads, the fused one sums in fp32
+        assert got[k].dtype == torch.bfloat16
+        torch.testing.assert_close(got[k].float(), want[k].float(), rtol=2e-2,
+                                   atol=2e-2 * want[k].float().abs().max().item(), msg=k)
