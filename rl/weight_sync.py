@@ -216,7 +216,7 @@ def sync_to_workers(learner, workers, method: str = "auto", learner_gpu: str | N
     """
     t0 = time.perf_counter()
     ipc = plan_sync(method, learner_gpu, workers.gpus())
-    shared = learner.export_shared.remote() if any(ipc) else None
+    shared = ray.get(learner.export_shared.remote()) if any(ipc) else None   # handle + layout, a few KB
     packed = learner.export_weights.remote() if not all(ipc) else None
     workers.load_weights([shared if i else packed for i in ipc], fallback=learner.last_shared_as_weights.remote)
     stats = ray.get(learner.last_export_stats.remote())
