@@ -217,6 +217,31 @@ class Engine:
                     return "stop", st
         return None
 
+    def _take_window(self, s: _Sample, i: int, toks: list[int], lps: list[float], mlps: list[float], lo: int,
+                     k: int, finish, pause) -> None:
+        """Window steps lo..k-1 of a sample whose only stops are tokens (EOS, stop_token_ids): the per-token
+        loop with `_stop_match`, as list slices up to the first stop or the length limit."""
+        p = s.params
+        n = min(k, lo + p.max_new_tokens - len(s.tokens))
+        stop = None
+        for j in range(lo, n):
+            t = toks[j]
+            if t == p.eos_token_id or t in p.stop_token_ids:
+                stop, n = j, j + 1
+                break
+        s.tokens += toks[lo:n]
+        s.logprobs += lps[lo:n]
+        s.model_logprobs += mlps[lo:n]
+        s.mask += [1] * (n - lo)
+        if stop is not None:
+            t = toks[stop]
+            reason = "eos" if t == p.eos_token_id else "stop"
+            if not (reason == "stop" and self.on_stop is not None and len(s.tokens) < p.max_new_tokens
+                    and pause(i, s, t)):
+                finish(i, reason)
+        elif len(s.tokens) >= p.max_new_tokens:
+            finish(i, "length")
+
     def _validate(self, requests: list[GenRequest], params: SamplingParams | None) -> None:
         V = self.backend.model.config.vocab_size
         for r in requests:
@@ -698,6 +723,9 @@ class Engine:
                     continue
                 skip = min(k, s.n_force)     # forced steps: their tokens are in s.tokens already
                 s.n_force -= skip
+                if not (s.params.stop_sequences or s.params.stop_strings):
+                    self._take_window(s, i, toks[i], lps[i], mlps[i], skip, k, finish, pause)
+                    continue
                 for j in range(skip, k):
                     s.tokens.append(toks[i][j])
                     s.logprobs.append(lps[i][j])
