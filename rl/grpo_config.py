@@ -36,6 +36,7 @@ class ModelSection:
     tokenizer: str = "tiny"            # "tiny" (rollout.tokenizer.build_tiny_tokenizer) or a path
     max_seq_len: int = 512             # context limit: prompt + completion tokens
     backend: Literal["auto", "torch", "fast"] = "auto"   # decode backend of the generation workers
+    ssm_state: Literal["float32", "bfloat16"] = "float32"   # the workers' SSM state (bf16: faster, more mismatch)
 
     def __post_init__(self):
         if (self.path is None) == (self.preset is None):

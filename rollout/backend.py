@@ -205,9 +205,11 @@ class TorchBackend:
     because rollout/learner log-prob mismatch matters for RL; torch.bfloat16 halves the state traffic.
     """
 
-    def __init__(self, model: "BitMambaLM", state_dtype: torch.dtype = torch.float32):
+    def __init__(self, model: "BitMambaLM", state_dtype: torch.dtype = torch.float32,
+                 ssm_dtype: torch.dtype | None = None):
         self.model = model
         self.state_dtype = state_dtype
+        self.ssm_dtype = ssm_dtype or state_dtype
         self.state: ModelState | None = None
         self.slots = 0
         self.max_len = 0
@@ -231,7 +233,7 @@ class TorchBackend:
     def _new_state(self, batch: int) -> ModelState:
         """Zero state; `model.allocate_state` keeps the SSM state fp32, so cast it here when asked."""
         return self.model.allocate_state(batch, self.max_len, dtype=self.state_dtype, device=self.device,
-                                         ssm_dtype=self.state_dtype)
+                                         ssm_dtype=self.ssm_dtype)
 
     def _need_state(self) -> ModelState:
         if self.state is None:
@@ -288,8 +290,10 @@ def _log_once(msg: str) -> None:
         log.info(msg)
 
 
-def make_backend(model: "BitMambaLM", kind: str = "auto", state_dtype: torch.dtype = torch.float32):
-    """Pick a decode backend; the choice is logged once.
+def make_backend(model: "BitMambaLM", kind: str = "auto", state_dtype: torch.dtype = torch.float32,
+                 ssm_dtype: torch.dtype | None = None):
+    """Pick a decode backend; the choice is logged once. `ssm_dtype` (default: `state_dtype`) is the SSM
+    state's dtype: bf16 halves the decode step's largest memory traffic, at some rollout/learner mismatch.
 
     "torch": TorchBackend. "fast": rollout.fast.FastBackend, on any device (on CPU it runs its
     reference kernels eagerly, for tests); raises `BitMambaError` when it cannot be imported or
@@ -301,10 +305,10 @@ def make_backend(model: "BitMambaLM", kind: str = "auto", state_dtype: torch.dty
     device = next(model.parameters()).device
     if kind == "torch":
         _log_once("decode backend: torch (asked for)")
-        return TorchBackend(model, state_dtype=state_dtype)
+        return TorchBackend(model, state_dtype=state_dtype, ssm_dtype=ssm_dtype)
     if kind == "auto" and device.type != "cuda":
         _log_once("decode backend: torch (auto, no CUDA)")
-        return TorchBackend(model, state_dtype=state_dtype)
+        return TorchBackend(model, state_dtype=state_dtype, ssm_dtype=ssm_dtype)
     why = None
     try:
         from rollout.fast import FastBackend
@@ -313,7 +317,7 @@ def make_backend(model: "BitMambaLM", kind: str = "auto", state_dtype: torch.dty
         why = f"cannot import rollout.fast.FastBackend ({e})"
     else:
         try:
-            backend = FastBackend(model, state_dtype=state_dtype)
+            backend = FastBackend(model, state_dtype=state_dtype, ssm_dtype=ssm_dtype or state_dtype)
         except FastPathUnavailable as e:
             why = str(e)
         else:
@@ -323,4 +327,4 @@ def make_backend(model: "BitMambaLM", kind: str = "auto", state_dtype: torch.dty
         raise BitMambaError(f"backend 'fast' is not available: {why}")
     log.warning("decode backend: torch (auto): the fast path is unavailable on CUDA: %s; decoding will be slow",
                 why)
-    return TorchBackend(model, state_dtype=state_dtype)
+    return TorchBackend(model, state_dtype=state_dtype, ssm_dtype=ssm_dtype)

@@ -191,3 +191,28 @@ def test_fused_and_unfused_norm_paths_agree_in_interpreter():
         fast.load_rows(st, torch.tensor([0]))
         outs.append(torch.stack([fast.step(ids[t:t + 1])[0] for t in range(4, 6)]))
     torch.testing.assert_close(outs[0], outs[1], **TOL)
+
+
+def test_make_backend_ssm_dtype_sets_only_the_ssm_state():
+    """`model.ssm_state: bfloat16` (GRPO workers) -> bf16 SSM state, conv window in state_dtype; the
+    engine decodes with it and stays close to the fp32-state log-probs."""
+    import torch
+
+    from model.config import BitMambaConfig
+    from model.lm import BitMambaLM
+    from rollout.backend import make_backend
+    from rollout.engine import Engine
+    from rollout.types import GenRequest, SamplingParams
+
+    torch.manual_seed(0)
+    model = BitMambaLM(BitMambaConfig.preset("tiny")).eval()
+    be = make_backend(model, "torch", ssm_dtype=torch.bfloat16)
+    be.allocate(2, 32)
+    conv, ssm = be.state.mamba_stack
+    assert ssm.dtype == torch.bfloat16 and conv.dtype == torch.float32
+    assert make_backend(model, "torch").ssm_dtype == torch.float32
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    out = {dt: Engine(make_backend(model, "torch", ssm_dtype=dt), slots=2).generate([GenRequest([3, 5, 7])], params)[0]
+           for dt in (torch.float32, torch.bfloat16)}
+    a, b = out[torch.float32].model_logprobs, out[torch.bfloat16].model_logprobs
+    assert len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 0.05

@@ -45,6 +45,7 @@ def test_overrides_and_typed_values(tmp_path):
     (["eval_k=8"], "eval_k"),
     (["algo.tis_cap=0.5"], "algo.tis_cap"),
     (["workers.weight_sync=nccl"], "workers.weight_sync"),
+    (["model.ssm_state=float16"], "model.ssm_state"),
 ])
 def test_config_errors_name_key_and_file(override, needle):
     path = ROOT / "configs/grpo_tiny.yaml"
