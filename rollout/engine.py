@@ -55,8 +55,7 @@ from torch import Tensor
 from model.errors import BitMambaError
 from rollout.backend import RowSnapshot
 from rollout.tokenizer import FastCodec
-from rollout.sampling import (SamplingTensors, hash_exponential_noise, make_generator, sample, sample_seed,
-                              seen_mask)
+from rollout.sampling import SamplingTensors, make_generator, sample, sample_seed, seen_mask
 from rollout.types import GenRequest, GenResult, GenStats, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -699,8 +698,8 @@ class Engine:
                         ftok = torch.zeros(S, k, dtype=torch.long, device=dev)
                         forcing = True
                     fmask[fed, j:], ftok[fed, j:] = forced_steps(fed, k - j)
-                noise = hash_exponential_noise(hash_keys, hash_count, V) if use_hash and drawing else None
-                out = sample(logits, st, gens, seen=seen, noise=noise)
+                hk = dict(keys=hash_keys, counters=hash_count) if use_hash and drawing else {}
+                out = sample(logits, st, gens, seen=seen, **hk)      # temperature-only rows: one fused kernel
                 tok = out.tokens
                 if forcing:                  # rows replaying / injecting take the forced token instead
                     tok = torch.where(fmask[:, j], ftok[:, j], tok)

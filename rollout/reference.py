@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollout.sampling import (SamplingTensors, hash_exponential_noise, make_generator, sample, sample_seed,
-                              seen_mask)
+from rollout.sampling import SamplingTensors, make_generator, sample, sample_seed, seen_mask
 from rollout.types import SamplingParams
 
 
@@ -31,7 +30,7 @@ def naive_generate(model, prompt_ids, params: SamplingParams, generator: torch.G
     """Generate one sample by re-running `model(ids)` on prompt + completion each step.
 
     generator: None -> the engine's per-sample generator `make_generator(params.seed, sample_index)`
-    (greedy params draw nothing); noise="hash": the engine's `hash_exponential_noise` draws instead.
+    (greedy params draw nothing); noise="hash": the engine's hash noise (`sample(keys=, counters=)`) instead.
     Stops like the engine: EOS ("eos"), stop token / sequence / string
     ("stop"), max_new_tokens ("length"); the stopping token(s) are kept.
     """
@@ -50,11 +49,11 @@ def naive_generate(model, prompt_ids, params: SamplingParams, generator: torch.G
     while len(out_ids) < params.max_new_tokens:
         logits = model(torch.tensor([ids + out_ids], device=device)).logits[0, -1].float()
         all_logits.append(logits)
-        E = None
-        if noise == "hash":
-            E = hash_exponential_noise(torch.tensor([sample_seed(params.seed, sample_index)], device=device),
-                                       torch.tensor([len(out_ids)], device=device), V)
-        out = sample(logits[None], st, [None if params.greedy else generator], seen=seen, noise=E)
+        hk = {}
+        if noise == "hash":   # the engine's hash noise, through the same entry point (fused when eligible)
+            hk = dict(keys=torch.tensor([sample_seed(params.seed, sample_index)], device=device),
+                      counters=torch.tensor([len(out_ids)], device=device))
+        out = sample(logits[None], st, [None if params.greedy else generator], seen=seen, **hk)
         t = int(out.tokens[0])
         out_ids.append(t)
         lps.append(float(out.logprobs[0]))

@@ -13,7 +13,9 @@ logits (top-k/p, min-p never remove the top token, so they do not change it).
 
 Drawing: `argmax(probs / E)` with E ~ Exponential(1) drawn from the row's own `torch.Generator`
 (exactly a draw from `probs`, no host sync, and a row's stream depends only on its own seed and step
-count, not on which slot or batch it ran in).
+count, not on which slot or batch it ran in). With hash noise given as `keys`/`counters` and only a
+temperature (the common RL case), one fused kernel draws `argmax(x - log E)` instead (Gumbel-max: the
+same distribution; `rollout.kernels.sample_fused`).
 
 `logprobs` is log p(token) under the final sampling distribution (0.0 for greedy rows: argmax is
 deterministic); `model_logprobs` is log_softmax(raw logits) at temperature 1 (the model itself).
@@ -21,6 +23,7 @@ deterministic); `model_logprobs` is log_softmax(raw logits) at temperature 1 (th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -207,15 +210,46 @@ def hash_exponential_noise(keys: Tensor, counters: Tensor, vocab_size: int) -> T
     return hash_uniform(keys, counters, vocab_size).log_().neg_()
 
 
+def fused_eligible(st: SamplingTensors) -> bool:
+    """Whether `sample(..., keys=, counters=)` takes the fused hash-noise kernel: temperature only."""
+    return not (st.use_penalty or st.use_top_k or st.use_top_p or st.use_min_p)
+
+
+@functools.lru_cache(maxsize=64)
+def _no_generator_mask(pattern: tuple[bool, ...], device: torch.device) -> Tensor:
+    """[B] bool on `device`, cached per pattern: no host-to-device copy per decode step."""
+    return torch.tensor(pattern, dtype=torch.bool).to(device)
+
+
 def sample(logits: Tensor, st: SamplingTensors, generators: Sequence[torch.Generator | None],
-           seen: Tensor | None = None, noise: Tensor | None = None) -> SampleOutput:
+           seen: Tensor | None = None, noise: Tensor | None = None, keys: Tensor | None = None,
+           counters: Tensor | None = None) -> SampleOutput:
     """Draw one token per row. logits [B, V] (raw model logits); generators[i] None -> greedy row.
 
     Rows with temperature 0 are greedy whatever their generator, rows without a generator are greedy
     whatever their temperature (logprob 0.0). `noise` [B, V] Exponential(1) draws (e.g.
     `hash_exponential_noise`) replaces the generators' draws (their None-ness still marks greedy rows).
+    `keys`, `counters` [B] int64 (instead of `noise`): hash noise of those; when `fused_eligible(st)`
+    one fused kernel (`rollout.kernels.sample_fused`: Gumbel-max form, the same distribution, not always
+    the same token as `noise=hash_exponential_noise(keys, counters, V)`), else exactly that noise.
     No host synchronization.
     """
+    if keys is not None or counters is not None:
+        if keys is None or counters is None or noise is not None:
+            raise ValueError("sample: give keys and counters together, and not with noise")
+        if fused_eligible(st):
+            from rollout.kernels.sample_fused import sample_hash_fused   # see hash_exponential_noise
+
+            dev = logits.device
+            if all(g is None for g in generators):
+                greedy = torch.ones(logits.shape[0], dtype=torch.bool, device=dev)
+            elif any(g is None for g in generators):
+                greedy = _no_generator_mask(tuple(g is None for g in generators), dev)
+            else:
+                greedy = torch.zeros(logits.shape[0], dtype=torch.bool, device=dev)
+            tok, lp, mlp = sample_hash_fused(logits, st.temperature, greedy, keys, counters)
+            return SampleOutput(tokens=tok, logprobs=lp, model_logprobs=mlp)
+        noise = hash_exponential_noise(keys, counters, logits.shape[-1])
     raw = logits.float()
     x = process_logits(raw, st, seen)
     logp = x.log_softmax(-1)
