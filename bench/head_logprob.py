@@ -3,7 +3,8 @@
     python bench/head_logprob.py                       # GPU: n 65536 tokens, D 512, V 50257 -> bench/results/head_logprob.json
     python bench/head_logprob.py --quick               # CPU, small (checks the script)
 
-Both compute log p(target) and the entropy of `x @ w^T` (fp32 head, as the GRPO learner does) for n
+The fused Function runs with its torch tails and (on CUDA) its Triton tails (model/kernels_head.py). All
+compute log p(target) and the entropy of `x @ w^T` (fp32 head, as the GRPO learner does) for n
 tokens and backpropagate a random upstream gradient into x and w. Baseline: the previous code (per
 1024-token chunk: torch.utils.checkpoint around log_softmax + gather + entropy). Prints ms per
 forward+backward (median of --iters), peak memory, the speed-up and the largest gradient difference.
@@ -42,8 +43,12 @@ def baseline(x, w, tg, chunk: int = 1024):
     return torch.cat(lps), torch.cat(ents)
 
 
-def fused(x, w, tg):
-    return head_logprobs(x, w, tg, want_entropy=True)
+def fused_torch(x, w, tg):
+    return head_logprobs(x, w, tg, want_entropy=True, impl="torch")
+
+
+def fused_triton(x, w, tg):
+    return head_logprobs(x, w, tg, want_entropy=True, impl="triton")
 
 
 def run(fn, x, w, tg, g, iters: int, dev: torch.device) -> tuple[float, float, tuple]:
@@ -86,20 +91,23 @@ def main(argv=None) -> int:
     up = torch.randn(a.tokens, generator=g).to(dev)
     rows = {}
     outs = {}
-    for name, fn in (("checkpointed chunks (before)", baseline), ("fused", fused)):
+    paths = [("checkpointed chunks (before)", baseline), ("fused, torch tails", fused_torch)]
+    if dev.type == "cuda":
+        paths.append(("fused, Triton tails", fused_triton))
+    for name, fn in paths:
         ms, peak, outs[name] = run(fn, x, w, tg, up, a.iters, dev)
         rows[name] = {"ms": ms, "peak_gib": peak}
-    (lb, eb, xb, wb), (lf, ef, xf, wf) = outs.values()
+    (lb, eb, xb, wb), (lf, ef, xf, wf) = outs[paths[0][0]], outs[paths[-1][0]]
     diff = {"lp": float((lb - lf).abs().max()), "entropy": float((eb - ef).abs().max()),
             "grad_x_rel": float((xb.float() - xf.float()).abs().max() / xb.float().abs().max()),
             "grad_w_rel": float((wb - wf).abs().max() / wb.abs().max())}
-    speedup = rows["checkpointed chunks (before)"]["ms"] / rows["fused"]["ms"]
+    speedup = rows[paths[0][0]]["ms"] / rows[paths[-1][0]]["ms"]
     print(f"head log-probs + entropy, forward+backward: n {a.tokens} D {a.dim} V {a.vocab}, {dev}"
           f" (fused chunk {head_chunk(a.vocab)})")
     print(f"{'path':32s} {'ms':>9s} {'peak GiB':>9s}")
     for k, r in rows.items():
         print(f"{k:32s} {r['ms']:9.1f} {r['peak_gib']:9.2f}")
-    print(f"speed-up {speedup:.2f}x; max differences {diff}")
+    print(f"speed-up of '{paths[-1][0]}' over the baseline {speedup:.2f}x; max differences {diff}")
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "command": "python bench/head_logprob.py" + (" --quick" if a.quick else ""),
            "shape": {"tokens": a.tokens, "dim": a.dim, "vocab": a.vocab, "chunk": head_chunk(a.vocab)},

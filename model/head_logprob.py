@@ -7,6 +7,9 @@ chunk's logits into one buffer and turns it in place into `grad_logits = g * (on
 This replaces per-chunk checkpoint + log_softmax + gather (whose backward scatters into a zero [n, V]).
 The entropy -sum p log p is computed in forward but not differentiable (only ever logged).
 Math in fp32 whatever x's / w's dtype (fp64 if either is fp64: gradcheck).
+The element-wise tails over each [c, V] chunk are model/kernels_head.py: Triton on CUDA (one read of the
+logits in forward, one read + write in backward), the torch twins on CPU and for fp64; `impl` (or env
+BITMAMBA_HEAD) = "auto" | "torch" | "triton" forces one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from model.kernels_head import grad_logits_, grad_logits_ref_, row_stats, row_stats_ref_, use_triton
 
 CHUNK_BYTES = 2 ** 29          # one [chunk, V] fp32 buffer of about 512 MB
 
@@ -28,11 +33,13 @@ def _cdt(x: Tensor, w: Tensor) -> torch.dtype:
 
 
 class HeadLogprob(torch.autograd.Function):
-    """(x [n, D], w [V, D], tg [n] int64, chunk, want_entropy) -> (lp [n], ent [n] or [0]) in fp32."""
+    """(x [n, D], w [V, D], tg [n] int64, chunk, want_entropy, impl) -> (lp [n], ent [n] or [0]) in fp32."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, tg: Tensor, chunk: int, want_entropy: bool):
+    def forward(ctx, x: Tensor, w: Tensor, tg: Tensor, chunk: int, want_entropy: bool, impl: str | None = None):
         cdt = _cdt(x, w)
+        ctx.triton = use_triton(x.device, cdt, impl)
+        stats = row_stats if ctx.triton else row_stats_ref_
         wc = w.to(cdt)
         n = x.shape[0]
         lp = torch.empty(n, dtype=cdt, device=x.device)
@@ -41,15 +48,9 @@ class HeadLogprob(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = s + chunk
             z = F.linear(x[s:e].to(cdt), wc)                         # [c, V] logits
-            m = z.amax(-1, keepdim=True)
-            zt = z.gather(-1, tg[s:e, None])
-            z.sub_(m).exp_()                                         # exp(z - m)
-            tot = z.sum(-1, keepdim=True)
-            lse_s = tot.log()                                        # lse - m
-            lp[s:e] = (zt - m - lse_s).squeeze(-1)
-            lse[s:e] = (m + lse_s).squeeze(-1)
-            if want_entropy:                                         # H = log S + sum(-e log e) / S, e = exp(z - m)
-                ent[s:e] = (lse_s + torch.special.entr(z, out=z).sum(-1, keepdim=True) / tot).squeeze(-1)
+            lp[s:e], lse[s:e], ent_c = stats(z, tg[s:e], want_entropy)
+            if want_entropy:
+                ent[s:e] = ent_c
         ctx.save_for_backward(x, w, tg, lse)
         ctx.chunk = chunk
         ctx.mark_non_differentiable(ent)
@@ -60,29 +61,29 @@ class HeadLogprob(torch.autograd.Function):
         x, w, tg, lse = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
         if not (need_x or need_w):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         cdt = _cdt(x, w)
         wc = w.to(cdt)
         g = g_lp.to(cdt)
         gx = torch.empty_like(x) if need_x else None
         gw = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_w else None
+        grad = grad_logits_ if ctx.triton else grad_logits_ref_
         for s in range(0, x.shape[0], ctx.chunk):
             e = s + ctx.chunk
             xc = x[s:e].to(cdt)
-            gl = F.linear(xc, wc)                                    # recomputed logits [c, V]
-            gl.sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None])       # -g * softmax
-            gl.scatter_add_(-1, tg[s:e, None], g[s:e, None])         # + g at the target
+            gl = grad(F.linear(xc, wc), lse[s:e], g[s:e], tg[s:e])   # g * (onehot(tg) - softmax) [c, V]
             if need_x:
                 gx[s:e] = gl @ wc
             if need_w:
                 gw.addmm_(gl.t(), xc)
-        return gx, (gw.to(w.dtype) if need_w else None), None, None, None
+        return gx, (gw.to(w.dtype) if need_w else None), None, None, None, None
 
 
 def head_logprobs(x: Tensor, w: Tensor, tg: Tensor, chunk: int | None = None,
-                  want_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                  want_entropy: bool = False, impl: str | None = None) -> tuple[Tensor, Tensor | None]:
     """x [n, D] (any float dtype; the head's input after its norm / activation quantization), w [V, D]
     (effective head weight), tg [n] int -> (log p(tg) [n] fp32, entropy [n] fp32 detached, or None).
-    `chunk` rows per fp32 [chunk, V] buffer (default `head_chunk(V)`)."""
-    lp, ent = HeadLogprob.apply(x, w, tg.long(), chunk or head_chunk(w.shape[0]), want_entropy)
+    `chunk` rows per fp32 [chunk, V] buffer (default `head_chunk(V)`); `impl` of the row kernels
+    ("auto" | "torch" | "triton", default env BITMAMBA_HEAD or auto)."""
+    lp, ent = HeadLogprob.apply(x, w, tg.long(), chunk or head_chunk(w.shape[0]), want_entropy, impl)
     return lp, (ent if want_entropy else None)

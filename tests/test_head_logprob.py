@@ -1,12 +1,21 @@
-"""Fused head log-probs (model/head_logprob.py) against plain autograd and the previous chunked head."""
+"""Fused head log-probs (model/head_logprob.py) against plain autograd and the previous chunked head;
+its Triton row kernels (model/kernels_head.py) against their torch twins in Triton's CPU interpreter.
 
-import pytest
-import torch
-from torch.utils.checkpoint import checkpoint
+The kernels are defined at their first call, under TRITON_INTERPRET=1 if set by then (set here, before any).
+"""
 
-from model.config import BitMambaConfig
-from model.head_logprob import head_chunk, head_logprobs
-from model.lm import CE_CHUNK, BitMambaLM
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+from model import head_logprob, kernels_head as kh  # noqa: E402
+from model.config import BitMambaConfig  # noqa: E402
+from model.head_logprob import head_chunk, head_logprobs  # noqa: E402
+from model.lm import CE_CHUNK, BitMambaLM  # noqa: E402
 
 
 def _ref(x, w, tg):
@@ -161,3 +170,132 @@ def test_bf16_trunk():
         assert got[k].dtype == torch.bfloat16
         torch.testing.assert_close(got[k].float(), want[k].float(), rtol=2e-2,
                                    atol=2e-2 * want[k].float().abs().max().item(), msg=k)
+
+
+# ---- Triton row kernels (interpreter) vs the torch twins ----
+
+@pytest.fixture
+def interp():
+    if not kh.interpreting() or type(kh._kernels()[0]).__name__ != "InterpretedFunction":
+        pytest.skip("head kernels not defined under TRITON_INTERPRET=1 (run with TRITON_INTERPRET=1)")
+
+
+def _logits(c, v, scale):
+    """[c, V] logits with edge rows: a huge max in the last (tail) block, one at column 0, a constant row."""
+    g = torch.Generator().manual_seed(v)
+    z = torch.randn(c, v, generator=g) * scale
+    z[1, v - 3] = 80.0 * max(scale, 1.0)           # the running max jumps late: earlier sums are rescaled
+    z[2, 0] = 80.0 * max(scale, 1.0)               # ... or never moves after the first element
+    z[3] = 0.5                                     # uniform: entropy log V
+    tg = torch.randint(0, v, (c,), generator=g)
+    tg[:4] = torch.tensor([v - 1, v - 3, 0, v // 2])
+    return z, tg
+
+
+@pytest.mark.parametrize("v", [1000, 2500])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])
+@pytest.mark.parametrize("block", [256, kh.BLOCK])
+def test_row_stats_kernel_matches_torch(interp, v, scale, block):
+    z, tg = _logits(7, v, scale)
+    z0 = z.clone()
+    lp, lse, ent = kh.row_stats(z, tg, True, block=block)
+    assert torch.equal(z, z0)                      # one read, z untouched
+    rlp, rlse, rent = kh.row_stats_ref_(z.clone(), tg, True)
+    assert lp.shape == lse.shape == ent.shape == (7,) and lp.dtype == torch.float32
+    torch.testing.assert_close(lse, rlse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp, rlp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, rent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[3], torch.tensor(v).log(), rtol=1e-5, atol=1e-5)
+    lp2, lse2, ent2 = kh.row_stats(z, tg, False, block=block)
+    assert ent2.numel() == 0 and torch.equal(lp2, lp) and torch.equal(lse2, lse)
+
+
+@pytest.mark.parametrize("v", [1000, 2500])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])
+@pytest.mark.parametrize("block", [256, kh.BLOCK])
+def test_grad_logits_kernel_matches_torch(interp, v, scale, block):
+    z, tg = _logits(7, v, scale)
+    _, lse, _ = kh.row_stats_ref_(z.clone(), tg, False)
+    g = torch.randn(7)
+    g[4] = 0                                       # a token without gradient: not read, all zero
+    want = kh.grad_logits_ref_(z.clone(), lse, g, tg)
+    out = kh.grad_logits_(z, lse, g, tg, block=block)
+    assert out.data_ptr() == z.data_ptr()          # in place
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+    assert bool((out[4] == 0).all())
+    torch.testing.assert_close(out.sum(-1), torch.zeros(7), rtol=0, atol=1e-5)   # rows of g (onehot - p)
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+def test_head_logprobs_triton_equals_torch(interp, monkeypatch, chunk, xdt):
+    """HeadLogprob forward / backward through the kernels == through the torch twins (V 2100: a tail block)."""
+    calls = []
+    for name in ("row_stats", "grad_logits_"):
+        fn = getattr(head_logprob, name)
+        monkeypatch.setattr(head_logprob, name, lambda *a, _f=fn, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    torch.manual_seed(0)
+    n, d, v = 37, 16, 2100
+    x = torch.randn(n, d).to(xdt).requires_grad_()
+    w = (0.7 * torch.randn(v, d)).requires_grad_()
+    tg = torch.randint(0, v, (n,))
+    g = torch.randn(n)
+    g[::3] = 0
+    out = {}
+    for impl in ("torch", "triton"):
+        lp, ent = head_logprobs(x, w, tg, chunk, want_entropy=True, impl=impl)
+        out[impl] = (lp.detach(), ent, *torch.autograd.grad((lp * g).sum(), (x, w)))
+    assert calls.count("row_stats") == calls.count("grad_logits_") == -(-n // (chunk or n))
+    for a, b in zip(out["triton"], out["torch"]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5 * b.float().abs().max().item())
+
+
+def test_token_logprobs_triton_path(interp, monkeypatch):
+    """The model's learner path with BITMAMBA_HEAD=triton: same log-probs, entropy and grads as before."""
+    monkeypatch.setenv("BITMAMBA_HEAD", "triton")
+    m = make("tiny-bitmamba2")
+    ids, tg = torch.randint(0, 256, (2, 13)), torch.randint(0, 256, (2, 13))
+    lp, ent = m.token_logprobs(ids, tg, chunk=5, return_entropy=True)
+    lp.sum().backward()
+    got = _grads(m)
+    m.zero_grad(set_to_none=True)
+    lp_o, ent_o = old_token_logprobs(m, ids, tg, 5)
+    lp_o.sum().backward()
+    torch.testing.assert_close(lp, lp_o.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ent_o.detach(), rtol=1e-5, atol=1e-5)
+    for k, want in _grads(m).items():
+        torch.testing.assert_close(got[k], want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=k)
+
+
+def test_impl_dispatch(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("BITMAMBA_HEAD", raising=False)
+    assert not kh.use_triton(cpu, torch.float32)                     # auto: torch on CPU, even interpreting
+    assert not kh.use_triton(torch.device("cuda"), torch.float64, "triton")   # fp64 always torch
+    with pytest.raises(ValueError, match="BITMAMBA_HEAD"):
+        kh.use_triton(cpu, torch.float32, "bogus")
+    monkeypatch.setenv("BITMAMBA_HEAD", "torch")
+    assert not kh.use_triton(torch.device("cuda"), torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="cannot run"):
+        kh.use_triton(cpu, torch.float32, "triton")
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)   # fp64 + "triton": the torch twins
+    head_logprobs(x, torch.randn(4, 3, dtype=torch.float64), torch.arange(5) % 4, impl="triton")[0].sum().backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(kh.interpreting(), reason="needs the compiled kernels: run with TRITON_INTERPRET=0")
+def test_cuda_kernels_match_torch_at_rl_shapes():
+    """On the GPU (compiled): the row kernels vs the torch twins at V 50257."""
+    z, tg = _logits(64, 50257, 3.0)
+    z, tg = z.cuda(), tg.cuda()
+    assert kh.use_triton(z.device, z.dtype)
+    got = kh.row_stats(z, tg, True)
+    want = kh.row_stats_ref_(z.clone(), tg, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    g = torch.randn(64, device="cuda")
+    g[::4] = 0
+    torch.testing.assert_close(kh.grad_logits_(z.clone(), got[1], g, tg), kh.grad_logits_ref_(z, got[1], g, tg),
+                               rtol=0, atol=1e-6)
