@@ -28,16 +28,21 @@ def test_head_chunk():
     assert head_chunk(256) == 8192 and head_chunk(10 ** 7) == 256
 
 
-@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk", [None, 8, 37])
-def test_fused_equals_reference(xdt, chunk):
+def _inputs(n: int, d: int, v: int, xdt: torch.dtype):
+    """x [n, d] (xdt), w [v, d], targets [n], upstream grads [n] (every third 0: tokens without gradient)."""
     torch.manual_seed(0)
-    n, d, v = 37, 16, 50
     x = torch.randn(n, d).to(xdt).requires_grad_()
     w = (0.7 * torch.randn(v, d)).requires_grad_()
     tg = torch.randint(0, v, (n,))
     g = torch.randn(n)
-    g[::3] = 0                                           # tokens without gradient
+    g[::3] = 0
+    return x, w, tg, g
+
+
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 8, 37])
+def test_fused_equals_reference(xdt, chunk):
+    x, w, tg, g = _inputs(37, 16, 50, xdt)
     lp, ent = head_logprobs(x, w, tg, chunk, want_entropy=True)
     lp_r, ent_r = _ref(x, w, tg)
     assert lp.dtype == ent.dtype == torch.float32 and not ent.requires_grad and lp.requires_grad
@@ -234,13 +239,8 @@ def test_head_logprobs_triton_equals_torch(interp, monkeypatch, chunk, xdt):
     for name in ("row_stats", "grad_logits_"):
         fn = getattr(head_logprob, name)
         monkeypatch.setattr(head_logprob, name, lambda *a, _f=fn, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    torch.manual_seed(0)
-    n, d, v = 37, 16, 2100
-    x = torch.randn(n, d).to(xdt).requires_grad_()
-    w = (0.7 * torch.randn(v, d)).requires_grad_()
-    tg = torch.randint(0, v, (n,))
-    g = torch.randn(n)
-    g[::3] = 0
+    n = 37
+    x, w, tg, g = _inputs(n, 16, 2100, xdt)
     out = {}
     for impl in ("torch", "triton"):
         lp, ent = head_logprobs(x, w, tg, chunk, want_entropy=True, impl=impl)

@@ -73,17 +73,22 @@ if triton is not None:
         return (x >> k) & ((1 << (64 - k)) - 1)
 
     @triton.jit
-    def _hash_uniform_kernel(keys_ptr, counters_ptr, u_ptr, V, c_key, c_count, c_token, c_mix1, c_mix2,
-                             BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        v = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        key = tl.load(keys_ptr + row)
-        count = tl.load(counters_ptr + row)
+    def hash_uniform_tl(key, count, v, c_key, c_count, c_token, c_mix1, c_mix2):
+        """The uniforms of token ids v (a block) for one (key, counter), in registers (also used by
+        rollout/kernels/sample_fused.py)."""
         x = key * c_key + count * c_count + v.to(tl.int64) * c_token
         x = x ^ _lsr_tl(x, 30)
         x = x * c_mix1
         x = x ^ _lsr_tl(x, 27)
         x = x * c_mix2
         x = x ^ _lsr_tl(x, 31)
-        u = (_lsr_tl(x, 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        return (_lsr_tl(x, 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+
+    @triton.jit
+    def _hash_uniform_kernel(keys_ptr, counters_ptr, u_ptr, V, c_key, c_count, c_token, c_mix1, c_mix2,
+                             BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        v = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        u = hash_uniform_tl(tl.load(keys_ptr + row), tl.load(counters_ptr + row), v, c_key, c_count, c_token,
+                            c_mix1, c_mix2)
         tl.store(u_ptr + row.to(tl.int64) * V + v, u, mask=v < V)

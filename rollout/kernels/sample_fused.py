@@ -31,7 +31,7 @@ try:
     import triton
     import triton.language as tl
 
-    from rollout.kernels.hash_noise import _lsr_tl
+    from rollout.kernels.hash_noise import hash_uniform_tl
 except ImportError:
     triton = None
 
@@ -137,13 +137,7 @@ if triton is not None:
             ok = v < V
             raw = tl.load(base + v, mask=ok, other=float("-inf")).to(tl.float32)
             x = raw * inv_t
-            h = key * c_key + count * c_count + v.to(tl.int64) * c_token   # == _hash_uniform_kernel
-            h = h ^ _lsr_tl(h, 30)
-            h = h * c_mix1
-            h = h ^ _lsr_tl(h, 27)
-            h = h * c_mix2
-            h = h ^ _lsr_tl(h, 31)
-            u = (_lsr_tl(h, 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            u = hash_uniform_tl(key, count, v, c_key, c_count, c_token, c_mix1, c_mix2)
             score = tl.where(is_greedy, raw, x - tl.log(-tl.log(u)))
             score = tl.where(ok, score, float("-inf"))
             take = score > best                          # strict: a lane keeps its first (smallest) index
