@@ -22,6 +22,7 @@ eval forward (tested). A fast backend re-packs from that model in `refresh_weigh
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -160,10 +161,7 @@ def flatten_policy(weights: PolicyWeights, device: torch.device) -> tuple[Tensor
 
 def _view(buf: Tensor, e: Entry) -> Tensor:
     off, dtype, shape = e
-    n = 1
-    for d in shape:
-        n *= d
-    nb = n * torch.empty((), dtype=dtype).element_size()
+    nb = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return buf[off:off + nb].view(dtype).reshape(shape)
 
 

@@ -259,8 +259,7 @@ def sample(logits: Tensor, st: SamplingTensors, generators: Sequence[torch.Gener
         tokens = x.argmax(-1)
     else:
         if any(g is None for g in generators):
-            no_gen = torch.tensor([g is None for g in generators], dtype=torch.bool)
-            greedy = greedy | no_gen.to(x.device, non_blocking=True)
+            greedy = greedy | _no_generator_mask(tuple(g is None for g in generators), x.device)
         E = noise if noise is not None else exponential_noise(generators, x.shape[-1], x.device)
         E = E.clamp_min(1e-30)
         drawn = (logp.exp() / E).argmax(-1)
