@@ -5,8 +5,8 @@
     ray job submit --working-dir . -- python -m rl.grpo --config configs/grpo_tiny.yaml
 
 Setup: connect to Ray (a cluster when `workers.cluster_address` is set or RAY_ADDRESS is in the
-environment, else a local one bound to 127.0.0.1), start the learner actor (DeepSpeed) and the
-generation actors, the reward pool, the metrics writer; restore the latest checkpoint on --resume.
+environment, else a private local one bound to 127.0.0.1, even beside another cluster on the
+machine), start the learner actor (DeepSpeed) and the generation actors, the reward pool, the metrics writer; restore the latest checkpoint on --resume.
 Loop, one step:
   1. sample prompts (the data position is one integer; too-long prompts truncated or dropped)
   2. generate a group of n completions per prompt (one prefill per prompt) on the workers
@@ -59,7 +59,13 @@ log = logging.getLogger("rl.grpo")
 
 
 def connect_ray(cfg: GRPOConfig) -> bool:
-    """Connect to (or start) Ray; returns True when this process started it (and must stop it)."""
+    """Connect to a cluster or start a private local Ray; returns True when this process called
+    `ray.init` (and must call `ray.shutdown`).
+
+    With an address (`workers.cluster_address`, or RAY_ADDRESS as under `ray job submit`) it connects
+    without resource arguments (the cluster owns them). Without one it starts its own local instance
+    (`address="local"`), even when another cluster (`ray start --head`) runs on this machine: Ray's
+    default would attach to that cluster instead."""
     if ray.is_initialized():
         return False
     sec = cfg.workers
@@ -72,11 +78,12 @@ def connect_ray(cfg: GRPOConfig) -> bool:
 
 
 def local_ray_kwargs(cfg: GRPOConfig) -> dict[str, Any]:
-    """`ray.init` arguments of the local cluster: dashboard (and with it the job server) off unless
-    `workers.local_dashboard`, and bound to `workers.dashboard_host` (127.0.0.1 by default) either way."""
+    """`ray.init` arguments of the private local cluster: a new instance (`address="local"`, never one
+    found on the machine), dashboard (and with it the job server) off unless `workers.local_dashboard`,
+    and bound to `workers.dashboard_host` (127.0.0.1 by default) either way."""
     sec = cfg.workers
     need = cfg.learner.num_cpus + sec.num_workers * sec.num_cpus
-    return {"num_cpus": max(os.cpu_count() or 1, math.ceil(need)), "include_dashboard": sec.local_dashboard,
+    return {"address": "local", "num_cpus": max(os.cpu_count() or 1, math.ceil(need)), "include_dashboard": sec.local_dashboard,
             "dashboard_host": sec.dashboard_host, "log_to_driver": True}
 
 
@@ -201,6 +208,25 @@ def sample_digest(results: list[GenResult]) -> int:
     return crc
 
 
+def rollout_metrics(rewards: list[float | None], results: list[GenResult], kept: list[GenResult]) -> dict[str, float]:
+    """Reward and length statistics of every sample generated in a step (kept or not)."""
+    vals = [r for r in rewards if r is not None]
+    mean = sum(vals) / len(vals) if vals else float("nan")
+    lens = [r.num_tokens for r in results]
+    n = max(len(results), 1)
+    return {
+        "reward_mean": mean,
+        "reward_std": math.sqrt(sum((r - mean) ** 2 for r in vals) / len(vals)) if vals else float("nan"),
+        "response_len_mean": sum(lens) / n,
+        "response_len_max": float(max(lens, default=0)),
+        "response_sampled_len_mean": sum(sum(r.sampled_mask) if r.sampled_mask else r.num_tokens
+                                         for r in results) / n,
+        "response_clip_ratio": sum(r.finish_reason == "length" for r in results) / n,
+        "rollout/sample_crc32": float(sample_digest(kept)),
+        "rollout/tokens": float(sum(lens)),
+    }
+
+
 def job_seed(seed: int, index: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + index * 7919 + salt * 104_729) % (1 << 62)
 
@@ -297,6 +323,29 @@ class Driver:
         completions = [r.text or "" for r in results]
         return self.rewards.score(prompts, completions, fields)
 
+    def decision_rewards(self, scored) -> list[float | None]:
+        """The task reward that dynamic sampling decides on: the weighted sum of the reward functions named
+        in `algo.dynamic_sampling_rewards` (all of them by default), never the overlong shaping."""
+        names = self.cfg.algo.dynamic_sampling_rewards
+        if names is None:
+            return list(scored.rewards)
+        unknown = sorted(set(names) - set(scored.per_function))
+        if unknown:
+            raise ConfigError(f"algo.dynamic_sampling_rewards: {unknown} name no reward function "
+                              f"(known: {sorted(scored.per_function)})")
+        w = self.rewards.weights
+        cols = [scored.per_function[k] for k in names]
+        return [None if any(c[i] is None for c in cols) else sum(w[k] * c[i] for k, c in zip(names, cols))
+                for i in range(len(scored.rewards))]
+
+    def prompts_to_draw(self, need: int, kept: int, seen: int) -> int:
+        """Prompts for the next generate round: `need` at first; when refilling, `need` divided by the share of
+        informative groups seen so far (at least a quarter), so one round usually fills the batch."""
+        if seen == 0:
+            return need
+        share = max(kept / seen, 0.25)
+        return min(math.ceil(need / share), 4 * need)
+
     def rollout(self) -> Rollout:
         """Steps 1-4: prompts -> groups -> rewards -> advantages (+ dynamic sampling rounds)."""
         cfg, G = self.cfg, self.cfg.group_size
@@ -306,17 +355,15 @@ class Driver:
         t_gen = t_score = 0.0
         m: dict[str, float] = {}
         all_rewards: list[float | None] = []
-        all_lens: list[int] = []
-        all_finish: list[str] = []
         all_results: list[GenResult] = []
-        zero_std = groups_seen = 0
+        zero_std = groups_seen = informative = 0
         rounds = 0
         score_metrics: dict[str, float] = {}
         need = cfg.prompts_per_step
         start_pos = self.prompts.pos
         too_long = (self.prompts.truncated, self.prompts.dropped)
         while need > 0:
-            rows = self.prompts.take(need)
+            rows = self.prompts.take(self.prompts_to_draw(need, informative, groups_seen))
             t0 = time.perf_counter()
             results, wstats = self.generate(rows, G)
             t_gen += time.perf_counter() - t0
@@ -333,11 +380,10 @@ class Driver:
                                             cfg.algo.overlong_buffer, cfg.algo.overlong_factor).tolist()
                 rewards = [None if r is None else r + p for r, p in zip(rewards, pen)]
             all_rewards += rewards
-            all_lens += [r.num_tokens for r in results]
-            all_finish += [r.finish_reason for r in results]
             all_results += results
-            keep = algo.informative_groups(rewards, G).tolist()
+            keep = algo.informative_groups(self.decision_rewards(scored), G).tolist()
             zero_std += keep.count(False)
+            informative += keep.count(True)
             groups_seen += len(keep)
             for g, ok in enumerate(keep):
                 if ok or not cfg.algo.dynamic_sampling:
@@ -354,24 +400,15 @@ class Driver:
             log.warning("prompts longer than %d tokens so far: %d truncated, %d dropped (task.prompt_too_long=%s)",
                         self.prompts.limit, self.prompts.truncated, self.prompts.dropped, self.prompts.policy)
         adv, valid = algo.group_advantages(kept_rew, G, mode=cfg.algo.advantage, eps=cfg.algo.adv_eps)
-        vals = [r for r in all_rewards if r is not None]
-        mean = sum(vals) / len(vals) if vals else float("nan")
         m.update(score_metrics)
+        m.update(rollout_metrics(all_rewards, all_results, kept_res))
         m.update({
-            "reward_mean": mean,
-            "reward_std": math.sqrt(sum((r - mean) ** 2 for r in vals) / len(vals)) if vals else float("nan"),
             "frac_zero_std_groups": zero_std / max(groups_seen, 1),
-            "response_len_mean": sum(all_lens) / max(len(all_lens), 1),
-            "response_len_max": float(max(all_lens, default=0)),
-            "response_sampled_len_mean": sum(sum(r.sampled_mask) if r.sampled_mask else r.num_tokens
-                                             for r in all_results) / max(len(all_results), 1),
-            "response_clip_ratio": all_finish.count("length") / max(len(all_finish), 1),
             "rollout/rounds": float(rounds),
-            "rollout/sample_crc32": float(sample_digest(kept_res)),
             "rollout/groups_kept": float(len(kept_rows)),
             "time/generate": t_gen,
             "time/score": t_score,
-            "tokens_per_s": sum(all_lens) / t_gen if t_gen > 0 else 0.0,
+            "tokens_per_s": m["rollout/tokens"] / t_gen if t_gen > 0 else 0.0,
             "data/position": float(self.prompts.pos),
             "data/prompts_truncated": float(self.prompts.truncated),
             "data/prompts_dropped": float(self.prompts.dropped),
@@ -389,7 +426,7 @@ class Driver:
             masks.append([float(s) if keep else 0.0 for s in sm])
         return TrainBatch(prompt_ids=[list(r.prompt_ids) for r in ro.results],
                           completion_ids=[list(r.token_ids) for r in ro.results],
-                          rollout_logprobs=[list(r.model_logprobs) for r in ro.results],
+                          rollout_logprobs=[list(r.logprobs) for r in ro.results],   # the sampled distribution
                           loss_mask=masks, advantages=list(ro.advantages))
 
     # -------------------------------------------------------------- eval / checkpoint

@@ -28,6 +28,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _no_user_ray_cluster(monkeypatch):
+    """Tests never attach to a Ray cluster they did not start: a RAY_ADDRESS from the user's shell
+    (or a `ray job submit` environment) would send local runs to it."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     import torch
 

@@ -63,7 +63,7 @@ def test_grpo_driver_with_tools(tmp_path):
         "checkpoint_every=0", "wandb=false", "workers.engine_slots=16",
         f"output_dir={tmp_path / 'run'}",
         f"rewards=[{{spec: rl.tool_task_defs:tool_answer_reward}}, {{spec: '{tmp_path / 'probe.py'}:probe'}}]"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         driver = grpo.Driver(cfg, init_dir=str(init))
         seen = []

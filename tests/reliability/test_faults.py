@@ -69,7 +69,7 @@ def _fault_hook(flags=str(FLAGS)):
 def ray_local():
     FLAGS.mkdir(parents=True, exist_ok=True)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": _fault_hook})
     yield
     ray.shutdown()
