@@ -27,6 +27,7 @@ from rl.grpo import run as run_grpo
 from rl.grpo_config import GRPOConfig, TINY_TOKENIZER_VOCAB, load_grpo_config
 from rl.optim import OptimConfig, build_optimizer
 from rl.plot import plot_reward
+from rl.run_dir import DEMO_ENTRIES, check_run_dir, clear_run
 from rl.schedule import Schedule, ScheduleConfig
 from rl.tasks import make_task
 from rl.train_common import LossOut, TrainConfig, Trainer
@@ -76,6 +77,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", default=str(DEMO_CONFIG), help="GRPO config (default: configs/grpo_demo.yaml)")
     p.add_argument("--warm-steps", type=int, default=None, help="warm-start optimizer steps (default: config's)")
     p.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the config's)")
+    p.add_argument("--overwrite", action="store_true", help="delete the demo run already in --output-dir first")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the GRPO config")
     return p.parse_args(argv)
 
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     cfg = load_grpo_config(args.config, overrides)
+    check_run_dir(out, DEMO_ENTRIES, resume=False, overwrite=args.overwrite, resume_hint=None)
+    if args.overwrite:
+        clear_run(out, DEMO_ENTRIES)
     warm_steps = WARM_STEPS if args.warm_steps is None else args.warm_steps
     random.seed(cfg.seed)
     init = warm_start(cfg, out, warm_steps)

@@ -250,7 +250,7 @@ def run(cfg: DistillConfig, config_path: str | None = None) -> LoopResult:
     for s in cfg.data.sources:
         s.path = resolve_data_path(s.path, config_path)
         sources.append((s, load_records(s)))
-    out = setup_output(cfg.output_dir, to_dict(cfg))      # only once teacher, tokenizer and data are checked
+    out = setup_output(cfg.output_dir, to_dict(cfg), cfg.train)      # only once teacher, tokenizer and data are checked
     device = cfg.train.resolved_device()
     teacher.to(device)
     print(f"[distill] teacher {init_dir} ({sum(p.numel() for p in teacher.parameters()):,} params, frozen) -> "

@@ -45,6 +45,7 @@ from rl.checkpoint import CheckpointManager, capture_rng_state, restore_rng_stat
 from rl.grpo_config import GRPOConfig, build_tokenizer, check_tools, load_grpo_config
 from rl.learner import Learner, TrainBatch
 from rl.metrics import MetricsWriter
+from rl.run_dir import GRPO_ENTRIES, check_run_dir, clear_run
 from rl.tasks import make_task
 from rl.train_common import TrainingDiverged
 from rl.weight_sync import sync_to_workers
@@ -260,6 +261,7 @@ class Driver:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.task, self.tokenizer = preflight(cfg, init_dir)
+        check_run_dir(self.out, GRPO_ENTRIES, cfg.resume, cfg.overwrite)   # a reused directory: refuse early
         self.owns_ray = connect_ray(cfg)
         limit = cfg.model.max_seq_len - cfg.sampling.max_new_tokens - 1
         self.prompts = PromptSource(self.task, self.tokenizer, limit, cfg.task.prompt_too_long)
@@ -277,7 +279,9 @@ class Driver:
                                    cfg.workers.num_workers, cfg.workers.max_restarts)
         self.rewards = RewardPool([to_dict(r) for r in cfg.rewards], num_workers=cfg.reward_pool.num_workers,
                                   timeout_s=cfg.reward_pool.timeout_s, fallback=cfg.reward_pool.fallback)
-        self.out.mkdir(parents=True, exist_ok=True)     # only once every input has been checked
+        if cfg.overwrite:                                # only once every input has been checked
+            clear_run(self.out, GRPO_ENTRIES)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
         self.step = 0
         if cfg.resume:
@@ -561,6 +565,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML config (see configs/grpo_tiny.yaml)")
     p.add_argument("--output-dir", help="overrides output_dir")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in output_dir (metrics, checkpoints, final/) and start over")
     p.add_argument("--init", help="initial policy directory (a save_pretrained / checkpoint dir)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")
     return p.parse_args(argv)
@@ -573,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     if args.resume:
         overrides.append("resume=true")
+    if args.overwrite:
+        overrides.append("overwrite=true")
     cfg = load_grpo_config(args.config, overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     last = run(cfg, init_dir=args.init)

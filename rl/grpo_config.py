@@ -229,7 +229,8 @@ class GRPOConfig:
     checkpoint_every: int = 0            # 0 = only at the end
     max_bad_steps: int = 5               # consecutive steps whose update was skipped (NaN/inf) before stopping
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool = False                 # continue the run in output_dir from its latest checkpoint
+    overwrite: bool = False              # delete the run in output_dir and start over (else a reused dir is refused)
     seed: int = 0
     output_dir: str = "runs/grpo"
     wandb: bool = True                   # offline unless WANDB_MODE / WANDB_API_KEY say otherwise

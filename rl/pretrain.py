@@ -85,7 +85,7 @@ def run(cfg: PretrainConfig, config_path: str | None = None) -> LoopResult:
     tokenizer = build_tokenizer_from_spec(cfg.tokenizer, cfg.model.init_from, texts)
     model = build_model_from_spec(cfg.model, config_path)
     check_vocab(model, tokenizer, config_path)
-    out = setup_output(cfg.output_dir, to_dict(cfg))      # only once the data, tokenizer and model are checked
+    out = setup_output(cfg.output_dir, to_dict(cfg), cfg.train)      # only once the data, tokenizer and model are checked
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[pretrain] model {n_params:,} parameters, tokenizer {len(tokenizer)} tokens, output {out}",
           file=sys.stderr, flush=True)

@@ -28,6 +28,7 @@ from model.lm import BitMambaLM
 from model.typed import to_dict
 from rl.chat import render_chat
 from rl.data import DataSource, SFTBatch, SFTLoader, load_records
+from rl.run_dir import read_resolved_config
 from rl.optim import OptimConfig, build_optimizer
 from rl.schedule import Schedule, ScheduleConfig
 from rl.train_common import (
@@ -135,18 +136,29 @@ def _tokenizer_texts(cfg: SFTConfig, config_path: str | None) -> list[str]:
     return texts
 
 
+def _stage_dirs(cfg: SFTConfig) -> tuple[str, ...]:
+    """The stage directories (`<k>_<name>`) of this config and of the run already in the output
+    directory (its `config.resolved.yaml`): what `--overwrite` deletes besides the common entries."""
+    names = [f"{k}_{s.name}" for k, s in enumerate(cfg.stages)]
+    old = read_resolved_config(cfg.output_dir) if cfg.train.overwrite else None
+    for k, s in enumerate((old or {}).get("stages") or []):
+        if isinstance(s, dict) and isinstance(s.get("name"), str):
+            names.append(f"{k}_{s['name']}")
+    return tuple(dict.fromkeys(names))
+
+
 def run(cfg: SFTConfig, config_path: str | None = None) -> Path:
     """Run every stage in order; return the directory of the final model."""
     seed_everything(cfg.train.seed)
     for k, stage in enumerate(cfg.stages):   # every stage still to run has readable data before anything is written
-        if not (cfg.train.resume and (Path(cfg.output_dir) / f"{k}_{stage.name}" / "final" / "model.safetensors").is_file()):
+        if not (cfg.train.resume and not cfg.train.overwrite and (Path(cfg.output_dir) / f"{k}_{stage.name}" / "final" / "model.safetensors").is_file()):
             _stage_dataset(stage, config_path)
     texts = None
     if cfg.tokenizer.path is None and cfg.tokenizer.tiny_train_on_data:
         if not (cfg.model.init_from and has_tokenizer(cfg.model.init_from)):
             texts = _tokenizer_texts(cfg, config_path)
     tokenizer = build_tokenizer_from_spec(cfg.tokenizer, cfg.model.init_from, texts)
-    out = setup_output(cfg.output_dir, to_dict(cfg))
+    out = setup_output(cfg.output_dir, to_dict(cfg), cfg.train, extra_entries=_stage_dirs(cfg))
     prev_final: Path | None = None
     for k, stage in enumerate(cfg.stages):
         sdir = out / f"{k}_{stage.name}"

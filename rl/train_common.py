@@ -45,6 +45,7 @@ from rollout.tokenizer import build_tiny_tokenizer, has_tokenizer, load_tokenize
 from rl.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from rl.metrics import MetricsWriter, format_metrics
 from rl.optim import HybridOptimizer
+from rl.run_dir import STAGE_ENTRIES, check_same_run, clear_run
 from rl.schedule import Phase, Schedule
 
 
@@ -67,6 +68,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 5                # consecutive NaN/inf steps before stopping
     resume: bool = True                   # continue from output_dir/checkpoints when present
+    overwrite: bool = False               # delete the run in output_dir first and start over
     stop_after: int | None = None         # stop this invocation after N steps (time-sliced jobs); resume continues
     wandb: bool = False
     wandb_project: str = "bitmamba-rl"
@@ -287,7 +289,8 @@ def run_loop(spec: LoopSpec) -> LoopResult:
     start = 0
     if not cfg.resume and ckpt.checkpoints(verify=False):
         raise BitMambaError(f"{ckpt.root} already holds checkpoints (newest: step {ckpt.checkpoints(verify=False)[0][0]}) "
-                            f"and train.resume is false: use another --output-dir or remove them")
+                            f"and train.resume is false: --overwrite to delete that run and start over, "
+                            f"or use another --output-dir")
     latest = ckpt.latest() if cfg.resume else None
     if latest is not None:
         tensors, opt_state, extra = ckpt.load(latest, map_location="cpu")
@@ -387,7 +390,10 @@ def stage_argparser(prog: str, description: str):
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("--output-dir", default=None, help="output directory (overrides output_dir in the config)")
     p.add_argument("--no-wandb", action="store_true", help="disable wandb even if the config enables it")
-    p.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
+    p.add_argument("--no-resume", action="store_true",
+                   help="do not continue the run in the output directory (refused if it holds checkpoints)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in the output directory (checkpoints, metrics, final/) and start over")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10 optim.lr=1e-3")
     return p
 
@@ -465,8 +471,18 @@ def resolve_data_path(path: str, config_path: str | None) -> str:
     return str(alt) if alt.exists() else path
 
 
-def setup_output(output_dir: str | Path, run_config: dict) -> Path:
+def setup_output(output_dir: str | Path, run_config: dict, train: TrainConfig | None = None,
+                 extra_entries: tuple[str, ...] = ()) -> Path:
+    """Create the output directory and write `config.resolved.yaml`, once the inputs are checked.
+
+    A directory holding a run is continued only when it is the same run (its stored config differs at
+    most in length and display keys, `rl.run_dir.RESUMABLE_CHANGES`); with `train.overwrite` that run
+    (`STAGE_ENTRIES` + `extra_entries`, e.g. SFT's stage directories) is deleted first."""
     out = Path(output_dir)
+    if train is not None and train.overwrite:
+        clear_run(out, STAGE_ENTRIES + tuple(extra_entries))
+    elif train is not None and train.resume:
+        check_same_run(out, run_config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.resolved.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False), encoding="utf-8")
     return out
@@ -481,4 +497,6 @@ def load_stage_config(cls, args, stage: str):
         overrides.append("train.wandb=false")
     if args.no_resume:
         overrides.append("train.resume=false")
+    if getattr(args, "overwrite", False):
+        overrides.append("train.overwrite=true")
     return load_config(cls, args.config, overrides)
