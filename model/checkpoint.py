@@ -6,10 +6,16 @@
 config.json holds the full BitMambaConfig plus "format": "bitmamba-rl" and "format_version".
 With tie_embeddings the tied `lm_head.weight` is not stored (it is `embedding.weight`).
 Every problem raises CheckpointError naming the file and the key / tensor / shapes.
+
+A training checkpoint (`rl.checkpoint`, e.g. `runs/x/checkpoints/step_00000010/`) is also a model
+directory and carries `manifest.json` (size and sha256 of every file). Loading one checks the manifest
+first (`verify_manifest`), so a corrupt or truncated file is an error naming it, never silently wrong
+weights; BITMAMBA_SKIP_VERIFY=1 skips the checksums (sizes are still checked) for speed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +33,53 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TIED_KEY = "lm_head.weight"
+MANIFEST_NAME = "manifest.json"
+SKIP_VERIFY_ENV = "BITMAMBA_SKIP_VERIFY"
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_problem(directory: Path, name: str, entry: dict, checksums: bool = True) -> str | None:
+    """None when `directory/name` matches its manifest entry ({"size", "sha256"}), else what is wrong."""
+    f = directory / name
+    if not f.is_file():
+        return f"file {name} listed in the manifest is missing"
+    if f.stat().st_size != entry.get("size"):
+        return f"file {name} has {f.stat().st_size} bytes, manifest says {entry.get('size')} (truncated?)"
+    if checksums and sha256_file(f) != entry.get("sha256"):
+        return f"file {name} sha256 mismatch (corrupt)"
+    return None
+
+
+def verify_manifest(directory: str | os.PathLike, checksums: bool | None = None) -> bool:
+    """Check every file a `manifest.json` in `directory` lists; False when there is no manifest (a plain
+    `save_pretrained` directory), True when all match, CheckpointError naming the file otherwise.
+    `checksums=None`: sha256 unless BITMAMBA_SKIP_VERIFY=1 (sizes are always checked)."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        return False
+    if checksums is None:
+        checksums = os.environ.get(SKIP_VERIFY_ENV, "") in ("", "0")
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({type(e).__name__}: {e}); "
+                              f"{SKIP_VERIFY_ENV}=1 does not skip this, remove the file to load anyway") from None
+    for name, entry in files.items():
+        problem = file_problem(directory, name, entry if isinstance(entry, dict) else {}, checksums)
+        if problem:
+            raise CheckpointError(f"{directory / name}: {problem}: the checkpoint {directory} does not match "
+                                  f"its {MANIFEST_NAME} (set {SKIP_VERIFY_ENV}=1 to skip the checksums)")
+    return True
 
 
 def _tensors_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -116,9 +169,11 @@ def check_tensors(expected: dict[str, torch.Size], got: dict[str, torch.Tensor],
 
 def from_pretrained(cls, directory: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
     """Build `cls(config)` from a checkpoint directory; floating tensors cast to `dtype` if given.
-    The model is returned in eval mode."""
+    A `manifest.json` beside the weights is checked first (`verify_manifest`). The model is returned
+    in eval mode."""
     directory = Path(directory)
     config = load_config(directory)
+    verify_manifest(directory)
     path = directory / WEIGHTS_NAME
     tensors = load_tensors(path)
     with torch.device("meta"):

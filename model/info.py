@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_config
+from model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_config, verify_manifest
 from model.errors import CheckpointError
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -94,6 +94,7 @@ def checkpoint_info(directory: str | Path) -> dict:
     """Config, parameter counts and packed size of a checkpoint directory (see module docstring)."""
     directory = Path(directory)
     cfg = load_config(directory)
+    verify_manifest(directory)          # a training checkpoint's files match their sha256
     weights = directory / WEIGHTS_NAME
     header = read_safetensors_header(weights)
     expected = size_summary(cfg)["shapes"]

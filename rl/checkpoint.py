@@ -25,7 +25,6 @@ point leaves either no `step_*` directory or a complete one; `latest()` still ve
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model.checkpoint import file_problem, sha256_file as _sha256
 from model.errors import CheckpointError
 
 FORMAT = "bitmamba-rl-checkpoint"
@@ -59,14 +59,6 @@ class CheckpointWarning(UserWarning):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _sha256(path: Path, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -331,13 +323,9 @@ def verify_checkpoint(path: str | Path, checksums: bool = True) -> str | None:
     except CheckpointError as e:
         return str(e)
     for name, info in manifest["files"].items():
-        f = path / name
-        if not f.is_file():
-            return f"file {name} listed in the manifest is missing"
-        if f.stat().st_size != info.get("size"):
-            return f"file {name} has {f.stat().st_size} bytes, manifest says {info.get('size')} (truncated?)"
-        if checksums and _sha256(f) != info.get("sha256"):
-            return f"file {name} sha256 mismatch (corrupt)"
+        problem = file_problem(path, name, info if isinstance(info, dict) else {}, checksums)
+        if problem:
+            return problem
     return None
 
 
