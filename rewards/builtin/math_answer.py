@@ -1,121 +1,50 @@
-"""Built-in ``math``: extract the final answer from a completion and compare it with the reference.
+"""Built-in ``math``: extract the final answer from a completion and judge it against the reference.
 
-Extraction methods (tried in the configured order, the first that finds something wins):
-  boxed        the last ``\\boxed{...}`` (nested braces allowed) or ``\\fbox{...}``
-  answer_tag   the last ``<answer>...</answer>`` (a ``\\boxed{}`` inside it wins)
-  hash         the text after the last ``####`` on its line (GSM8K style)
-  last_number  the last number in the text (``-1,234.5``, ``3/4``)
-Equivalence (`is_equiv`): both sides are parsed by the safe parser of `mathparse` and compared
-exactly when rational (3 == 3.0 == 6/2, 0.5 == \\frac{1}{2}, 1,000 == 1000, 1000000 != 1000001),
-with a relative tolerance `rel_tol` when a side is written as a decimal (0.333333333 == 1/3) or the
-value is irrational (2\\sqrt{2} == \\sqrt{8}), and with sympy for expressions with
-variables (x+1 == 1+x). ``50%`` matches 50 and 0.5 with ``percent="either"`` (default), only 0.5
-with ``"fraction"``, only 50 with ``"strip"``. Unparseable answers are compared as normalized strings.
-Only the last `max_completion_chars` of a completion are read; answers over 200 characters are
-compared as strings only.
+Extraction: `rewards.builtin.math_extract` (``boxed``, ``answer_tag``, ``hash``, ``latex``,
+``last_number``, in the configured order). Judging (`judge`), first decisive step wins:
+  1. our rules (`math_rules.veto`): a non-ASCII digit, different words, letters differing only in
+     case, a different name on the left of ``=``, open vs closed interval ends -> not equal;
+  2. our parser (`mathparse`, safe and fast): when both answers parse as one expression, the
+     verdict is exact for rationals (``3 == 3.0 == 6/2``, ``1000000 != 1000001.0``,
+     ``16386.20 != 16386.21``); a decimal matches a non-terminating or irrational value within
+     `rel_tol` (``0.333333333 == 1/3``, ``3.141593 == \\pi``); with variables, equal at sample
+     points and by an exact sympy check on rationals (``1.0000000001x^{13} != x^{13}``); equal
+     ordered tuples are equal;
+  3. Math-Verify (`math_verify_backend`), under a CPU limit, for what our parser does not read or
+     cannot settle: sets and unordered lists, intervals, relations, matrices, identities
+     (``\\sec^2 y == \\tan^2 y + 1``), equations;
+  4. otherwise the answers are compared as normalized text (case folded for words: ``Monday``).
+``50%`` matches 50 and 0.5 with ``percent="either"`` (default), only 0.5 with ``"fraction"``, only
+50 with ``"strip"``. Only the last `max_completion_chars` of a completion are read.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 
+from rewards.builtin import math_rules
+from rewards.builtin import math_verify_backend as mv
 from rewards.builtin import mathparse as mp
+from rewards.builtin.math_extract import METHODS, blocks, extract_answer, extract_with_method, gold_answer
 
-METHODS = ("boxed", "answer_tag", "hash", "last_number")
-_BOXED = re.compile(r"\\(?:boxed|fbox)")
-_HASH = re.compile(r"####[ \t]*([^\n]*)")
-_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?")
-
-
-def _matching_braces(text: str) -> dict[int, int]:
-    """Position of each '{' -> position of its '}' (unmatched ones absent); one pass, O(n)."""
-    stack: list[int] = []
-    match: dict[int, int] = {}
-    for j, c in enumerate(text):
-        if c == "{":
-            stack.append(j)
-        elif c == "}" and stack:
-            match[stack.pop()] = j
-    return match
+__all__ = ["METHODS", "MathReward", "blocks", "Verdict", "extract_answer", "gold_answer", "is_equiv", "judge"]
+VERIFIERS = ("math_verify", "builtin")
+SYMPY_CPU_S = 0.3        # our exact symbolic check
+VERIFIER_CPU_S = 0.6     # one Math-Verify call
 
 
-def _boxed(text: str) -> str | None:
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    match = _matching_braces(text) if "{" in text else {}
-    for start in reversed(starts):
-        i = start
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            if i in match:
-                return text[i + 1:match[i]]
-            continue   # unbalanced: try an earlier one
-        m = re.match(r"[^\s$]+", text[i:i + 200])   # \boxed 5
-        if m:
-            return m.group(0)
-    return None
-
-
-def blocks(text: str, open_tag: str, close_tag: str) -> list[str]:
-    """Contents of every ``open_tag ... close_tag`` (non-nested, first close wins), in linear time
-    (a regex ``(.*?)`` rescans to the end for every unclosed tag)."""
-    out, pos = [], 0
-    while True:
-        a = text.find(open_tag, pos)
-        if a < 0:
-            return out
-        b = text.find(close_tag, a + len(open_tag))
-        if b < 0:
-            return out
-        out.append(text[a + len(open_tag):b])
-        pos = b + len(close_tag)
-
-
-def _answer_tag(text: str) -> str | None:
-    found = blocks(text, "<answer>", "</answer>")
-    if not found:
-        return None
-    inner = found[-1]
-    return _boxed(inner) or inner.strip()
-
-
-def _hash(text: str) -> str | None:
-    found = _HASH.findall(text)
-    return found[-1].strip() if found and found[-1].strip() else None
-
-
-def _last_number(text: str) -> str | None:
-    found = _NUMBER.findall(text)
-    return found[-1].rstrip(",") if found else None
-
-
-_EXTRACTORS = {"boxed": _boxed, "answer_tag": _answer_tag, "hash": _hash, "last_number": _last_number}
-
-
-def extract_answer(text: str, order=METHODS, max_chars: int = 10_000) -> str | None:
-    """The final answer in `text` by the first method in `order` that finds one (None if none)."""
-    text = text[-max_chars:]
-    for method in order:
-        ans = _EXTRACTORS[method](text)
-        if ans is not None and ans.strip():
-            return ans.strip()
-    return None
-
-
-def gold_answer(gold) -> str:
-    """The reference answer: a number, or a string that may hold ``#### x`` or ``\\boxed{x}``."""
-    if isinstance(gold, (int, float)) and not isinstance(gold, bool):
-        return repr(gold)
-    gold = str(gold)
-    return extract_answer(gold, ("boxed", "hash")) or gold.strip()
+@dataclass(frozen=True)
+class Verdict:
+    equal: bool
+    reason: str          # one line: which step decided and why
 
 
 def _string_key(s: str) -> str:
-    s = re.sub(r"\s+", "", mp.normalize(s)).lower()
-    m = re.fullmatch(r"\(([a-z])\)", s)
+    s = re.sub(r"\s+", "", mp.normalize(s))
+    s = re.sub(r"[A-Za-z]{2,}", lambda m: m.group(0).lower(), s)   # words fold case, variables do not
+    m = re.fullmatch(r"\(([A-Za-z])\)", s)
     return m.group(1) if m else s
 
 
@@ -133,43 +62,64 @@ def _parse(s: str):
     return tree
 
 
-def _equal_nodes(a, b, rel_tol, abs_tol, approx=False) -> bool:
-    """`approx`: a side was written with a decimal point, so rationals compare with tolerance
-    too (0.333333333 == 1/3); integers and fractions otherwise compare exactly (1000000 != 1000001)."""
-    if a[0] == "tuple" or b[0] == "tuple":
-        if a[0] != b[0] or len(a) != len(b):
-            return False
-        return all(_equal_nodes(x, y, rel_tol, abs_tol, approx) for x, y in zip(a[1:], b[1:]))
+def _terminates(q) -> bool:
+    """Whether a rational has a finite decimal expansion (denominator 2^a 5^b)."""
+    d = q.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
+
+
+def _equal_scalars(a, b, rel_tol, abs_tol, decimal: bool) -> bool | None:
+    """Two parsed expressions without tuples. `decimal`: a side was written with a decimal point,
+    so a non-terminating or irrational value may match it within `rel_tol`."""
     syms = mp.symbols(a) | mp.symbols(b)
     if not syms:
         ea, eb = mp.exact(a), mp.exact(b)
-        if ea is not None and eb is not None and (ea == eb or not approx):
-            return ea == eb
+        if ea is not None and eb is not None:
+            if ea == eb or not decimal or (_terminates(ea) and _terminates(eb)):
+                return ea == eb
         try:
             return _close(mp.numeric(a), mp.numeric(b), rel_tol, abs_tol)
         except (mp.ParseError, OverflowError, ZeroDivisionError, ValueError):
             return False
-    # variables: numeric check at a few points first (cheap), then an exact sympy check
+    return _equal_symbolic(a, b, syms, decimal)
+
+
+def _has_roots(node) -> bool:
+    if node[0] == "root" or (node[0] == "pow" and (mp.exact(node[2]) is None or mp.exact(node[2]).denominator != 1)):
+        return True
+    return any(isinstance(c, tuple) and _has_roots(c) for c in node[1:])
+
+
+def _equal_symbolic(a, b, syms, decimal: bool) -> bool | None:
+    """With variables: numeric check at a few points first (cheap), then an exact sympy check.
+    None (undecided) when roots' branches may explain a numeric difference, or when a decimal
+    literal is involved and the exact check cannot run (``1.0000000001x^{13}`` is not ``x^{13}``)."""
     points = (0.5377, 1.8339, -2.2588, 0.8622)
     try:
         for shift in range(3):
             env = {s: complex(points[(k + shift) % 4] + 0.31 * k) for k, s in enumerate(sorted(syms))}
-            va, vb = mp.numeric(a, env), mp.numeric(b, env)
-            if not _close(va, vb, 1e-9, 1e-12):
-                return False
+            if not _close(mp.numeric(a, env), mp.numeric(b, env), 1e-9, 1e-12):
+                return None if _has_roots(a) or _has_roots(b) else False
     except (mp.ParseError, OverflowError, ZeroDivisionError, ValueError):
         return False
     if _term_bound(a) + _term_bound(b) > 2000:
-        return True   # numerically equal at 3 points; expanding would be too expensive to confirm
+        # numerically equal at 3 points; expanding would be too expensive to confirm
+        return None if decimal else True
     try:
         import sympy
 
-        diff = sympy.expand(mp.to_sympy(a) - mp.to_sympy(b))
-        if diff == 0:
-            return True
-        return sympy.simplify(diff) == 0 if sympy.count_ops(diff) <= 40 else True
+        with mv.cpu_limit(SYMPY_CPU_S):
+            diff = sympy.expand(mp.to_sympy(a) - mp.to_sympy(b))
+            if diff == 0:
+                return True
+            return sympy.simplify(diff) == 0 if sympy.count_ops(diff) <= 40 else True
+    except mv.VerifierTimeout:
+        return None if decimal else True   # numerically equal at 3 points; the exact check ran out of time
     except mp.ParseError:
-        return True   # numerically equal at 3 points and not convertible: accept
+        return None if decimal else True   # numerically equal at 3 points and not convertible
     except (TypeError, ValueError, ZeroDivisionError, RecursionError):
         return False
 
@@ -177,41 +127,95 @@ def _equal_nodes(a, b, rel_tol, abs_tol, approx=False) -> bool:
 def _term_bound(node) -> float:
     """Upper bound on the number of terms after expansion, to keep sympy.expand cheap."""
     kind = node[0]
-    if kind in ("add",):
+    if kind == "add":
         return _term_bound(node[1]) + _term_bound(node[2])
     if kind in ("mul", "div"):
         return _term_bound(node[1]) * _term_bound(node[2])
-    if kind in ("neg", "pct"):
-        return _term_bound(node[1])
+    if kind in ("neg", "pct", "root"):
+        return _term_bound(node[1])    # a root's argument is expanded in full: (X^48)^(1/8)
     if kind == "pow":
         e = mp.exact(node[2])
         base = _term_bound(node[1])
-        if e is None or e.denominator != 1:
+        if e is None:
             return base
         return float(base) ** min(abs(e.numerator), 64)
     return 1.0
 
 
-@functools.lru_cache(maxsize=4096)   # GRPO groups often repeat an answer: decide it once
-def is_equiv(pred: str, gold: str, rel_tol: float = 1e-6, abs_tol: float = 1e-9,
-             percent: str = "either") -> bool:
-    """Whether two final answers are mathematically equal (see the module docstring)."""
-    if percent not in ("either", "fraction", "strip"):
-        raise ValueError(f"percent must be 'either', 'fraction' or 'strip', got {percent!r}")
-    if len(pred) > mp.MAX_CHARS or len(gold) > mp.MAX_CHARS:
-        return _string_key(pred[:10_000]) == _string_key(gold[:10_000])
+def _builtin(pred: str, gold: str, rel_tol, abs_tol, percent) -> tuple[bool | None, str]:
+    """Our parser's verdict; None when it cannot settle the question (unread, or unequal tuples)."""
     try:
         a, b = _parse(pred), _parse(gold)
-    except (mp.ParseError, RecursionError, OverflowError, ValueError, ZeroDivisionError):
-        return _string_key(pred) == _string_key(gold)
-    approx = "." in pred or "." in gold
+    except (mp.ParseError, RecursionError, OverflowError, ValueError, ZeroDivisionError) as e:
+        return None, f"our parser cannot read it ({str(e)[:60]})"
+    decimal = "." in pred or "." in gold
     if percent == "strip":
         a, b = _strip_pct(a), _strip_pct(b)
-    if _equal_nodes(a, b, rel_tol, abs_tol, approx):
-        return True
+    candidates = [(a, b)]
     if percent == "either" and (a[0] == "pct" or b[0] == "pct"):
-        return _equal_nodes(_strip_pct(a), _strip_pct(b), rel_tol, abs_tol, approx)
+        candidates.append((_strip_pct(a), _strip_pct(b)))
+    if _decimal_comma(pred, gold):
+        return True, "equal values (decimal comma)"
+    tuples = a[0] == "tuple" or b[0] == "tuple"
+    undecided = False
+    for x, y in candidates:
+        if tuples:
+            if x[0] == y[0] == "tuple" and len(x) == len(y) and all(
+                    i[0] != "tuple" and j[0] != "tuple" and _equal_scalars(i, j, rel_tol, abs_tol, decimal)
+                    for i, j in zip(x[1:], y[1:])):
+                return True, "equal element by element"
+            continue
+        same = _equal_scalars(x, y, rel_tol, abs_tol, decimal)
+        if same:
+            return True, "equal values" if not (mp.symbols(x) | mp.symbols(y)) else "equal expressions"
+        undecided |= same is None
+    if tuples:
+        return None, "lists differ in order or length"
+    if undecided:
+        return None, "cannot settle it exactly (roots or decimals in an expression)"
+    return False, "different values" if not (mp.symbols(a) | mp.symbols(b)) else "different expressions"
+
+
+def _decimal_comma(pred: str, gold: str) -> bool:
+    """``1,22`` for ``1.22`` (a decimal comma: never groups of three, which read as thousands)."""
+    for x, y in ((pred, gold), (gold, pred)):
+        x, y = x.strip().strip("$"), y.strip().strip("$")
+        if re.fullmatch(r"-?[0-9]+,[0-9]+", x) and not re.fullmatch(r"-?[1-9][0-9]{0,2},[0-9]{3}", x) \
+                and re.fullmatch(r"-?[0-9]+\.[0-9]+", y):
+            return x.replace(",", ".") == y
     return False
+
+
+@functools.lru_cache(maxsize=4096)   # GRPO groups often repeat an answer: decide it once
+def judge(pred: str, gold: str, rel_tol: float = 1e-6, abs_tol: float = 1e-9, percent: str = "either",
+          verifier: str = "math_verify") -> Verdict:
+    """Whether two final answers are mathematically equal, and which step decided (module docstring)."""
+    if percent not in ("either", "fraction", "strip"):
+        raise ValueError(f"percent must be 'either', 'fraction' or 'strip', got {percent!r}")
+    if verifier not in VERIFIERS:
+        raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
+    if len(pred) > mp.MAX_CHARS or len(gold) > mp.MAX_CHARS:
+        same = _string_key(pred[:10_000]) == _string_key(gold[:10_000])
+        return Verdict(same, f"longer than {mp.MAX_CHARS} characters: compared as text")
+    why = math_rules.veto(pred, gold)
+    if why:
+        return Verdict(False, f"rule: {why}")
+    ours, why = _builtin(pred, gold, rel_tol, abs_tol, percent)
+    if ours is not None:
+        return Verdict(ours, f"parser: {why}")
+    if verifier == "math_verify":
+        verdict, note = mv.equal(pred, gold, VERIFIER_CPU_S)
+        if verdict is not None:
+            return Verdict(verdict, note)
+        why = f"{why}; {note}"
+    same = _string_key(pred) == _string_key(gold)
+    return Verdict(same, f"{why}; as text: {'same' if same else 'different'}")
+
+
+def is_equiv(pred: str, gold: str, rel_tol: float = 1e-6, abs_tol: float = 1e-9,
+             percent: str = "either", verifier: str = "math_verify") -> bool:
+    """Whether two final answers are mathematically equal (see `judge`)."""
+    return judge(pred, gold, rel_tol, abs_tol, percent, verifier).equal
 
 
 class MathReward:
@@ -221,28 +225,46 @@ class MathReward:
     def __init__(self, extract: list[str] | tuple[str, ...] | str = METHODS, answer_field: str = "answer",
                  rel_tol: float = 1e-6, abs_tol: float = 1e-9, percent: str = "either",
                  correct: float = 1.0, wrong: float = 0.0, no_answer: float = 0.0,
-                 max_completion_chars: int = 10_000):
+                 max_completion_chars: int = 10_000, verifier: str = "math_verify"):
         order = (extract,) if isinstance(extract, str) else tuple(extract)
         bad = [m for m in order if m not in METHODS]
         if bad or not order:
             raise ValueError(f"extract: unknown methods {bad} (choose from {', '.join(METHODS)})")
         if percent not in ("either", "fraction", "strip"):
             raise ValueError(f"percent must be 'either', 'fraction' or 'strip', got {percent!r}")
+        if verifier not in VERIFIERS:
+            raise ValueError(f"verifier must be one of {', '.join(VERIFIERS)}, got {verifier!r}")
         self.order = order
         self.answer_field = answer_field
         self.rel_tol, self.abs_tol, self.percent = rel_tol, abs_tol, percent
         self.correct, self.wrong, self.no_answer = correct, wrong, no_answer
         self.max_chars = max_completion_chars
+        self.verifier = verifier
         import sympy  # noqa: F401  (symbolic answers need it: import at load, not in the first timed call)
 
-    def __call__(self, prompt: str, completion: str, **fields) -> float:
+        if verifier == "math_verify":
+            mv.load()
+
+    def _gold(self, fields) -> str:
         if self.answer_field not in fields or fields[self.answer_field] is None:
             raise KeyError(f"the data row has no field {self.answer_field!r} (the reference answer); "
                            f"fields: {sorted(fields)}")
+        return gold_answer(fields[self.answer_field])
+
+    def explain(self, completion: str, **fields) -> dict:
+        """Per case: the extracted answer, the method that found it, the reference, the verdict and why."""
+        gold = self._gold(fields)
+        pred, method = extract_with_method(completion, self.order, self.max_chars)
+        if pred is None:
+            return {"answer": None, "method": None, "reference": gold, "equal": False,
+                    "reason": f"no answer found (methods tried: {', '.join(self.order)})"}
+        v = judge(pred, gold, self.rel_tol, self.abs_tol, self.percent, self.verifier)
+        return {"answer": pred, "method": method, "reference": gold, "equal": v.equal, "reason": v.reason}
+
+    def __call__(self, prompt: str, completion: str, **fields) -> float:
+        gold = self._gold(fields)
         pred = extract_answer(completion, self.order, self.max_chars)
         if pred is None:
             return self.no_answer
-        gold = gold_answer(fields[self.answer_field])
-        ok = is_equiv(pred, gold, self.rel_tol, self.abs_tol, self.percent)
+        ok = judge(pred, gold, self.rel_tol, self.abs_tol, self.percent, self.verifier).equal
         return self.correct if ok else self.wrong
-

@@ -19,6 +19,8 @@ import math
 import re
 from fractions import Fraction
 
+from rewards.builtin.math_rules import JOINERS, UNITS
+
 MAX_CHARS = 200          # longer answers are compared as strings only
 MAX_DEPTH = 40           # nesting of parentheses / fractions / powers
 MAX_NODES = 200
@@ -33,30 +35,44 @@ class ParseError(ValueError):
 
 
 # -- normalization -----------------------------------------------------------------------------
-_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]{0,100})\}")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_TRAILING_UNITS = re.compile(r"(?<=\d)\s+[A-Za-z]{2,}(?:\s+[A-Za-z]{2,})*\.?$")   # "12 cm", "3 apples", "5 square meters"
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textnormal|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]{0,100})\}")
+_THOUSANDS = re.compile(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))")
+_SPACE_THOUSANDS = re.compile(r"(?<![0-9.])[0-9]{1,3}(?: [0-9]{3})+(?![0-9])")
+_MIXED = re.compile(r"(?<![0-9.])([0-9]+)\s*(?:\s([0-9]+)\s*/\s*([0-9]+)|\\frac\s*\{([0-9]+)\}\s*\{([0-9]+)\})(?![0-9])")
+_TRAILING_WORDS = re.compile(r"(?<=[0-9}])\s+([A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,3})\.?$")   # "12 cm", "5 square meters"
+_PERCENT_WORD = re.compile(r"\s*\b(?:percent|percentage|pct)\b")
 _REPLACE = [
-    ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", ""),
-    ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\%", "%"), ("\\$", ""), ("$", ""), ("~", ""),
+    ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", " "),
+    ("{,}", ","), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\%", "%"),
+    ("\\$", ""), ("$", ""), ("~", ""),
     ("^{\\circ}", ""), ("^\\circ", ""), ("°", ""), ("\\displaystyle", ""),
     ("\u2212", "-"), ("\u00d7", "*"), ("\u00f7", "/"), ("\u221a", "\\sqrt"), ("\u03c0", "\\pi"),
     ("**", "^"), ("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("\\lbrace", "{"), ("\\rbrace", "}"),
 ]
 
 
+def _unit_words(text: str) -> bool:
+    return all(w.lower() in UNITS or w.lower() in JOINERS for w in re.findall(r"[A-Za-z]+", text))
+
+
 def normalize(s: str) -> str:
-    """Strip LaTeX decoration, units (in \\text{} or words after a number), dollar signs, thousands
-    separators, 'x =' prefixes."""
+    """Strip LaTeX decoration, units (known unit words, in \\text{} or after a number), dollar signs,
+    thousands separators (``1,000``, ``1 000``, ``1{,}000``), a single-letter ``x =`` prefix; read a
+    mixed number ``7 3/4`` / ``7\\frac{3}{4}`` as 7 + 3/4. Other words stay (and make the answer text)."""
     s = s.strip()
     for a, b in (("\\(", ""), ("\\)", ""), ("\\[", ""), ("\\]", "")):
         s = s.replace(a, b)
     for a, b in _REPLACE:
         s = s.replace(a, b)
-    stripped = _TEXT_CMD.sub("", s).strip()
-    s = stripped if stripped else _TEXT_CMD.sub(r"\1", s)
+    s = _TEXT_CMD.sub(lambda m: "" if _unit_words(m.group(1)) else m.group(1), s).strip() or \
+        _TEXT_CMD.sub(r"\1", s).strip()
+    s = _PERCENT_WORD.sub("%", s)
     s = _THOUSANDS.sub("", s)
-    s = _TRAILING_UNITS.sub("", s)
+    s = _SPACE_THOUSANDS.sub(lambda m: m.group(0).replace(" ", ""), s)
+    s = _MIXED.sub(lambda m: f"({m.group(1)}+{m.group(2) or m.group(4)}/{m.group(3) or m.group(5)})", s)
+    m = _TRAILING_WORDS.search(s)
+    if m and _unit_words(m.group(1)):
+        s = s[:m.start()]
     if s.count("=") == 1:
         lhs, rhs = s.split("=")
         if re.fullmatch(r"\s*[A-Za-z](_\{?\w\}?)?\s*", lhs) and rhs.strip():
@@ -66,7 +82,7 @@ def normalize(s: str) -> str:
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
-_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*|\.\d+)|(\\[A-Za-z]+)|([A-Za-z]+)|([-+*/^(){}\[\],%]))")
+_TOKEN = re.compile(r"\s*(?:([0-9]+\.?[0-9]*|\.[0-9]+)|(\\[A-Za-z]+)|([A-Za-z]+)|([-+*/^(){}\[\],%]))")
 _COMMANDS = {"\\frac", "\\sqrt", "\\pi"}
 _WORDS = {"sqrt": "\\sqrt", "pi": "\\pi", "frac": "\\frac"}
 
@@ -84,6 +100,8 @@ def tokenize(s: str) -> list[tuple[str, str]]:
             raise ParseError(f"unexpected character {s[pos]!r}")
         num, cmd, word, op = m.groups()
         if num is not None:
+            if out and out[-1][0] == "num":   # "2 3": not a number, not a product
+                raise ParseError("digits separated by a space")
             if len(num) > MAX_DIGITS:
                 raise ParseError("number literal too long")
             out.append(("num", num))
