@@ -25,6 +25,7 @@ point leaves either no `step_*` directory or a complete one; `latest()` still ve
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -415,3 +416,77 @@ def restore_rng_state(state: dict) -> None:
         else:
             warnings.warn(f"checkpoint has CUDA RNG states for {len(states)} devices, this machine has "
                           f"{torch.cuda.device_count()}; CUDA RNG not restored", CheckpointWarning, stacklevel=2)
+
+
+# ----------------------------------------------------------------------------- files added after a save
+
+
+def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+    """name -> bytes of `tokenizer.save_pretrained` (so that a checkpoint carries its tokenizer)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tok-") as d:
+        tokenizer.save_pretrained(d)
+        return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.is_file()}
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """Replace `path/manifest.json` atomically (temp file, fsync, rename)."""
+    tmp = path / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
+    _write_bytes(tmp, json.dumps(manifest, indent=1).encode())
+    os.replace(tmp, path / MANIFEST_FILE)
+    _fsync_dir(path)
+
+
+def add_files(path: str | Path, files: Mapping[str, bytes]) -> None:
+    """Add files to a complete checkpoint and list them in its manifest (written last, atomically: a
+    crash in between leaves extra files the manifest does not list, and the checkpoint still verifies).
+    Used by a driver that owns files (the tokenizer) the process that saved the weights does not have."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        for name, data in files.items():
+            _check_file_name(name)
+            _write_bytes(path / name, bytes(data))
+            manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(bytes(data)).hexdigest()}
+        _write_manifest(path, manifest)
+    except OSError as e:
+        raise CheckpointError(f"could not add {sorted(files)} to checkpoint {path}: {e.strerror or e}") from None
+
+
+MODEL_DIR_FILES = ("config.json", MODEL_FILE)
+
+
+def publish_final(path: str | Path, final: str | Path, extra_names: list[str] | tuple[str, ...] = ()) -> Path:
+    """Make `final` a model directory (config.json, model.safetensors, `extra_names` such as the
+    tokenizer's files, and a manifest of just those) holding checkpoint `path`'s model. Files are
+    hard-linked when the file system allows (no copy of the weights), else copied; the directory is
+    built beside `final` and renamed into place, replacing an older one."""
+    path, final = Path(path), Path(final)
+    manifest = read_manifest(path)
+    names = [n for n in (*MODEL_DIR_FILES, *extra_names) if n in manifest["files"]]
+    missing = [n for n in MODEL_DIR_FILES if n not in names]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)}: not a model directory")
+    tmp = final.parent / f".{final.name}.tmp_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    old = final.parent / f".{final.name}.old_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        for n in names:
+            try:
+                os.link(path / n, tmp / n)
+            except OSError:
+                shutil.copy2(path / n, tmp / n)
+        sub = {**manifest, "files": {n: manifest["files"][n] for n in names}}
+        _write_bytes(tmp / MANIFEST_FILE, json.dumps(sub, indent=1).encode())
+        _fsync_dir(tmp)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as e:
+        raise CheckpointError(f"could not write {final} from {path}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return final

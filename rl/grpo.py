@@ -41,7 +41,8 @@ from model.checkpoint import load_config as load_model_config
 from model.config import BitMambaConfig
 from rewards import RewardPool, RewardSpec
 from rl import algo
-from rl.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from rl.checkpoint import (CheckpointManager, add_files, capture_rng_state, publish_final, restore_rng_state,
+                           tokenizer_files)
 from rl.grpo_config import GRPOConfig, build_tokenizer, check_tools, load_grpo_config
 from rl.learner import Learner, TrainBatch
 from rl.metrics import MetricsWriter
@@ -458,10 +459,18 @@ class Driver:
                 f"eval/pass@{cfg.eval_k}": sum(pk) / len(pk), "time/eval": time.perf_counter() - t0}
 
     def checkpoint(self) -> str:
+        """The learner writes the checkpoint (weights, optimizer, config.json); the driver adds the
+        tokenizer, so every checkpoint is a complete model directory (`generate`, `eval --gen`). After
+        the last step the model is also published as `output_dir/final`, like the supervised stages'."""
         extra = {"step": self.step, "data_pos": self.prompts.pos, "rng": capture_rng_state(),
                  "config": to_dict(self.cfg)}
-        return get_user(self.learner.save_checkpoint.remote(str(self.ckpt.root), self.step, extra,
+        path = get_user(self.learner.save_checkpoint.remote(str(self.ckpt.root), self.step, extra,
                                                              self.cfg.keep_checkpoints))
+        files = tokenizer_files(self.tokenizer)
+        add_files(path, files)
+        if self.step == self.cfg.steps:
+            publish_final(path, self.out / "final", list(files))
+        return path
 
     # -------------------------------------------------------------- the loop
     def run(self) -> dict[str, float]:

@@ -42,7 +42,7 @@ from model.errors import BitMambaError, ConfigError
 from model.lm import BitMambaLM
 from model.typed import load_config
 from rollout.tokenizer import build_tiny_tokenizer, has_tokenizer, load_tokenizer
-from rl.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from rl.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state, tokenizer_files
 from rl.metrics import MetricsWriter, format_metrics
 from rl.optim import HybridOptimizer
 from rl.run_dir import STAGE_ENTRIES, check_same_run, clear_run
@@ -311,12 +311,14 @@ def run_loop(spec: LoopSpec) -> LoopResult:
                             console=not cfg.progress, resume_step=start)
     print(spec.schedule.describe(), file=sys.stderr, flush=True)
 
+    tok_files = tokenizer_files(spec.tokenizer) if spec.tokenizer is not None else {}   # every checkpoint: a model dir
+
     def save(step: int) -> Path:
         extra = {"step": step, "stage": spec.stage, "rng": capture_rng_state(), "data": spec.loader.state_dict(),
                  "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
                  "config": spec.run_config}
         return ckpt.save(step, model_state_for_save(model), spec.optimizer.state_dict(), extra,
-                         files={"config.json": model_config_file(model)})
+                         files={"config.json": model_config_file(model), **tok_files})
 
     bar = tqdm(total=cfg.max_steps, initial=start, desc=spec.stage, disable=not cfg.progress, file=sys.stderr,
                dynamic_ncols=True, leave=True)
