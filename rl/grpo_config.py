@@ -48,9 +48,11 @@ class ModelSection:
 @dataclass
 class TaskSection:
     """Prompts: a synthetic task of `rl/tasks.py` (`name`) or a JSONL file (`path`, one object per
-    line with `prompt_key` and the reward's fields)."""
+    line with `prompt_key` and the reward's fields). Giving neither means `name: arithmetic`."""
 
-    name: str | None = "arithmetic"
+    DEFAULT_NAME = "arithmetic"
+
+    name: str | None = None
     path: str | None = None
     eval_path: str | None = None
     prompt_key: str = "prompt"
@@ -59,8 +61,10 @@ class TaskSection:
     prompt_too_long: Literal["truncate", "drop"] = "drop"      # prompts longer than the context
 
     def __post_init__(self):
-        if (self.name is None) == (self.path is None):
-            raise ConfigError("task: give exactly one of task.name and task.path")
+        if self.name is not None and self.path is not None:
+            raise ConfigError(f"task: give one of task.name ({self.name!r}) and task.path ({self.path!r}), not both")
+        if self.name is None and self.path is None:
+            self.name = self.DEFAULT_NAME
         if self.path is not None and self.kwargs:
             raise ConfigError(f"task.kwargs {sorted(self.kwargs)} only apply to a synthetic task (task.name), "
                               "not to task.path")

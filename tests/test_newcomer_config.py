@@ -1,0 +1,43 @@
+"""Configs a newcomer writes from the docs load: a GRPO task given by `task.path` alone; SFT from a
+pretraining run's `final/` (`model.init_from`) with the shipped config's `model.overrides`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model.errors import ConfigError
+from rl.grpo import preflight
+from rl.grpo_config import load_grpo_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GRPO_TINY = str(ROOT / "configs" / "grpo_tiny.yaml")
+MODEL = {"preset": "tiny", "overrides": {"vocab_size": 384}, "max_seq_len": 64}
+
+
+def _jsonl(tmp_path: Path) -> Path:
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n" for a in range(8)))
+    return f
+
+
+def test_grpo_task_by_path_alone(tmp_path):
+    f = _jsonl(tmp_path)
+    cfg = load_grpo_config(data={"model": MODEL, "task": {"path": str(f), "eval_size": 2}})
+    assert cfg.task.name is None and cfg.task.path == str(f)
+    task, _ = preflight(cfg)
+    assert task.row("train", 0)["prompt"].endswith("+1=")
+
+
+def test_grpo_task_defaults_to_arithmetic_and_refuses_both():
+    assert load_grpo_config(data={"model": MODEL}).task.name == "arithmetic"
+    with pytest.raises(ConfigError, match="not both"):
+        load_grpo_config(GRPO_TINY, ["task.path=x.jsonl"])        # the file names a task: both given
+
+
+def test_grpo_shipped_config_switches_to_a_file_with_name_null(tmp_path):
+    f = _jsonl(tmp_path)
+    cfg = load_grpo_config(GRPO_TINY, ["task.name=null", f"task.path={f}", "task.kwargs={}"])
+    assert cfg.task.path == str(f) and cfg.task.name is None
