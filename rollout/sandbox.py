@@ -1,56 +1,68 @@
-"""Run untrusted Python (model-written code) in a separate process with limits.
+"""Run untrusted Python (model-written code) in a jail, or in a plain process when asked to.
 
     res = run_python("print(sum(range(10)))", SandboxConfig(timeout_s=5, memory_mb=256))
     res.output       # "45\\n"
     res.text()       # what the model sees: output, or an error / timeout / limit message
 
-What the limits are, honestly:
-- separate process: `python -I` (isolated mode: no user site, no PYTHON* env vars), a fresh empty
-  temporary working directory that is deleted afterwards, a minimal environment, its own process
-  group (killed as a group at the timeout, so children die too).
-- wall-clock timeout (`timeout_s`, the process group gets SIGKILL) and CPU-time limit (RLIMIT_CPU).
-- memory: RLIMIT_AS (address space) set in the child before the user's code runs; an allocation
-  past it raises MemoryError, reported as "memory limit exceeded".
-- output: stdout+stderr go to a file capped by RLIMIT_FSIZE; the model sees at most
-  `max_output_chars` of it, with a truncation note.
-- network: two layers. (1) When `unshare -rn` works on the host (a new user + network namespace
-  with only a down loopback; checked once), the child runs inside it: no interface can reach
-  anything, whatever the code does (ctypes, subprocesses). (2) Always: an audit hook (PEP 578)
-  installed before the user's code refuses socket creation/connection/DNS and process spawning
-  (`socket.*`, `subprocess.Popen`, `os.system`, `os.exec*`, `os.posix_spawn`, `os.fork`).
-  Audit hooks are NOT a security boundary on their own: code using ctypes to call libc directly
-  bypasses them. Without `unshare` (network="hook" or the host forbids namespaces) the sandbox
-  is therefore "no network for ordinary Python code", not a jail. `SandboxResult.isolation`
-  says which layers were active. For hostile code use a container/VM runner behind the same
-  `Tool` interface.
-- no filesystem isolation beyond the temporary cwd: the code can read what the user running the
-  trainer can read. RLIMIT_FSIZE bounds each file it writes.
+Two modes (`SandboxConfig.sandbox`; the threat model per mode is in docs/tools.md):
+- `jail` (the default): bubblewrap around the interpreter (`rollout.jail`): a read-only view of only the
+  interpreter, its stdlib and the shared libraries they load; a private tmpfs /tmp of `tmpfs_mb` as the
+  working directory; new PID, network, IPC and UTS namespaces; an unprivileged uid with no capabilities;
+  `--die-with-parent`. If the jail cannot be set up, `require_jail` (called by the python tool at start)
+  raises ConfigError naming the missing piece; nothing falls back silently.
+- `host`: today's plain process (`python -I` in a fresh temporary directory on the host, a network
+  namespace when `unshare -rn` works, the audit hook). It can read every file the trainer's user can
+  read; a warning says so once per process.
+
+Limits in both modes, set by the boot script before the user's code runs:
+- wall-clock timeout (`timeout_s`: the jail's PID namespace, or the host process group, is killed) and
+  RLIMIT_CPU;
+- memory: RLIMIT_AS; an allocation past it raises MemoryError, reported as "memory limit exceeded";
+- output: stdout+stderr go to a host file (the jail only holds its descriptor) capped by RLIMIT_FSIZE,
+  which also caps every file the code writes; the model sees at most `max_output_chars`;
+- processes (jail only): RLIMIT_NPROC = `max_processes` processes and threads of the jail's uid (not
+  in host mode, where it would count every process of the trainer's user);
+- an audit hook (PEP 578) refuses sockets, DNS and process spawning (`socket.*`, `subprocess.Popen`,
+  `os.system`, `os.exec*`, `os.posix_spawn`, `os.fork`). It is a second layer, not a boundary: ctypes
+  calls to libc bypass it. In the jail, the namespaces and limits above are the boundary.
+`SandboxResult.isolation` says which layers were active: "jail+hook", "unshare+hook" or "hook".
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 
 from model.errors import ConfigError
+from rollout.jail import bwrap_path, jail_argv, jail_uid, require_jail
+
+log = logging.getLogger(__name__)
 
 # The child's bootstrap: limits and the audit hook first, then the user's file. Kept small and
-# self-contained (it runs under `python -I`, importing only the standard library).
+# self-contained (it runs under `python -I`, importing only the standard library). argv: memory bytes,
+# CPU seconds, file bytes, process count (0: no limit), the run's id (unused here: it names the
+# process, so that tests can find leftovers).
 _BOOT = r"""
 import os, resource, signal, sys
-mem, cpu, fsize = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+mem, cpu, fsize, nproc = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 if mem > 0:
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 if cpu > 0:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+if nproc > 0:
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 _BLOCK = ("socket.", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.fork",
@@ -73,26 +85,39 @@ except SystemExit as e:
     os._exit(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
 """
 
+SANDBOX_MODES = ("jail", "host")
+
 
 @dataclass
 class SandboxConfig:
     """Limits of one run (see the module doc for what each one does and does not guarantee)."""
 
-    timeout_s: float = 5.0          # wall clock; the process group is killed after it
+    timeout_s: float = 5.0          # wall clock; the jail (or host process group) is killed after it
     memory_mb: int = 256            # RLIMIT_AS of the child (0 = no limit)
     cpu_s: int = 0                  # RLIMIT_CPU (0: ceil(timeout_s) + 1)
     max_output_chars: int = 4000    # what the model sees
     max_file_bytes: int = 1 << 20   # RLIMIT_FSIZE: per file, the captured output included
-    network: str = "auto"           # auto: unshare -rn when it works, else hook only | unshare | hook
-    python: str = sys.executable
+    sandbox: str = "jail"           # jail (bubblewrap) | host (no filesystem isolation, warned once)
+    max_processes: int = 32         # jail: RLIMIT_NPROC, processes + threads of the jail's uid
+    tmpfs_mb: int = 64              # jail: size of the private /tmp (all files written together)
+    network: str = "auto"           # host only: auto (unshare -rn when it works, else hook) | unshare | hook
+    python: str = sys.executable    # the interpreter (a venv's base binary runs in the jail)
 
     def __post_init__(self):
         if self.timeout_s <= 0:
             raise ConfigError(f"sandbox timeout_s: must be > 0, got {self.timeout_s}")
         if self.memory_mb < 0 or self.cpu_s < 0 or self.max_output_chars < 1 or self.max_file_bytes < 1:
             raise ConfigError("sandbox memory_mb / cpu_s must be >= 0, max_output_chars / max_file_bytes >= 1")
+        if self.sandbox not in SANDBOX_MODES:
+            raise ConfigError(f"sandbox: {' | '.join(SANDBOX_MODES)}, got {self.sandbox!r}")
+        if self.max_processes < 1 or self.tmpfs_mb < 1:
+            raise ConfigError(f"sandbox max_processes / tmpfs_mb must be >= 1, got {self.max_processes} / "
+                              f"{self.tmpfs_mb}")
         if self.network not in ("auto", "unshare", "hook"):
             raise ConfigError(f"sandbox network: auto | unshare | hook, got {self.network!r}")
+        if self.sandbox == "jail" and self.network != "auto":
+            raise ConfigError(f"sandbox network: {self.network!r} applies to `sandbox: host` only (the jail "
+                              "always has its own network namespace)")
 
 
 @dataclass
@@ -103,7 +128,8 @@ class SandboxResult:
     memory_exceeded: bool
     truncated: bool
     seconds: float
-    isolation: str         # "unshare+hook" or "hook"
+    isolation: str         # "jail+hook", "unshare+hook", "hook" or "remote"
+    run_id: str = ""       # names the run's processes (their command line holds it)
 
     def text(self) -> str:
         """What the model is shown."""
@@ -141,30 +167,43 @@ def _isolation(cfg: SandboxConfig) -> tuple[list[str], str]:
     return [], "hook"
 
 
+_host_warned = False
+
+
+def warn_host_mode() -> None:
+    """Log once per process that model code runs without a jail (`sandbox: host`)."""
+    global _host_warned
+    if not _host_warned:
+        _host_warned = True
+        log.warning("python sandbox: `sandbox: host` - model-written code runs WITHOUT a jail: it can read "
+                    "every file this user can read (home, project tree, /etc) and is bounded only by rlimits, "
+                    "a timeout, the audit hook and (when unshare works) a network namespace")
+
+
+_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+
+
 def run_python(code: str, cfg: SandboxConfig | None = None) -> SandboxResult:
-    """Run `code` as a script in a fresh sandboxed process; blocks until it ends or is killed."""
+    """Run `code` as a script in a fresh jail (or host process); blocks until it ends or is killed."""
     cfg = cfg or SandboxConfig()
-    prefix, isolation = _isolation(cfg)
-    cpu = cfg.cpu_s or int(cfg.timeout_s) + 1
-    mem = cfg.memory_mb << 20
+    run_id = "bitmamba-run-" + uuid.uuid4().hex[:16]
+    nproc = cfg.max_processes if cfg.sandbox == "jail" else 0
+    boot = ["-I", "-c", _BOOT, str(cfg.memory_mb << 20), str(cfg.cpu_s or int(cfg.timeout_s) + 1),
+            str(cfg.max_file_bytes), str(nproc), run_id]
     work = tempfile.mkdtemp(prefix="bitmamba-sandbox-")
     t0 = time.perf_counter()
     try:
         with open(os.path.join(work, "main.py"), "w", encoding="utf-8") as f:
             f.write(code)
         out_path = os.path.join(work, ".output")
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "HOME": work}
-        cmd = prefix + [cfg.python, "-I", "-c", _BOOT, str(mem), str(cpu), str(cfg.max_file_bytes)]
         with open(out_path, "wb") as out:
-            proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            timed_out = False
-            try:
-                rc: int | None = proc.wait(timeout=cfg.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc)
-                rc = None
+            if cfg.sandbox == "jail":
+                rc, timed_out = _run_jailed(cfg, boot, work, out)
+                isolation = "jail+hook"
+            else:
+                warn_host_mode()
+                prefix, isolation = _isolation(cfg)
+                rc, timed_out = _run_on_host(cfg, prefix + [cfg.python, *boot], work, out)
         seconds = time.perf_counter() - t0
         with open(out_path, "rb") as f:
             data = f.read(4 * cfg.max_output_chars + 4)
@@ -175,11 +214,86 @@ def run_python(code: str, cfg: SandboxConfig | None = None) -> SandboxResult:
         mem_hit = rc == 3 and "MemoryError: memory limit exceeded" in text
         if mem_hit:
             text = text.replace("\nMemoryError: memory limit exceeded\n", "")
-        if rc is not None and rc < 0 and -rc in (signal.SIGXCPU, signal.SIGKILL):
-            timed_out = True       # killed by RLIMIT_CPU
-        return SandboxResult(text, rc, timed_out, mem_hit, truncated, seconds, isolation)
+        return SandboxResult(text, rc, timed_out, mem_hit, truncated, seconds, isolation, run_id)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_on_host(cfg: SandboxConfig, cmd: list[str], work: str, out) -> tuple[int | None, bool]:
+    """-> (exit code or None when killed at the timeout, timed out); a signal from RLIMIT_CPU counts as
+    timed out."""
+    env = {**_ENV, "HOME": work}
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=cfg.timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        return None, True
+    return rc, rc < 0 and -rc in (signal.SIGXCPU, signal.SIGKILL)
+
+
+def _run_jailed(cfg: SandboxConfig, boot: list[str], work: str, out) -> tuple[int | None, bool]:
+    """Like `_run_on_host`, in the jail. bwrap exits with the script's code, or 128 + the signal that
+    killed it (SIGXCPU / SIGKILL from RLIMIT_CPU: timed out)."""
+    view = require_jail(cfg.python)
+    code_fd = os.open(os.path.join(work, "main.py"), os.O_RDONLY)
+    info_r, info_w = os.pipe()
+    try:
+        argv = jail_argv(view, boot, code_fd=code_fd, info_fd=info_w, tmpfs_bytes=cfg.tmpfs_mb << 20,
+                         uid=jail_uid(), bwrap=bwrap_path())
+        proc = subprocess.Popen(argv, cwd=work, env=dict(_ENV), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, pass_fds=(code_fd, info_w), start_new_session=True)
+    except BaseException:
+        os.close(info_r)
+        raise
+    finally:
+        os.close(code_fd)
+        os.close(info_w)
+    try:
+        rc = proc.wait(timeout=cfg.timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_jail(proc, info_r)
+        return None, True
+    finally:
+        os.close(info_r)
+    return rc, rc in (128 + signal.SIGXCPU, 128 + signal.SIGKILL)
+
+
+def _jail_init_pid(proc: subprocess.Popen, info_fd: int) -> int | None:
+    """The host pid of the jail's PID-namespace init, from bwrap's `--info-fd` JSON (None if bwrap has
+    not written it, or that pid is not bwrap's child any more)."""
+    data = b""
+    while select.select([info_fd], [], [], 1.0)[0]:
+        chunk = os.read(info_fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    m = re.search(rb'"child-pid"\s*:\s*(\d+)', data)
+    if m is None:
+        return None
+    pid = int(m.group(1))
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if ppid == proc.pid else None
+
+
+def _kill_jail(proc: subprocess.Popen, info_fd: int) -> None:
+    """SIGKILL the jail's init: the kernel kills every process of its PID namespace before the init is
+    gone, and bwrap exits after it, so when this returns no process of the run is left. Falls back to
+    the process group of bwrap."""
+    pid = _jail_init_pid(proc, info_fd)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
