@@ -436,9 +436,12 @@ def build_model_from_spec(spec: ModelSpec, config_path: str | None = None) -> nn
     where = f"{config_path}: " if config_path else ""
     if spec.init_from:
         model = BitMambaLM.from_pretrained(spec.init_from)
-        if spec.overrides:
-            raise ConfigError(f"{where}model.overrides: not allowed together with model.init_from "
-                              f"(the checkpoint's config.json fixes the architecture)")
+        have = model.config.to_dict()
+        for k, v in spec.overrides.items():   # the checkpoint's config.json fixes the architecture
+            if k not in have or have[k] != v:
+                raise ConfigError(f"{where}model.overrides.{k}: {v!r} differs from {have.get(k)!r} in "
+                                  f"{spec.init_from}/config.json; with model.init_from, overrides may only "
+                                  f"repeat the checkpoint's values (drop model.overrides.{k})")
         return model.train()
     try:
         cfg = BitMambaConfig.preset(spec.preset, **spec.overrides)

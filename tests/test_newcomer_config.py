@@ -41,3 +41,23 @@ def test_grpo_shipped_config_switches_to_a_file_with_name_null(tmp_path):
     f = _jsonl(tmp_path)
     cfg = load_grpo_config(GRPO_TINY, ["task.name=null", f"task.path={f}", "task.kwargs={}"])
     assert cfg.task.path == str(f) and cfg.task.name is None
+
+
+def test_sft_init_from_a_pretraining_final_with_the_shipped_overrides(tmp_path):
+    """docs/training.md: `bitmamba sft --config configs/sft_tiny.yaml model.init_from=runs/pretrain_tiny/final`
+    (the shipped config keeps `model.overrides: {vocab_size: 384}`, which the checkpoint agrees with)."""
+    from model.config import BitMambaConfig
+    from model.lm import BitMambaLM
+    from model.typed import load_config
+    from rl.sft import SFTConfig
+    from rl.train_common import build_model_from_spec
+
+    final = tmp_path / "final"
+    BitMambaLM(BitMambaConfig.preset("tiny", vocab_size=384)).save_pretrained(final)
+    cfg = load_config(SFTConfig, ROOT / "configs" / "sft_tiny.yaml", [f"model.init_from={final}"])
+    model = build_model_from_spec(cfg.model, "configs/sft_tiny.yaml")
+    assert model.config.vocab_size == 384 and model.training
+    cfg = load_config(SFTConfig, ROOT / "configs" / "sft_tiny.yaml",
+                      [f"model.init_from={final}", "model.overrides={vocab_size: 512}"])
+    with pytest.raises(ConfigError, match=r"model\.overrides\.vocab_size: 512 differs from 384"):
+        build_model_from_spec(cfg.model, "configs/sft_tiny.yaml")
