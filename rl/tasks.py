@@ -7,14 +7,17 @@ is exact. The held-out split never shares a problem with the train split.
     task = make_task("arithmetic", seed=0, max_operand=20)
     task.row("train", 17)   # {"prompt": "12+7=", "answer": "19", "id": "train-17"}
 
-Tasks: `arithmetic` (below), `bigmul` (`rl.tool_task_defs.BigMultiplyTask`: products that need the
-calculator tool, ChatML prompts), or a JSONL file.
+Tasks: `arithmetic` (below: small sums, memorisable), `digits` (below: multi-digit addition and
+subtraction written least significant digit first, held out by operand pair: the demo's task),
+`bigmul` (`rl.tool_task_defs.BigMultiplyTask`: products that need the calculator tool, ChatML
+prompts), or a JSONL file.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +67,101 @@ class ArithmeticTask:
 
     def rows(self, split: Split, start: int, count: int) -> list[dict[str, Any]]:
         return [self.row(split, i) for i in range(start, start + count)]
+
+
+@dataclass
+class DigitsTask:
+    """Multi-digit `a+b` and `a-b` (a >= b) with every number written least significant digit first.
+
+        task = DigitsTask(seed=0)
+        task.row("train", 1)   # {"prompt": "3+121=", "answer": "421", "expression": "3+121=124", ...}
+        task.row("train", 4)   # {"prompt": "036-3=", "answer": "726", "expression": "630-3=627", ...}
+
+    Each operand has a digit count drawn uniformly from [min_digits, max_digits] (no leading zeros),
+    then a value uniform among the numbers of that length. The reversed order is what makes the
+    algorithm learnable by a small recurrent model: the answer's first digit depends only on the
+    operands' first digits, and each later one on the digits at its place plus the carry (or borrow)
+    the model has just produced, the order in which addition is done by hand. Written most significant
+    digit first, the first digit would depend on a carry chain through all the places.
+
+    Held out by operand pair: a problem whose hash lands in the held-out bucket (about
+    `eval_fraction` of all (a, op, b)) appears only in the eval split, so with 3-digit operands
+    (over a million problems) eval accuracy measures the algorithm, not recall. `eval_digits`
+    (lo, hi) draws the eval split's operands from another digit range instead (e.g. longer numbers
+    than the training range, to measure length generalisation); eval problems are still held out.
+    Score completions with `exact_digits` (`rl.tasks:exact_digits`): the built-in `math` reward reads
+    numbers, and "075" (570 reversed) would equal "75".
+    """
+
+    seed: int = 0
+    min_digits: int = 1
+    max_digits: int = 3
+    ops: str = "+-"
+    eval_fraction: float = 0.1
+    eval_digits: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if not (1 <= self.min_digits <= self.max_digits <= 18):
+            raise ConfigError(f"task.kwargs: need 1 <= min_digits <= max_digits <= 18, got "
+                              f"min_digits {self.min_digits}, max_digits {self.max_digits}")
+        if not self.ops or any(o not in "+-" for o in self.ops):
+            raise ConfigError(f"task.kwargs.ops: a string of '+' and '-', got {self.ops!r}")
+        if not (0.0 < self.eval_fraction < 1.0):
+            raise ConfigError(f"task.kwargs.eval_fraction: must be in (0, 1), got {self.eval_fraction}")
+        if self.eval_digits is not None:
+            lo_hi = tuple(self.eval_digits)
+            if len(lo_hi) != 2 or not all(isinstance(d, int) for d in lo_hi) or not 1 <= lo_hi[0] <= lo_hi[1] <= 18:
+                raise ConfigError(f"task.kwargs.eval_digits: [lo, hi] with 1 <= lo <= hi <= 18, got "
+                                  f"{self.eval_digits!r}")
+            self.eval_digits = lo_hi
+
+    def held_out(self, a: int, op: str, b: int) -> bool:
+        """Whether problem (a, op, b) belongs to the eval split (a fixed hash: independent of `seed`)."""
+        h = zlib.crc32(f"{a}{op}{b}".encode())
+        return h % 10_000 < int(self.eval_fraction * 10_000)
+
+    def _operand(self, rng: random.Random, lo: int, hi: int) -> int:
+        n = rng.randint(lo, hi)
+        return rng.randint(10 ** (n - 1) if n > 1 else 0, 10 ** n - 1)
+
+    def row(self, split: Split, index: int) -> dict[str, Any]:
+        rng = random.Random(f"digits/{self.seed}/{split}/{index}")
+        lo, hi = (self.eval_digits or (self.min_digits, self.max_digits)) if split == "eval" else \
+            (self.min_digits, self.max_digits)
+        for _ in range(100_000):
+            op = rng.choice(self.ops)
+            a, b = self._operand(rng, lo, hi), self._operand(rng, lo, hi)
+            if op == "-" and a < b:
+                a, b = b, a
+            if self.held_out(a, op, b) == (split == "eval"):
+                break
+        else:   # only reachable when the digit range holds (almost) no problem of this split
+            raise ConfigError(f"task.kwargs: no {split} problem found with {lo}-{hi} digit operands "
+                              f"and eval_fraction {self.eval_fraction}")
+        ans = a + b if op == "+" else a - b
+        return {"prompt": f"{rev(a)}{op}{rev(b)}=", "answer": rev(ans), "id": f"{split}-{index}",
+                "expression": f"{a}{op}{b}={ans}"}
+
+    def rows(self, split: Split, start: int, count: int) -> list[dict[str, Any]]:
+        return [self.row(split, i) for i in range(start, start + count)]
+
+
+def rev(n: int) -> str:
+    """A non-negative integer's decimal digits, least significant first: 570 -> "075"."""
+    return str(n)[::-1]
+
+
+def exact_digits(prompt: str, completion: str, answer: str, **_: Any) -> float:
+    """1.0 when the completion's leading run of digits (after leading spaces) is exactly `answer`.
+
+    The `digits` task's checker (reward spec `rl.tasks:exact_digits`): digit strings are compared as
+    strings, so a dropped or extra digit (also a zero) is wrong, and text after the digits is ignored.
+    """
+    text = completion.lstrip()
+    j = 0
+    while j < len(text) and text[j].isdigit():
+        j += 1
+    return 1.0 if j > 0 and text[:j] == str(answer).strip() else 0.0
 
 
 @dataclass
@@ -128,13 +226,18 @@ def make_task(name: str | None = None, path: str | None = None, *, seed: int = 0
             return ArithmeticTask(seed=seed, **kwargs)
         except TypeError as e:
             raise ConfigError(f"task.kwargs: {e}") from None
+    if name == "digits":
+        try:
+            return DigitsTask(seed=seed, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"task.kwargs: {e}") from None
     if name == "bigmul":      # needs the calculator tool (docs/tools.md); imported here: rl.tool_task_defs uses rl.tasks
         from rl.tool_task_defs import BigMultiplyTask
         try:
             return BigMultiplyTask(seed=seed, **kwargs)
         except TypeError as e:
             raise ConfigError(f"task.kwargs: {e}") from None
-    raise ConfigError(f"task.name: unknown task {name!r} (known: arithmetic, bigmul; or give task.path)")
+    raise ConfigError(f"task.name: unknown task {name!r} (known: arithmetic, digits, bigmul; or give task.path)")
 
 
 def first_integer(text: str) -> int | None:
