@@ -455,8 +455,12 @@ class Driver:
             c = sum(1 for r in rs if r is not None and r >= cfg.eval_correct_threshold)
             p1.append(algo.pass_at_k(n, c, 1))
             pk.append(algo.pass_at_k(n, c, cfg.eval_k))
-        return {"eval/reward_mean": sum(vals) / max(len(vals), 1), "eval/pass@1": sum(p1) / len(p1),
-                f"eval/pass@{cfg.eval_k}": sum(pk) / len(pk), "time/eval": time.perf_counter() - t0}
+        mean1 = sum(p1) / len(p1)
+        # standard error of the mean over prompts (each prompt's pass@1 is one observation)
+        se1 = math.sqrt(sum((p - mean1) ** 2 for p in p1) / (len(p1) - 1) / len(p1)) if len(p1) > 1 else 0.0
+        return {"eval/reward_mean": sum(vals) / max(len(vals), 1), "eval/pass@1": mean1,
+                "eval/pass@1_stderr": se1, f"eval/pass@{cfg.eval_k}": sum(pk) / len(pk),
+                "time/eval": time.perf_counter() - t0}
 
     def checkpoint(self) -> str:
         """The learner writes the checkpoint (weights, optimizer, config.json); the driver adds the
@@ -531,15 +535,18 @@ class Driver:
                 f"weights, or a reward function returning NaN/inf; the last checkpoint is intact")
 
     def close(self) -> None:
-        """Stop everything this driver started (also after a failed __init__: parts may be missing)."""
-        if getattr(self, "metrics", None) is not None:
-            self.metrics.close()
-        if getattr(self, "rewards", None) is not None:
-            self.rewards.close()
-        if getattr(self, "workers", None) is not None:
-            self.workers.shutdown()
-        if getattr(self, "learner", None) is not None:
-            ray.kill(self.learner, no_restart=True)
+        """Stop everything this driver started (also after a failed __init__: parts may be missing, and
+        after the cluster went away: each part is stopped on its own, a failure logged, not raised)."""
+        stops = {"metrics": lambda m: m.close(), "rewards": lambda r: r.close(),
+                 "workers": lambda w: w.shutdown(), "learner": lambda a: ray.kill(a, no_restart=True)}
+        for attr, stop in stops.items():
+            part = getattr(self, attr, None)
+            if part is None:
+                continue
+            try:
+                stop(part)
+            except Exception as e:          # the cluster may be gone: keep stopping the rest
+                log.warning("close: stopping the %s failed: %s: %s", attr, type(e).__name__, e)
         if getattr(self, "owns_ray", False):
             ray.shutdown()
 
@@ -560,11 +567,35 @@ def progress_line(step: int, total: int, m: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+class RunAborted(BitMambaError):
+    """The run cannot go on (its Ray cluster went away, the learner died); checkpoints are intact."""
+
+
+# what a lost cluster or a dead actor raises in the driver (a dead worker is restarted by WorkerGroup)
+RAY_LOST = (ray.exceptions.RayActorError, ray.exceptions.RaySystemError, ray.exceptions.ObjectLostError,
+            ray.exceptions.OwnerDiedError, ConnectionError)
+
+
+def aborted_message(driver: "Driver", e: BaseException) -> str:
+    """One line: what died, at which step, and the checkpoint to `--resume` from."""
+    what = ("the learner actor died" if isinstance(e, ray.exceptions.RayActorError) else
+            "the Ray cluster went away")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    latest = driver.ckpt.latest() if getattr(driver, "ckpt", None) is not None else None
+    keep = (f"last checkpoint intact: {latest} (continue with --resume)" if latest is not None
+            else "no checkpoint was written yet")
+    return (f"GRPO stopped at step {getattr(driver, 'step', 0)}: {what} ({type(e).__name__}: {first}); {keep}; "
+            f"a learner killed for memory shows in `dmesg` / the Ray logs under /tmp/ray/session_latest/logs")
+
+
 def run(cfg: GRPOConfig, init_dir: str | None = None) -> dict[str, float]:
-    """Run GRPO to `cfg.steps`; returns the last step's metrics record."""
+    """Run GRPO to `cfg.steps`; returns the last step's metrics record. A lost Ray cluster or a dead
+    learner ends the run with `RunAborted` (one line naming the last checkpoint), not a traceback."""
     driver = Driver(cfg, init_dir)
     try:
         return driver.run()
+    except RAY_LOST as e:
+        raise RunAborted(aborted_message(driver, e)) from None
     finally:
         driver.close()
 
