@@ -9,6 +9,8 @@ Completion rows are ``{"completion": ...}``, aligned with the data by line; with
 ``--completions`` each data row's own ``completion`` field is used. Prints n, mean, std, min/max,
 the share of None / errors / timeouts / crashes / invalid values, the slowest call and a few
 examples; ``--out`` writes one row per sample with its reward, per-function scores and status.
+With the built-in ``math`` reward, each shown sample (and each ``--out`` row, key ``math``) also
+says which answer was read, by which method, against which reference, and why it matched or not.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from typing import Any
 
 from rewards.api import CompositeReward, RewardSpec, parse_reward_specs
+from rewards.builtin.math_answer import MathReward
 from rewards.errors import RewardDataError, RewardError
 from rewards.pool import RewardPool, ScoreResult
 
@@ -112,6 +115,31 @@ def summarize(res: ScoreResult, completions: list[str], n_examples: int = 3) -> 
     return "\n".join(lines)
 
 
+def math_explanations(specs: list[RewardSpec], completions: list[str],
+                      fields: list[dict]) -> list[dict] | None:
+    """Per sample, what the (first) built-in ``math`` reward read and why it matched or not; None
+    without one. Computed here, in this process, with the spec's options."""
+    spec = next((s for s in specs if s.spec == "math"), None)
+    if spec is None:
+        return None
+    fn = MathReward(**spec.kwargs)
+    out = []
+    for c, f in zip(completions, fields):
+        try:
+            out.append(fn.explain(c, **f))
+        except KeyError as e:
+            out.append({"error": str(e).strip("'\"")})
+    return out
+
+
+def format_explanation(k: int, e: dict) -> str:
+    if "error" in e:
+        return f"sample {k}: math: {e['error']}"
+    read = "nothing" if e["answer"] is None else f"{e['answer']!r} ({e['method']})"
+    verdict = "equal" if e["equal"] else "not equal"
+    return f"sample {k}: math read {read[:120]} vs reference {e['reference'][:80]!r}: {verdict}: {e['reason']}"
+
+
 def _specs_from_yaml(path: str) -> list[RewardSpec]:
     import yaml
 
@@ -171,10 +199,13 @@ def main(argv: list[str]) -> int:
         prompts, comps, fields = load_samples(args.data, args.completions)
         with RewardPool(composite, num_workers=args.workers, timeout_s=args.timeout) as pool:
             res = pool.score(prompts, comps, fields)
+        why = math_explanations(specs, comps, fields)
     except RewardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summarize(res, comps, args.examples))
+    for k, e in enumerate((why or [])[:args.examples]):
+        print(format_explanation(k, e))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             for i in range(len(comps)):
@@ -183,6 +214,8 @@ def main(argv: list[str]) -> int:
                        "seconds": round(res.durations[i], 6)}
                 if res.messages[i]:
                     row["message"] = res.messages[i]
+                if why is not None:
+                    row["math"] = why[i]
                 f.write(json.dumps(row) + "\n")
         print(f"wrote {len(comps)} rows to {args.out}")
     return 0

@@ -7,9 +7,9 @@ Extraction: `rewards.builtin.math_extract` (``boxed``, ``answer_tag``, ``hash``,
   2. our parser (`mathparse`, safe and fast): when both answers parse as one expression, the
      verdict is exact for rationals (``3 == 3.0 == 6/2``, ``1000000 != 1000001.0``,
      ``16386.20 != 16386.21``); a decimal matches a non-terminating or irrational value within
-     `rel_tol` (``0.333333333 == 1/3``, ``3.141593 == \\pi``); with variables, equal at sample
-     points and by an exact sympy check on rationals (``1.0000000001x^{13} != x^{13}``); equal
-     ordered tuples are equal;
+     `rel_tol` (``0.333333333 == 1/3``, ``3.141593 == \\pi``); with variables, rational functions
+     are compared exactly at three rational points (``1.0000000001x^{13} != x^{13}``), others at
+     sample points and by an exact sympy check; equal ordered tuples are equal;
   3. Math-Verify (`math_verify_backend`), under a CPU limit, for what our parser does not read or
      cannot settle: sets and unordered lists, intervals, relations, matrices, identities
      (``\\sec^2 y == \\tan^2 y + 1``), equations;
@@ -21,8 +21,11 @@ Extraction: `rewards.builtin.math_extract` (``boxed``, ``answer_tag``, ``hash``,
 from __future__ import annotations
 
 import functools
+import random
 import re
+import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 
 from rewards.builtin import math_rules
 from rewards.builtin import math_verify_backend as mv
@@ -97,6 +100,9 @@ def _equal_symbolic(a, b, syms, decimal: bool) -> bool | None:
     """With variables: numeric check at a few points first (cheap), then an exact sympy check.
     None (undecided) when roots' branches may explain a numeric difference, or when a decimal
     literal is involved and the exact check cannot run (``1.0000000001x^{13}`` is not ``x^{13}``)."""
+    exact = _exact_identity(a, b, syms)
+    if exact is not None:
+        return exact
     points = (0.5377, 1.8339, -2.2588, 0.8622)
     try:
         for shift in range(3):
@@ -122,6 +128,27 @@ def _equal_symbolic(a, b, syms, decimal: bool) -> bool | None:
         return None if decimal else True   # numerically equal at 3 points and not convertible
     except (TypeError, ValueError, ZeroDivisionError, RecursionError):
         return False
+
+
+def _substitute(node, env: dict):
+    if node[0] == "sym":
+        return ("num", env[node[1]])
+    return (node[0],) + tuple(_substitute(c, env) if isinstance(c, tuple) else c for c in node[1:])
+
+
+def _exact_identity(a, b, syms) -> bool | None:
+    """Rational functions compared exactly at three rational points drawn from a seed of both
+    texts (Schwartz-Zippel: different rational functions of bounded degree agree at such points
+    with negligible probability). None when a side is not rational there (roots, pi, too large)."""
+    rng = random.Random(zlib.crc32(repr((a, b)).encode()))
+    for _ in range(3):
+        env = {s: Fraction(rng.randrange(10**6, 10**7), rng.randrange(10**3, 10**4)) for s in syms}
+        va, vb = mp.exact(_substitute(a, env)), mp.exact(_substitute(b, env))
+        if va is None or vb is None:
+            return None
+        if va != vb:
+            return False
+    return True
 
 
 def _term_bound(node) -> float:

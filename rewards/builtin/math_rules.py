@@ -6,8 +6,8 @@ equivalence can excuse. They run before any parser, ours or Math-Verify, so a le
 into a reward:
   digits        a non-ASCII digit (``３``, ``٤``): models must write 0-9
   words         the words (``\\text{}`` contents, bare words) differ, once units (``cm``, ``dollars``,
-                ``degrees``...) and joiners (``and``, ``or``) are set aside: ``\\text{not } 5 != 5``,
-                ``5 million != 5``, ``12 \\text{ dozen} != 12``
+                ``degrees``...), joiners (``and``, ``or``) and scales (``million``: the parser reads
+                ``5 million`` as 5*10^6) are set aside: ``\\text{not } 5 != 5``, ``12 \\text{ dozen} != 12``
   case          the letters differ only in case: ``\\sin a != \\sin A``, ``X != x``, ``(a) != (A)``
   name          both answers name what they give, differently: ``y = 5 != x = 5``
   brackets      both are intervals (or unions of them) with different open / closed ends: ``(0,1) != [0,1]``
@@ -28,6 +28,7 @@ UNITS = frozenset("""
     students people apples meals edges integers digits multiples th st nd rd
 """.split())
 JOINERS = frozenset({"and", "or", "a", "an", "the", "is", "are"})
+SCALES = frozenset({"thousand", "million", "billion", "trillion"})   # read as powers of ten by the parser
 # LaTeX commands and function names that are math, not words
 MATH_NAMES = frozenset("""
     sin cos tan sec csc cot arcsin arccos arctan sinh cosh tanh log ln lg exp sqrt frac dfrac tfrac cfrac
@@ -60,7 +61,7 @@ def words(s: str) -> Counter:
     rest = re.sub(r"\\[A-Za-z]+", " ", rest)
     found += [w for w in _WORD.findall(rest) if len(w) >= 3 or w.lower() in UNITS]
     return Counter(w.lower() for w in found
-                   if w.lower() not in UNITS and w.lower() not in JOINERS and w.lower() not in MATH_NAMES)
+                   if w.lower() not in UNITS | JOINERS | MATH_NAMES | SCALES)
 
 
 def _letters(s: str) -> str:

@@ -40,6 +40,8 @@ _THOUSANDS = re.compile(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))")
 _SPACE_THOUSANDS = re.compile(r"(?<![0-9.])[0-9]{1,3}(?: [0-9]{3})+(?![0-9])")
 _MIXED = re.compile(r"(?<![0-9.])([0-9]+)\s*(?:\s([0-9]+)\s*/\s*([0-9]+)|\\frac\s*\{([0-9]+)\}\s*\{([0-9]+)\})(?![0-9])")
 _TRAILING_WORDS = re.compile(r"(?<=[0-9}])\s+([A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,3})\.?$")   # "12 cm", "5 square meters"
+_SCALES = {"thousand": 3, "million": 6, "billion": 9, "trillion": 12}
+_SCALE_WORD = re.compile(r"([0-9])\s*(?:\\text\{\s*)?(thousand|million|billion|trillion)\b\}?", re.I)
 _PERCENT_WORD = re.compile(r"\s*\b(?:percent|percentage|pct)\b")
 _REPLACE = [
     ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", " "),
@@ -67,6 +69,7 @@ def normalize(s: str) -> str:
     s = _TEXT_CMD.sub(lambda m: "" if _unit_words(m.group(1)) else m.group(1), s).strip() or \
         _TEXT_CMD.sub(r"\1", s).strip()
     s = _PERCENT_WORD.sub("%", s)
+    s = _SCALE_WORD.sub(lambda m: f"{m.group(1)}*10^{_SCALES[m.group(2).lower()]}", s)
     s = _THOUSANDS.sub("", s)
     s = _SPACE_THOUSANDS.sub(lambda m: m.group(0).replace(" ", ""), s)
     s = _MIXED.sub(lambda m: f"({m.group(1)}+{m.group(2) or m.group(4)}/{m.group(3) or m.group(5)})", s)
