@@ -14,10 +14,9 @@ import json
 import struct
 from pathlib import Path
 
-import torch
-
-from model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_config, verify_manifest
 from model.errors import CheckpointError
+
+# torch and model.checkpoint load inside the functions that need them: `bitmamba info --help` is instant
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -54,6 +53,8 @@ def size_summary(cfg, fp_dtypes: dict[str, str] | None = None) -> dict:
     """
     from model.checkpoint import TIED_KEY
     from model.lm import BitMambaLM
+
+    import torch
 
     with torch.device("meta"):
         model = BitMambaLM(cfg)
@@ -92,6 +93,8 @@ def size_summary(cfg, fp_dtypes: dict[str, str] | None = None) -> dict:
 
 def checkpoint_info(directory: str | Path) -> dict:
     """Config, parameter counts and packed size of a checkpoint directory (see module docstring)."""
+    from model.checkpoint import WEIGHTS_NAME, load_config, verify_manifest
+
     directory = Path(directory)
     cfg = load_config(directory)
     verify_manifest(directory)          # a training checkpoint's files match their sha256
@@ -134,16 +137,20 @@ def format_info(info: dict) -> str:
         f"packed size: {info['packed_mb']:.3f} MB = ternary codes {b['ternary_codes'] / 1e6:.3f} MB (2 bits each) "
         f"+ scales {b['ternary_scales'] / 1e6:.6f} MB + full precision {b['full_precision'] / 1e6:.3f} MB "
         f"(MB = 10^6 bytes)",
-        f"stored size ({WEIGHTS_NAME}): {info['stored_mb']:.3f} MB",
+        f"stored size (model.safetensors): {info['stored_mb']:.3f} MB",
     ]
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitmamba info", description=__doc__.split("\n\n")[0])
-    p.add_argument("dir", help=f"checkpoint directory ({CONFIG_NAME} + {WEIGHTS_NAME})")
+    p.add_argument("dir", help="checkpoint directory (config.json + model.safetensors)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
     info = checkpoint_info(args.dir)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0

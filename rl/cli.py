@@ -2,6 +2,8 @@
 
 Each sub-command lives in its own module as `main(argv: list[str]) -> int`; this file only routes.
 Errors caused by the user (`BitMambaError`) print one line, no traceback, unless BITMAMBA_DEBUG=1.
+Commands whose module loads torch / DeepSpeed have their parser in `rl.args` (torch-free): the router
+parses with it first, so `--help` and argument errors answer before the heavy imports.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from rl.args import PARSERS
+
+    if name in PARSERS:
+        PARSERS[name]().parse_args(rest)     # --help / a bad argument exits here, before torch loads
     return run_main(COMMANDS[name][0], rest)
 
 

@@ -39,6 +39,7 @@ from rl.data import PackedBatch, PackedLoader, load_records
 from rl.optim import OptimConfig, build_optimizer
 from rl.pretrain import PretrainDataConfig
 from rl.schedule import Schedule, ScheduleConfig
+from rl.args import stage_parser
 from rl.train_common import (
     LoopResult,
     LoopSpec,
@@ -52,7 +53,6 @@ from rl.train_common import (
     run_loop,
     seed_everything,
     setup_output,
-    stage_argparser,
 )
 
 
@@ -272,8 +272,7 @@ def run(cfg: DistillConfig, config_path: str | None = None) -> LoopResult:
 
 
 def main(argv: list[str]) -> int:
-    args = stage_argparser("bitmamba distill",
-                           "Distill a full-precision Mamba-2 teacher into a ternary student.").parse_args(argv)
+    args = stage_parser("distill").parse_args(argv)
     cfg = load_stage_config(DistillConfig, args, "distill")
     run(cfg, args.config)
     return 0

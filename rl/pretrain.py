@@ -20,6 +20,7 @@ from model.typed import to_dict
 from rl.data import DataSource, PackedBatch, PackedLoader, load_records
 from rl.optim import OptimConfig, build_optimizer
 from rl.schedule import Schedule, ScheduleConfig
+from rl.args import stage_parser
 from rl.train_common import (
     LoopResult,
     LoopSpec,
@@ -35,7 +36,6 @@ from rl.train_common import (
     run_loop,
     seed_everything,
     setup_output,
-    stage_argparser,
 )
 
 
@@ -108,7 +108,7 @@ def run(cfg: PretrainConfig, config_path: str | None = None) -> LoopResult:
 
 
 def main(argv: list[str]) -> int:
-    args = stage_argparser("bitmamba pretrain", "Pretrain a ternary Mamba-2 LM on packed documents.").parse_args(argv)
+    args = stage_parser("pretrain").parse_args(argv)
     cfg = load_stage_config(PretrainConfig, args, "pretrain")
     run(cfg, args.config)
     return 0

@@ -31,6 +31,7 @@ from rl.data import DataSource, SFTBatch, SFTLoader, load_records
 from rl.run_dir import read_resolved_config
 from rl.optim import OptimConfig, build_optimizer
 from rl.schedule import Schedule, ScheduleConfig
+from rl.args import stage_parser
 from rl.train_common import (
     LoopSpec,
     LossOut,
@@ -45,7 +46,6 @@ from rl.train_common import (
     run_loop,
     seed_everything,
     setup_output,
-    stage_argparser,
 )
 from rollout.tokenizer import has_tokenizer
 
@@ -201,7 +201,7 @@ def run(cfg: SFTConfig, config_path: str | None = None) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    args = stage_argparser("bitmamba sft", "Multi-stage supervised fine-tuning on ChatML conversations.").parse_args(argv)
+    args = stage_parser("sft").parse_args(argv)
     cfg = load_stage_config(SFTConfig, args, "sft")
     run(cfg, args.config)
     return 0

@@ -18,7 +18,6 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -385,19 +384,6 @@ def run_loop(spec: LoopSpec) -> LoopResult:
 
 
 # ----------------------------------------------------------------------------- CLI helpers
-
-
-def stage_argparser(prog: str, description: str):
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", required=True, help="YAML config file")
-    p.add_argument("--output-dir", default=None, help="output directory (overrides output_dir in the config)")
-    p.add_argument("--no-wandb", action="store_true", help="disable wandb even if the config enables it")
-    p.add_argument("--no-resume", action="store_true",
-                   help="do not continue the run in the output directory (refused if it holds checkpoints)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the run already in the output directory (checkpoints, metrics, final/) and start over")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10 optim.lr=1e-3")
-    return p
 
 
 def seed_everything(seed: int) -> None:

@@ -10,8 +10,6 @@ import argparse
 import logging
 import sys
 
-import torch
-
 from model.errors import BitMambaError
 
 
@@ -51,6 +49,8 @@ def _parse_ids(text: str) -> list[int]:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    import torch
+
     from model.lm import BitMambaLM
     from rollout.backend import make_backend
     from rollout.engine import Engine
