@@ -41,6 +41,7 @@ from model.checkpoint import load_config as load_model_config
 from model.config import BitMambaConfig
 from rewards import RewardPool, RewardSpec
 from rl import algo
+from rl.args import grpo_parser
 from rl.checkpoint import (CheckpointManager, add_files, capture_rng_state, publish_final, restore_rng_state,
                            tokenizer_files)
 from rl.grpo_config import GRPOConfig, build_tokenizer, check_tools, load_grpo_config
@@ -601,15 +602,7 @@ def run(cfg: GRPOConfig, init_dir: str | None = None) -> dict[str, float]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bitmamba grpo", description="GRPO fine-tuning on Ray")
-    p.add_argument("--config", required=True, help="YAML config (see configs/grpo_tiny.yaml)")
-    p.add_argument("--output-dir", help="overrides output_dir")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the run already in output_dir (metrics, checkpoints, final/) and start over")
-    p.add_argument("--init", help="initial policy directory (a save_pretrained / checkpoint dir)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")
-    return p.parse_args(argv)
+    return grpo_parser().parse_args(argv)         # declared in rl.args (no torch: `--help` is instant)
 
 
 def main(argv: list[str] | None = None) -> int:
