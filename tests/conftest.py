@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# ../shared/fixtures beside the checkout (present on dev machines and in CI)
-SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
+# small test inputs kept in the repository (e.g. bitmamba2/: the BitMamba-2 C++ engine's outputs)
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def pytest_collection_modifyitems(config, items):

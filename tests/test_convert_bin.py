@@ -1,6 +1,6 @@
 """BitMamba-2 engine `.bin`: reader/writer, bit-exact import/export, numerics against the real engine.
 
-Fixture: ../shared/fixtures/bitmamba2/ (tiny.bin + the published C++ engine's logits and greedy tokens).
+Fixture: tests/fixtures/bitmamba2/ (tiny.bin + the published C++ engine's logits and greedy tokens).
 """
 
 import struct
@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_FIXTURES
+from conftest import FIXTURES
 from model.binfile import (MAGIC, BinHeader, BinModel, FpRecord, TernaryRecord, bin_layout, encode_bin,
                            pack_codes, read_bin, unpack_codes, write_bin)
 from model.convert import latent_from_ternary, ternary_scale
 from model.errors import CheckpointError
 
-FIX = SHARED_FIXTURES / "bitmamba2"
+FIX = FIXTURES / "bitmamba2"
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]
-needs_fixture = pytest.mark.skipif(not (FIX / "tiny.bin").is_file(),
-                                   reason=f"engine fixture folder {FIX} is absent")
 
 
 def random_bin(vocab=64, d_model=16, n_layers=2, n_heads=2, seed=0) -> BinModel:
@@ -56,7 +54,6 @@ def test_pack_matches_model_core_pack_ternary():
     assert (bitlinear.pack_ternary(torch.from_numpy(codes)).numpy() == pack_codes(codes)).all()
 
 
-@needs_fixture
 def test_read_fixture_header_and_records():
     m = read_bin(FIX / "tiny.bin")
     assert (m.header.vocab, m.header.d_model, m.header.n_layers, m.header.n_heads) == (512, 64, 2, 2)
@@ -69,7 +66,6 @@ def test_read_fixture_header_and_records():
     assert m["layers.1.mixer.conv1d.weight"].data.shape == (128, 1, 4)
 
 
-@needs_fixture
 def test_fixture_write_is_byte_identical(tmp_path):
     raw = (FIX / "tiny.bin").read_bytes()
     write_bin(tmp_path / "copy.bin", read_bin(FIX / "tiny.bin"))
@@ -246,7 +242,6 @@ def engine_greedy() -> list[int]:
     return [int(t) for t in (FIX / "engine_greedy_32.txt").read_text().split()]
 
 
-@needs_fixture
 def test_reader_matches_engine_via_float64_reference():
     """Checks the reader (names, order, code/scale semantics) independently of our model code."""
     ref = engine_reference_logits(read_bin(FIX / "tiny.bin"), PROMPT)
@@ -260,7 +255,6 @@ def imported():
     return import_bin(FIX / "tiny.bin")
 
 
-@needs_fixture
 def test_import_config_is_bitmamba2_layout(imported):
     c = imported.config
     assert (c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.headdim) == (512, 64, 2, 2, 64)
@@ -268,7 +262,6 @@ def test_import_config_is_bitmamba2_layout(imported):
     assert (c.bitlinear_norm, c.block_prenorm, c.ternary_head, c.norm_eps) == (True, False, True, 1e-6)
 
 
-@needs_fixture
 def test_imported_model_matches_engine_logits(imported):
     with torch.no_grad():
         logits = imported(torch.tensor([PROMPT])).logits[0].float().numpy()
@@ -277,7 +270,6 @@ def test_imported_model_matches_engine_logits(imported):
     assert diff < 1e-3
 
 
-@needs_fixture
 def test_imported_model_greedy_matches_engine(imported):
     ids = list(PROMPT)
     with torch.no_grad():
@@ -286,7 +278,6 @@ def test_imported_model_greedy_matches_engine(imported):
     assert ids[len(PROMPT):] == engine_greedy()
 
 
-@needs_fixture
 def test_import_export_byte_identical_fixture(imported, tmp_path):
     from model.convert import export_bin
 
@@ -322,7 +313,6 @@ def test_export_of_trained_model_roundtrips(tmp_path):
     torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-4)
 
 
-@needs_fixture
 def test_imported_model_recurrent_step_matches_engine(imported):
     """The one-token `step` path (what the rollout engine runs) also reproduces the engine."""
     with torch.no_grad():

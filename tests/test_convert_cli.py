@@ -11,16 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_FIXTURES
+from conftest import FIXTURES, ROOT
 from model.config import BitMambaConfig
 from model.convert import bitmamba2_config, main
 from model.errors import CheckpointError, ConfigError
 from model.lm import BitMambaLM
 
-FIX = SHARED_FIXTURES / "bitmamba2"
+FIX = FIXTURES / "bitmamba2"
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]
-needs_fixture = pytest.mark.skipif(not (FIX / "tiny.bin").is_file(),
-                                   reason=f"engine fixture folder {FIX} is absent")
 
 
 def _bitmamba2_ckpt(path: Path, **changes) -> Path:
@@ -33,7 +31,6 @@ def _bitmamba2_ckpt(path: Path, **changes) -> Path:
     return path
 
 
-@needs_fixture
 def test_bin_to_ours_and_back(tmp_path, capsys):
     assert main(["--from", "bitmamba2-bin", str(FIX / "tiny.bin"), str(tmp_path / "ck")]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -101,7 +98,6 @@ def test_bad_bin_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.bin"]
 
 
-@needs_fixture
 def test_refuses_non_empty_destination(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED_FIXTURES
+from conftest import FIXTURES
 from model.binfile import TernaryRecord, read_bin
 from model.config import BitMambaConfig
 from model.errors import CheckpointError
 from model.info import checkpoint_info, main
 from model.lm import BitMambaLM
 
-FIX = SHARED_FIXTURES / "bitmamba2"
+FIX = FIXTURES / "bitmamba2"
 
 
 def _save(cfg, path, dtype=None):
@@ -23,7 +23,6 @@ def _save(cfg, path, dtype=None):
     return m
 
 
-@pytest.mark.skipif(not (FIX / "tiny.bin").is_file(), reason=f"engine fixture folder {FIX} is absent")
 def test_packed_size_equals_bin_payload(tmp_path):
     """The packed size of a .bin import is exactly the .bin file minus its header and record headers."""
     from model.convert import main as convert
