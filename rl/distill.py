@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -122,10 +123,18 @@ class DistillConfig:
 # ----------------------------------------------------------------------------- models
 
 
+TEACHER_RECIPE = ("bitmamba pretrain --config configs/pretrain_tiny_fp.yaml --output-dir runs/pretrain_tiny_fp "
+                  "(writes runs/pretrain_tiny_fp/final, the teacher of configs/distill_tiny.yaml)")
+
+
 def load_teacher(spec: TeacherSpec) -> nn.Module:
     if spec.hf_path:
         teacher = import_hf(spec.hf_path, no_quant=True)
     else:
+        if not Path(spec.path).is_dir():
+            raise ConfigError(f"teacher.path {spec.path}: no such model directory. Train a full-precision teacher "
+                              f"first, e.g. {TEACHER_RECIPE}, or set teacher.path to a model directory "
+                              f"(a stage's final/) or teacher.hf_path to a Hugging Face Mamba-2 directory")
         teacher = BitMambaLM.from_pretrained(spec.path)
     if teacher.zero_ratios():
         warnings.warn("the teacher has ternary layers (quant.ternary true); distillation usually starts from a "

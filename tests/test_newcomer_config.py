@@ -61,3 +61,16 @@ def test_sft_init_from_a_pretraining_final_with_the_shipped_overrides(tmp_path):
                       [f"model.init_from={final}", "model.overrides={vocab_size: 512}"])
     with pytest.raises(ConfigError, match=r"model\.overrides\.vocab_size: 512 differs from 384"):
         build_model_from_spec(cfg.model, "configs/sft_tiny.yaml")
+
+
+def test_distill_missing_teacher_says_how_to_make_it(tmp_path, capsys):
+    """The shipped distill config names a teacher that a fresh clone does not have yet."""
+    from rl.cli import main as cli
+
+    rc = cli(["distill", "--config", str(ROOT / "configs" / "distill_tiny.yaml"), "--output-dir",
+              str(tmp_path / "d"), f"teacher.path={tmp_path / 'nope' / 'final'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: teacher.path") and len(err.splitlines()) == 1
+    assert "bitmamba pretrain --config configs/pretrain_tiny_fp.yaml" in err
+    assert (ROOT / "configs" / "pretrain_tiny_fp.yaml").is_file()   # the recipe it gives exists
+    assert not (tmp_path / "d").exists()                            # nothing written
