@@ -72,7 +72,7 @@ def test_demo_refuses_a_reused_dir_before_the_warm_start_and_overwrite_clears_it
     (tmp_path / "reward.png").write_bytes(b"png")
     calls = []
 
-    def warm_start(cfg, out, steps):
+    def warm_start(cfg, out, *args, **kwargs):
         calls.append(sorted(p.name for p in Path(out).iterdir()))
         raise _NoRay
 
