@@ -161,16 +161,28 @@ class BitMambaLM(nn.Module):
         return (ce * val).sum()
 
     def token_logprobs(self, input_ids: Tensor, targets: Tensor, *, seq_idx: Tensor | None = None,
-                       chunk: int | None = None, return_entropy: bool = False):
-        """log p(targets[b, t] | input_ids[b, :t+1]) fp32 [B, T] (and entropy [B, T] fp32, never differentiable,
-        if asked). With grad enabled (no autocast): the fused head (`head_logprobs`, chunk default ~512 MB of
-        fp32 logits); otherwise chunked over `chunk` (default CE_CHUNK) tokens like the loss."""
+                       chunk: int | None = None, return_entropy: bool = False, temperature: float = 1.0,
+                       fused: bool | None = None):
+        """log p_T(targets[b, t] | input_ids[b, :t+1]) fp32 [B, T] under `log_softmax(logits / temperature)`
+        (and the entropy [B, T] fp32 of that distribution, never differentiable, if asked).
+
+        `fused` picks the head: True -> the fused head (`head_logprobs`, chunk default ~512 MB of fp32 logits),
+        also without grad; False -> chunked over `chunk` (default CE_CHUNK) tokens like the loss; None -> fused
+        when grad is enabled and autocast is off. A learner computing "old" or reference log-probs passes
+        fused=True in train mode so they come from the same numerical path as the loss's."""
+        if temperature <= 0:
+            raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
         h = self.hidden_states(input_ids, seq_idx=seq_idx)
         B, T = targets.shape
         hf = h.reshape(-1, h.shape[-1])
         tg = targets.reshape(-1).long()
-        if torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type):
-            lp, ent = head_logprobs(*self._head_input(hf), tg, chunk, return_entropy)
+        if fused is None:
+            fused = torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
+        if fused:
+            x, w = self._head_input(hf)
+            if temperature != 1.0:
+                x = x / temperature                      # (x / T) @ w^T = logits / T (the head has no bias)
+            lp, ent = head_logprobs(x, w, tg, chunk, return_entropy)
             return (lp.reshape(B, T), ent.reshape(B, T)) if return_entropy else lp.reshape(B, T)
         chunk = chunk or CE_CHUNK
         w = self._head_weight()
@@ -178,8 +190,8 @@ class BitMambaLM(nn.Module):
         lps, ents = [], []
         for s in range(0, hf.shape[0], chunk):
             args = (hf[s:s + chunk], w, tg[s:s + chunk])
-            lp, ent = (checkpoint(self._lp_chunk, *args, return_entropy, use_reentrant=False) if use_ckpt
-                       else self._lp_chunk(*args, return_entropy))
+            lp, ent = (checkpoint(self._lp_chunk, *args, return_entropy, temperature, use_reentrant=False)
+                       if use_ckpt else self._lp_chunk(*args, return_entropy, temperature))
             lps.append(lp)
             ents.append(ent)
         logp = torch.cat(lps).reshape(B, T)
@@ -199,8 +211,9 @@ class BitMambaLM(nn.Module):
             x = act_quant_ste(x)
         return x, (self._head_weight() if head.ternary else head.weight)
 
-    def _lp_chunk(self, hc: Tensor, w: Tensor | None, tg: Tensor, want_entropy: bool):
-        logp_all = torch.log_softmax(self._head_fp32(hc, w), dim=-1)
+    def _lp_chunk(self, hc: Tensor, w: Tensor | None, tg: Tensor, want_entropy: bool, temperature: float = 1.0):
+        logits = self._head_fp32(hc, w)
+        logp_all = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
         lp = logp_all.gather(-1, tg[:, None]).squeeze(-1)
         ent = -(logp_all.exp() * logp_all).sum(-1) if want_entropy else lp.new_zeros(())
         return lp, ent

@@ -13,6 +13,15 @@ Three log-probabilities appear in the loss (the "decoupled PPO" formulation):
 - `rollout_logp`  what the generation worker computed when it sampled (the behaviour policy; it
                   differs from `old_logp` by kernel numerics and, one-step-off-policy, by one update).
 Truncated importance sampling weights each token by `min(exp(old_logp - rollout_logp), C)`.
+
+`rollout_logp` is the log-prob under the distribution the worker actually sampled from (after its
+temperature and any top-k / top-p / min-p / repetition-penalty filter), and `logp` / `old_logp` are the
+learner's under `log_softmax(logits / T)`. With temperature-only sampling the two distributions are the
+same policy (their gap is kernel numerics); with filters the TIS weight is the importance correction
+pi_T / pi_sampled (docs/grpo.md).
+
+Numerical guards (as veRL): log-ratios are clamped to +-20 before `exp`, the k3 KL to <= 10, and every
+reduction selects valid tokens with `where`, so a masked position holding -inf or NaN changes nothing.
 """
 
 from __future__ import annotations
@@ -133,15 +142,35 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 # KL and mismatch
 
 
+LOG_RATIO_CLAMP = 20.0       # |log-ratio| bound before exp (veRL, OpenRLHF)
+KL_CLAMP = 10.0              # upper bound of the per-token k3 KL (veRL)
+
+
+def clamped_log_ratio(a: Tensor, b: Tensor) -> Tensor:
+    """a - b clamped to [-20, 20] (NaN stays NaN; masked positions are dropped by `where` later)."""
+    return (a - b).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k3 estimator of KL(pi || ref) per token: exp(r) - r - 1 with r = ref_logp - logp. [B, T]"""
-    r = ref_logp - logp                                                      # [B, T]
-    return torch.exp(r) - r - 1.0                                            # [B, T]
+    """k3 estimator of KL(pi || ref) per token: exp(r) - r - 1 with r = ref_logp - logp clamped to
+    +-20, the result clamped to <= 10. [B, T]"""
+    r = clamped_log_ratio(ref_logp, logp)                                    # [B, T]
+    return (torch.exp(r) - r - 1.0).clamp(max=KL_CLAMP)                      # [B, T]
+
+
+def _masked(x: Tensor, mask: Tensor) -> Tensor:
+    """x * mask, with exact zeros where mask == 0 (even if x holds inf/NaN there)."""
+    return torch.where(mask > 0, x * mask, torch.zeros_like(x))
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """sum(x * mask) / max(sum(mask), 1) -> scalar."""
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    """sum(x * mask) / max(sum(mask), 1) -> scalar (positions with mask 0 are ignored, whatever x is)."""
+    return _masked(x, mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def valid_rows(mask: Tensor) -> float:
+    """Rows of a [B, T] mask with at least one valid token."""
+    return float((mask.sum(-1) > 0).sum())
 
 
 def rollout_mismatch(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor) -> dict[str, float]:
@@ -152,7 +181,7 @@ def rollout_mismatch(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor) -> di
     abs_diff: mean |old_logp - rollout_logp|.
     """
     with torch.no_grad():
-        d = (old_logp - rollout_logp).float()                                # [B, T]
+        d = clamped_log_ratio(old_logp, rollout_logp).float()               # [B, T]
         kl = torch.exp(d) - d - 1.0                                          # [B, T]
         valid = mask > 0                                                     # [B, T]
         if not bool(valid.any()):
@@ -177,6 +206,7 @@ class LossConfig:
     seq_sum_const: float = 1.0           # Dr. GRPO constant (typically max new tokens)
     kl_coef: float = 0.0                 # weight of k3 KL to the frozen reference; 0 = no reference
     tis_cap: float | None = 2.0          # truncated IS cap C; None = no correction
+    clip_ratio_c: float | None = None    # dual-clip bound on negative-advantage tokens (veRL: 3.0); None = off
 
 
 def aggregate(per_token: Tensor, mask: Tensor, mode: Aggregation, *,
@@ -185,16 +215,16 @@ def aggregate(per_token: Tensor, mask: Tensor, mode: Aggregation, *,
     """Reduce a per-token loss [B, T] to a scalar.
 
     token-mean:          sum(l * m) / n_tokens                  (n_tokens: valid tokens of the minibatch)
-    seq-mean-token-mean: sum_b (sum_t l*m / sum_t m) / n_seqs
+    seq-mean-token-mean: sum_b (sum_t l*m / sum_t m) / n_seqs   (n_seqs: rows with a valid token, as veRL)
     seq-sum-const:       sum(l * m) / (n_seqs * const)          (Dr. GRPO)
     `n_tokens` / `n_seqs` default to this micro-batch's own; a learner accumulating over several
     micro-batches passes the minibatch totals so the accumulated gradient equals the full one.
     """
-    masked = per_token * mask                                                # [B, T]
+    masked = _masked(per_token, mask)                                        # [B, T]
     if mode == "token-mean":
         denom = float(mask.sum()) if n_tokens is None else n_tokens
         return masked.sum() / max(denom, 1.0)                                # []
-    nseq = float(per_token.shape[0]) if n_seqs is None else n_seqs
+    nseq = valid_rows(mask) if n_seqs is None else n_seqs
     if mode == "seq-mean-token-mean":
         per_seq = masked.sum(1) / mask.sum(1).clamp(min=1.0)                 # [B]
         return per_seq.sum() / max(nseq, 1.0)                                # []
@@ -218,16 +248,19 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     mask = mask.to(logp.dtype)                                               # [B, T]
     adv = advantages if advantages.dim() == 2 else advantages[:, None]      # [B, T] or [B, 1]
     adv = adv.to(logp.dtype)
-    log_ratio = logp - old_logp.detach()                                     # [B, T]
+    log_ratio = clamped_log_ratio(logp, old_logp.detach())                   # [B, T]
     ratio = torch.exp(log_ratio)                                             # [B, T]
     lo, hi = 1.0 - cfg.clip_low, 1.0 + cfg.clip_high
     pg1 = -adv * ratio                                                       # [B, T]
     pg2 = -adv * ratio.clamp(lo, hi)                                         # [B, T]
     per_tok = torch.maximum(pg1, pg2)                                        # [B, T]
+    if cfg.clip_ratio_c is not None:
+        # dual clip: a negative-advantage token's loss is bounded by -A * c (veRL's clip_ratio_c)
+        per_tok = torch.where(adv < 0, torch.minimum(per_tok, -adv * cfg.clip_ratio_c), per_tok)  # [B, T]
 
     metrics: dict[str, float] = {}
     if rollout_logp is not None and cfg.tis_cap is not None:
-        is_ratio = torch.exp(old_logp.detach() - rollout_logp)               # [B, T]
+        is_ratio = torch.exp(clamped_log_ratio(old_logp.detach(), rollout_logp))  # [B, T]
         w = is_ratio.clamp(max=cfg.tis_cap).detach()                         # [B, T]
         per_tok = per_tok * w                                                # [B, T]
         metrics["tis_weight_mean"] = float(masked_mean(w, mask))

@@ -123,7 +123,9 @@ class AlgoSection:
     seq_sum_const: float | None = None  # Dr. GRPO constant; None -> sampling.max_new_tokens
     kl_coef: float = 0.0                 # > 0 keeps a frozen reference model in the learner
     tis_cap: float | None = 2.0          # truncated IS cap against rollout log-probs; None = off
-    dynamic_sampling: bool = False       # drop zero-std groups and draw more prompts
+    clip_ratio_c: float | None = None    # dual-clip bound for negative advantages (veRL uses 3.0); None = off
+    dynamic_sampling: bool = False       # drop groups whose task reward is all equal and draw more prompts
+    dynamic_sampling_rewards: list[str] | None = None   # reward names deciding that; None: all (no shaping)
     max_resample_rounds: int = 3         # extra generate rounds per step when dynamic sampling
     overlong_buffer: int = 0             # DAPO soft overlong punishment ramp (tokens); 0 = off
     overlong_factor: float = 1.0
@@ -140,6 +142,8 @@ class AlgoSection:
             raise ConfigError(f"algo.tis_cap: must be >= 1 (or null), got {self.tis_cap}")
         if self.overlong_buffer < 0:
             raise ConfigError(f"algo.overlong_buffer: must be >= 0, got {self.overlong_buffer}")
+        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1:
+            raise ConfigError(f"algo.clip_ratio_c: must be > 1 (or null), got {self.clip_ratio_c}")
 
 
 @dataclass
@@ -149,25 +153,40 @@ class LearnerSection:
 
     backend: Literal["deepspeed", "torch"] = "deepspeed"   # "torch": plain AdamW, warned at start
     lr: float = 1e-6
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"   # after the warmup, per optimizer step
+    warmup_steps: int = 0                # optimizer steps of linear warmup from 0 to lr
+    min_lr_ratio: float = 0.0            # cosine / linear: final lr = min_lr_ratio * lr
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
-    zero_stage: int = 2
+    zero_stage: int = 2                  # 0, 1 or 2 (one learner process)
     offload_optimizer: bool = True
     bf16: bool | None = None             # None: bf16 on GPU, fp32 on CPU
     micro_batch_tokens: int = 4096       # token budget of one packed micro-batch (prompt + completion)
     minibatches: int = 1                 # optimizer steps per rollout batch
     epochs: int = 1                      # passes over the rollout batch
     gradient_checkpointing: bool = False
-    num_gpus: float = 0.0                # the learner actor's resources
+    num_gpus: float = 0.0                # the learner actor's resources (at most one GPU, or a share of one)
     num_cpus: float = 1.0
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ConfigError(f"learner.lr: must be > 0, got {self.lr}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"learner.zero_stage: must be 0..3, got {self.zero_stage}")
+        if self.zero_stage == 3:
+            raise ConfigError("learner.zero_stage: 3 is not supported: the learner is one process, and ZeRO-3 "
+                              "shards parameters across ranks; use 2 (optimizer state offloaded to the CPU)")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"learner.zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
+        if self.num_gpus > 1:
+            raise ConfigError(f"learner.num_gpus: the learner runs on one GPU (or a share of one), got "
+                              f"{self.num_gpus}; more GPUs can go to the generation workers (workers.num_gpus)")
+        if self.num_gpus < 0:
+            raise ConfigError(f"learner.num_gpus: must be >= 0, got {self.num_gpus}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"learner.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"learner.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.micro_batch_tokens < 1 or self.minibatches < 1 or self.epochs < 1:
             raise ConfigError("learner.micro_batch_tokens, learner.minibatches and learner.epochs must be >= 1")
 
@@ -258,6 +277,11 @@ class GRPOConfig:
         if self.learner.minibatches > self.prompts_per_step:
             raise ConfigError(f"learner.minibatches ({self.learner.minibatches}) must be <= prompts_per_step "
                               f"({self.prompts_per_step})")
+        s = self.sampling
+        if (s.top_k > 0 or s.top_p < 1.0 or s.min_p > 0.0) and self.algo.tis_cap is None:
+            raise ConfigError("sampling.top_k / top_p / min_p sample from a filtered distribution that the learner "
+                              "(log_softmax(logits / T)) does not reproduce; algo.tis_cap must be set so importance "
+                              "weights correct for the filter (docs/grpo.md)")
         if self.sampling.max_new_tokens >= self.model.max_seq_len:
             raise ConfigError(f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must be < "
                               f"model.max_seq_len ({self.model.max_seq_len}) to leave room for the prompt")

@@ -16,8 +16,12 @@ One update over a rollout batch of N samples:
 3. per micro-batch: current log-probs (and entropy) via `model.token_logprobs`, the loss from
    `rl.algo.policy_loss` normalised by the minibatch's totals (so accumulated gradients equal the
    full-minibatch gradient), `engine.backward`; the engine steps at the minibatch boundary.
-The proximal "old" log-probs are the policy's before the first step (computed once without grad when
-there is more than one optimizer step, otherwise the current ones detached: the same numbers).
+The proximal "old" log-probs are the policy's before the first step: with one optimizer step the loss's
+own log-probs detached; with more, computed once without grad over the same micro-batches, in train mode
+through the same fused head and dtype as the loss, so the first step's ratio is 1 up to kernel determinism.
+Every log-prob is of `log_softmax(logits / sampling.temperature)`: the distribution the workers sampled
+(before any top-k / top-p / min-p / penalty filter, which the TIS weight corrects; docs/grpo.md).
+The learning rate follows `learner.lr_schedule` (warmup, then constant / cosine / linear) per optimizer step.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from model.lm import BitMambaLM
 from rl import algo
 from rl.checkpoint import CheckpointManager, load_checkpoint
 from rl.grpo_config import GRPOConfig, LearnerSection, build_model
+from rl.schedule import Schedule, ScheduleConfig
 from rl.weight_sync import PolicyWeights, SharedPolicy, export_policy, export_shared, gpu_uuid, policy_views, to_host
 
 log = logging.getLogger("rl.learner")
@@ -51,8 +56,10 @@ log = logging.getLogger("rl.learner")
 class TrainBatch:
     """One rollout batch as the learner consumes it: N samples of variable lengths.
 
-    rollout_logprobs are the generation worker's `model_logprobs` (raw model, temperature 1) of the
-    completion tokens; loss_mask is 1 for trained completion tokens (0: injected, truncated, excluded).
+    rollout_logprobs are the generation worker's `logprobs` of the completion tokens: log-probs under the
+    distribution it sampled from (temperature and filters applied), the behaviour policy of the TIS
+    weight and the mismatch metrics; loss_mask is 1 for trained completion tokens (0: injected,
+    truncated, excluded).
     """
 
     prompt_ids: list[list[int]]          # [N][P_i]
@@ -78,6 +85,45 @@ class MicroBatch:
     rollout_logp: Tensor   # [B, L-1] fp32 (0 outside completions)
     advantages: Tensor     # [B] fp32
     index: list[int]       # sample indices of the rows
+
+
+@dataclass
+class Minibatch:
+    """The micro-batches of one optimizer step and the totals the loss is normalised by."""
+
+    micro: list[MicroBatch]
+    n_tokens: float          # valid (trained) tokens of the minibatch
+    n_seqs: float            # rows with at least one valid token
+
+
+class _MetricAccumulator:
+    """Per-update metrics: token-weighted means, pg_loss summed over micro-batches, mismatch extremes."""
+
+    EXTREMES = {"mismatch_max_ratio": max, "mismatch_min_ratio": min}
+
+    def __init__(self, n_opt_steps: int):
+        self.n_opt_steps = n_opt_steps
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.extremes: dict[str, float] = {}
+        self.bad = 0
+
+    def add(self, m: dict[str, float], w: float) -> None:
+        for key, v in m.items():
+            if key in self.EXTREMES:
+                self.extremes[key] = self.EXTREMES[key](self.extremes.get(key, v), v)
+            elif key == "pg_loss":      # micro-batch parts sum to the minibatch loss
+                self.sums[key] = self.sums.get(key, 0.0) + v / self.n_opt_steps
+                self.weights[key] = 1.0
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + v * w
+                self.weights[key] = self.weights.get(key, 0.0) + w
+
+    def result(self) -> dict[str, float]:
+        out = {f"learn/{k}": (self.sums[k] / self.weights[k] if self.weights[k] else 0.0) for k in self.sums}
+        out.update({f"learn/{k}": v for k, v in self.extremes.items()})
+        out["learn/bad_micro_batches"] = float(self.bad)
+        return out
 
 
 def pack_micro_batches(batch: TrainBatch, indices: list[int], token_budget: int) -> list[list[int]]:
@@ -112,6 +158,21 @@ def collate(batch: TrainBatch, rows: list[int], pad_id: int = 0) -> MicroBatch:
         rlp[r, sl] = torch.tensor(batch.rollout_logprobs[i], dtype=torch.float32)
     adv = torch.tensor([batch.advantages[i] for i in rows], dtype=torch.float32)  # [B]
     return MicroBatch(ids[:, :-1], ids[:, 1:], mask, rlp, adv, list(rows))
+
+
+def lr_schedule(sec: LearnerSection, total_opt_steps: int) -> Schedule:
+    """`learner.lr_schedule` over the run's optimizer steps (steps x minibatches x epochs): linear warmup
+    over `warmup_steps` optimizer steps, then constant, cosine or linear decay to `min_lr_ratio` x lr."""
+    total = max(total_opt_steps, 1)
+    warm = min(sec.warmup_steps, total - 1) / total if total > 1 else 0.0
+    if sec.lr_schedule == "constant":
+        sc = ScheduleConfig(kind="wsd", warmup=warm, decay=0.0)
+    elif sec.lr_schedule == "cosine":
+        sc = ScheduleConfig(kind="cosine", warmup=warm, min_lr_ratio=sec.min_lr_ratio)
+    else:
+        sc = ScheduleConfig(kind="wsd", warmup=warm, decay=1.0 - warm, decay_shape="linear",
+                            min_lr_ratio=sec.min_lr_ratio)
+    return Schedule(sc, total)
 
 
 def free_port() -> int:
@@ -174,14 +235,12 @@ class Learner:
         model = build_model(cfg.model, init_dir)
         model.gradient_checkpointing = self.sec.gradient_checkpointing
         self.model_config = model.config.to_dict()
-        self.ref: BitMambaLM | None = None
-        if cfg.algo.kl_coef > 0:
-            self.ref = build_model(cfg.model, init_dir).to(self.device).eval()
-            self.ref.load_state_dict(model.state_dict())
-            self.ref.requires_grad_(False)
+        self.temperature = cfg.sampling.temperature      # the learner scores log_softmax(logits / T)
         self.loss_cfg = algo.LossConfig(
             clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, aggregation=cfg.algo.aggregation,
-            seq_sum_const=cfg.seq_sum_const, kl_coef=cfg.algo.kl_coef, tis_cap=cfg.algo.tis_cap)
+            seq_sum_const=cfg.seq_sum_const, kl_coef=cfg.algo.kl_coef, tis_cap=cfg.algo.tis_cap,
+            clip_ratio_c=cfg.algo.clip_ratio_c)
+        self.schedule = lr_schedule(self.sec, cfg.steps * self.sec.minibatches * self.sec.epochs)
         self.version = 0
         self.optimizer_steps = 0
         self._skipped = 0                  # optimizer steps skipped in the current update (non-finite)
@@ -210,6 +269,17 @@ class Learner:
             self.model = model.to(self.device)
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.sec.lr, betas=self.sec.betas,
                                                weight_decay=self.sec.weight_decay)
+        self.ref = self._build_reference(cfg, init_dir) if cfg.algo.kl_coef > 0 else None
+
+    def _build_reference(self, cfg: GRPOConfig, init_dir: str | None) -> BitMambaLM:
+        """The frozen reference: a copy of the initial policy in the policy's device and dtype (bf16 when the
+        learner trains in bf16: no fp32 copy), scored like the policy (train mode, fused head), so its KL
+        to the policy is exactly 0 before the first step."""
+        like = next(self.model.parameters())
+        ref = build_model(cfg.model, init_dir).to(device=like.device, dtype=like.dtype)
+        ref.load_state_dict(self.model.state_dict())
+        ref.requires_grad_(False)
+        return ref.train()
 
     # ------------------------------------------------------------------ info
     def ping(self) -> dict:
@@ -221,15 +291,19 @@ class Learner:
 
     # ------------------------------------------------------------------ log-probs
     def _logprobs(self, model: BitMambaLM, mb: MicroBatch, entropy: bool):
+        """log p_T of the micro-batch's targets under `log_softmax(logits / sampling.temperature)` through
+        the fused head: the loss's numerical path, also when called without grad (old / reference)."""
         ids = mb.input_ids.to(self.device)
         tg = mb.targets.to(self.device)
-        out = model.token_logprobs(ids, tg, return_entropy=entropy)          # [B, L-1] (, [B, L-1])
+        out = model.token_logprobs(ids, tg, return_entropy=entropy, temperature=self.temperature,
+                                   fused=True)                               # [B, L-1] (, [B, L-1])
         return out if entropy else (out, None)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
-        """Current policy's log-probs of every completion token (eval mode) -> [N][C_i]."""
-        self.model.eval()
+        """The current policy's log p_T of every completion token -> [N][C_i], on the loss's numerical path
+        (train mode: straight-through BitLinears, the learner's dtype, the fused head)."""
+        self.model.train()
         out: list[list[float]] = [[] for _ in range(len(batch))]
         for rows in pack_micro_batches(batch, list(range(len(batch))), self.sec.micro_batch_tokens):
             mb = collate(batch, rows)
@@ -263,90 +337,63 @@ class Learner:
             + ka.table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n" + ka.table(sort_by=dev_key, row_limit=40))
         return out
 
-    def _update(self, batch: TrainBatch) -> dict[str, float]:
-        t0 = time.perf_counter()
+    def _plan(self, batch: TrainBatch) -> list[Minibatch]:
+        """The rollout batch cut into `minibatches` contiguous minibatches, each packed into micro-batches."""
         n = len(batch)
         n_mb = min(self.sec.minibatches, n)
-        n_opt_steps = n_mb * self.sec.epochs
-        old = self.compute_logprobs(batch) if n_opt_steps > 1 else None
-        self.model.train()
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
-        extremes = {"mismatch_max_ratio": -float("inf"), "mismatch_min_ratio": float("inf")}
-        grad_norms: list[float] = []
-        bad = 0
         bounds = [round(k * n / n_mb) for k in range(n_mb + 1)]
+        plan = []
+        for k in range(n_mb):
+            idx = list(range(bounds[k], bounds[k + 1]))
+            micro = [collate(batch, rows) for rows in pack_micro_batches(batch, idx, self.sec.micro_batch_tokens)]
+            plan.append(Minibatch(micro, n_tokens=float(sum(sum(batch.loss_mask[i]) for i in idx)),
+                                  n_seqs=float(sum(1 for i in idx if any(batch.loss_mask[i])))))
+        return plan
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model: BitMambaLM, plan: list[Minibatch]) -> list[list[Tensor]]:
+        """log p_T of every micro-batch of the plan without grad, in train mode (the loss's path)."""
+        model.train()
+        return [[self._logprobs(model, mb, entropy=False)[0] for mb in m.micro] for m in plan]
+
+    def _update(self, batch: TrainBatch) -> dict[str, float]:
+        t0 = time.perf_counter()
+        plan = self._plan(batch)
+        n_opt_steps = len(plan) * self.sec.epochs
+        # the proximal policy: with one optimizer step the loss's own log-probs (detached) are it exactly
+        old = self._frozen_logprobs(self.model, plan) if n_opt_steps > 1 else None
+        ref = self._frozen_logprobs(self.ref, plan) if self.ref is not None else None
+        self.model.train()
+        acc = _MetricAccumulator(n_opt_steps)
+        grad_norms: list[float | None] = []
         for _ in range(self.sec.epochs):
-            for k in range(n_mb):
-                idx = list(range(bounds[k], bounds[k + 1]))
-                micro = pack_micro_batches(batch, idx, self.sec.micro_batch_tokens)
-                n_tokens = float(sum(sum(batch.loss_mask[i]) for i in idx))
-                n_seqs = float(len(idx))
+            for k, mini in enumerate(plan):
+                self._set_lr()
                 if self.engine is not None:
-                    self.engine.set_train_batch_size(len(micro))
+                    self.engine.set_train_batch_size(len(mini.micro))
                 else:
                     self.optimizer.zero_grad(set_to_none=True)
                 bad_here = 0
-                for j, rows in enumerate(micro):
+                for j, mb in enumerate(mini.micro):
                     if self.engine is not None:
                         # DeepSpeed's own boundary is a global micro-step count modulo the current GAS: with
                         # a GAS that changes between minibatches it falls mid-minibatch (gradients leak into
                         # the next update and the last step() is a no-op). Mark the boundary explicitly.
-                        self.engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
-                    mb = collate(batch, rows)
-                    logp, ent = self._logprobs(self.model, mb, entropy=True)    # [B, L-1]
-                    if old is None:
-                        old_lp = logp.detach()                                  # [B, L-1]
-                    else:
-                        old_lp = self._place(old, batch, rows, mb.mask.shape)   # [B, L-1]
-                    ref_lp = None
-                    if self.ref is not None:
-                        with torch.no_grad():
-                            ref_lp, _ = self._logprobs(self.ref, mb, entropy=False)  # [B, L-1]
-                    mask = mb.mask.to(self.device)
-                    loss, m = algo.policy_loss(
-                        logp, old_lp, mb.advantages.to(self.device), mask, self.loss_cfg,
-                        rollout_logp=mb.rollout_logp.to(self.device), ref_logp=ref_lp, entropy=ent,
-                        n_tokens=n_tokens, n_seqs=n_seqs)
-                    if not torch.isfinite(loss):
-                        # a NaN/inf micro-batch contributes nothing: a zero loss through the weights
-                        # keeps DeepSpeed's accumulation count; it is counted, never applied
-                        bad += 1
-                        bad_here += 1
-                        loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
-                        if bad_here == len(micro):
-                            # no finite micro-batch in this minibatch: NaN gradients make the optimizer
-                            # skip the step (a zero gradient would still move AdamW's momentum)
-                            loss = loss * float("nan")
-                        m = {}
-                    if self.engine is not None:
-                        self.engine.backward(loss, scale_wrt_gas=False)
-                        self.engine.step()
-                    else:
-                        loss.backward()
-                    w = float(mask.sum())
-                    for key, v in m.items():
-                        if key in extremes:
-                            extremes[key] = max(extremes[key], v) if "max" in key else min(extremes[key], v)
-                        elif key == "pg_loss":
-                            sums[key] = sums.get(key, 0.0) + v / n_opt_steps   # micro parts sum to the minibatch loss
-                            weights[key] = 1.0
-                        else:
-                            sums[key] = sums.get(key, 0.0) + v * w
-                            weights[key] = weights.get(key, 0.0) + w
+                        self.engine.set_gradient_accumulation_boundary(j == len(mini.micro) - 1)
+                    old_lp = None if old is None else old[k][j]
+                    ref_lp = None if ref is None else ref[k][j]
+                    ok = self._micro_step(mb, mini, old_lp, ref_lp, acc, last_bad=bad_here + 1 == len(mini.micro))
+                    bad_here += not ok
                 grad_norms.append(self._finish_step())
         self.version += 1
-        out = {f"learn/{k}": (sums[k] / weights[k] if weights[k] else 0.0) for k in sums}
-        for k, v in extremes.items():
-            if abs(v) != float("inf"):
-                out[f"learn/{k}"] = v
+        out = acc.result()
         finite = [g for g in grad_norms if g is not None]
         out["learn/grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
         out["learn/optimizer_steps"] = float(n_opt_steps)
-        out["learn/bad_micro_batches"] = float(bad)
         out["learn/skipped_steps"] = float(self._skipped)
-        if bad:
-            log.warning("update %d: %d micro-batch(es) with a non-finite loss were left out", self.version, bad)
+        out["learn/lr"] = self._last_lr
+        if acc.bad:
+            log.warning("update %d: %d micro-batch(es) with a non-finite loss were left out", self.version, acc.bad)
         if self._skipped:
             log.warning("update %d: %d of %d optimizer step(s) skipped (non-finite loss or gradient)", self.version,
                         self._skipped, n_opt_steps)
@@ -354,6 +401,44 @@ class Learner:
         out["learn/tokens"] = float(sum(sum(m) for m in batch.loss_mask))
         out["learn/seconds"] = time.perf_counter() - t0
         return out
+
+    def _micro_step(self, mb: MicroBatch, mini: Minibatch, old_lp: Tensor | None, ref_lp: Tensor | None,
+                    acc: "_MetricAccumulator", last_bad: bool) -> bool:
+        """Loss and backward of one micro-batch (normalised by the minibatch totals); False if non-finite."""
+        logp, ent = self._logprobs(self.model, mb, entropy=True)            # [B, L-1]
+        mask = mb.mask.to(self.device)                                       # [B, L-1]
+        loss, m = algo.policy_loss(
+            logp, logp.detach() if old_lp is None else old_lp, mb.advantages.to(self.device), mask, self.loss_cfg,
+            rollout_logp=mb.rollout_logp.to(self.device), ref_logp=ref_lp, entropy=ent,
+            n_tokens=mini.n_tokens, n_seqs=mini.n_seqs)
+        ok = bool(torch.isfinite(loss))
+        if not ok:
+            # a NaN/inf micro-batch contributes nothing: a zero loss through the weights keeps DeepSpeed's
+            # accumulation count; it is counted, never applied
+            loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+            if last_bad:
+                # no finite micro-batch in this minibatch: NaN gradients make the optimizer skip the step
+                # (a zero gradient would still move AdamW's momentum)
+                loss = loss * float("nan")
+            m = {}
+            acc.bad += 1
+        if self.engine is not None:
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.step()
+        else:
+            loss.backward()
+        acc.add(m, float(mask.sum()))
+        return ok
+
+    # ------------------------------------------------------------------ learning rate
+    def _lr_now(self) -> float:
+        return self.sec.lr * self.schedule.lr_mult(self.optimizer_steps)
+
+    def _set_lr(self) -> None:
+        """The schedule's LR for the coming optimizer step (a pure function of the step: resume-exact)."""
+        lr = self._last_lr = self._lr_now()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def _finish_step(self) -> float | None:
         """Close one optimizer step; a non-finite gradient skips it (DeepSpeed does so itself)."""
@@ -378,14 +463,6 @@ class Learner:
         (old log-probs of the next minibatch computed with the previous weights)."""
         for _, lin in self.model.bitlinears():
             lin.invalidate_eval_cache()
-
-    def _place(self, per_sample: list[list[float]], batch: TrainBatch, rows: list[int],
-               shape: torch.Size) -> Tensor:
-        out = torch.zeros(shape)                                             # [B, L-1]
-        for r, i in enumerate(rows):
-            p, c = len(batch.prompt_ids[i]), len(batch.completion_ids[i])
-            out[r, p - 1: p - 1 + c] = torch.tensor(per_sample[i])
-        return out.to(self.device)
 
     # ------------------------------------------------------------------ weights
     def export_weights(self) -> PolicyWeights:

@@ -28,7 +28,8 @@ and the episode finishes "length"); `tool_timeout_s` per call (ToolSet); `max_re
 
 Trajectory conventions: `token_ids` = the whole completion (sampled and injected); `sampled_mask`
 1 = sampled by the policy (trained), 0 = injected (tool messages; never trained, never in a
-log-prob ratio); `logprobs` = the rollout's `model_logprobs` (raw model, temperature 1) for
+log-prob ratio); `logprobs` = the rollout's `logprobs` (under the distribution it sampled from:
+temperature and filters applied; the behaviour policy of the RL importance weight) for
 sampled tokens and 0.0 for injected ones (0.0 rather than NaN so that masked arithmetic such as
 `exp(old - rollout) * mask` stays finite; always read them with the mask).
 
@@ -331,7 +332,7 @@ class Agent:
                   "timeouts": sum(c.status == "timeout" for c in ep.calls),
                   "truncated": sum(c.truncated for c in ep.calls)}
         return Trajectory(prompt_ids=list(res.prompt_ids), token_ids=list(ids), sampled_mask=list(mask),
-                          logprobs=[lp if m else 0.0 for lp, m in zip(res.model_logprobs, mask)],
+                          logprobs=[lp if m else 0.0 for lp, m in zip(res.logprobs, mask)],
                           text=self._full_text(res), messages=messages,
                           tool_calls=ep.calls, finish_reason=res.finish_reason, limit=ep.limit,
                           counts=counts, result=res)

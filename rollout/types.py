@@ -105,9 +105,10 @@ class GenResult:
 
     token_ids: the completion (sampled tokens, and injected ones when a pause hook injected any).
     logprobs: log-prob of each token under the sampling distribution actually used (after penalty,
-      temperature, top-k/p, min-p; 0.0 for greedy since argmax is deterministic).
+      temperature, top-k/p, min-p; 0.0 for greedy since argmax is deterministic): the behaviour
+      policy, the rollout side of the RL importance ratio.
     model_logprobs: log-prob under the unmodified model distribution (log_softmax of the raw logits,
-      temperature 1): the rollout side of the RL importance ratio.
+      temperature 1), for diagnostics.
     sampled_mask: 1 for sampled tokens, 0 for injected ones (tool results; their log-probs are 0.0
       and must be masked out of the loss).
     Timing in seconds: prefill_s (this prompt's prefill, shared by its n samples), ttft_s (from the
