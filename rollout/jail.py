@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -217,8 +218,9 @@ def bwrap_path() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _probe(python: str) -> None:
-    view = interpreter_view(python)
     bwrap = bwrap_path()
+    reap_orphaned_jails()
+    view = interpreter_view(python)
     with tempfile.TemporaryFile() as code:
         code.write(b"print(6 * 7)\n")
         code.flush()
@@ -237,6 +239,37 @@ def _probe(python: str) -> None:
         hint = "" if os.geteuid() == 0 else f" ({_USERNS_HINT})"
         raise ConfigError(f"python sandbox: the jail cannot be set up on this host: {err}{hint}; "
                           "or set `sandbox: host` to run model code without a jail")
+
+
+def reap_orphaned_jails() -> list[int]:
+    """SIGKILL jails whose starter is gone: a bwrap that is the init of a PID namespace (its `NSpid` has
+    two entries) for a run `bitmamba-run-*` whose parent is not that run's outer bwrap. It happens when
+    the trainer is killed in the few ms between bwrap arming --die-with-parent and releasing its child
+    (bubblewrap 0.8-0.11): the child then waits forever, before any model code has started. Called once
+    per process when the jail is first checked; returns the pids killed."""
+    killed = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            status = open(f"/proc/{pid}/status").read()
+        except OSError:
+            continue
+        run = next((a for a in argv if a.startswith(b"bitmamba-run-")), None)
+        nspid = next((ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:")), [])
+        if run is None or os.path.basename(argv[0]) != b"bwrap" or len(nspid) < 2:
+            continue
+        ppid = next(ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:"))
+        try:
+            parent = open(f"/proc/{ppid}/cmdline", "rb").read()
+        except OSError:
+            parent = b""
+        if run not in parent:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+            except OSError:
+                pass
+    return killed
 
 
 def require_jail(python: str = sys.executable) -> InterpreterView:

@@ -31,9 +31,9 @@ Limits in both modes, set by the boot script before the user's code runs:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
-import re
 import select
 import shutil
 import signal
@@ -51,11 +51,26 @@ log = logging.getLogger(__name__)
 
 # The child's bootstrap: limits and the audit hook first, then the user's file. Kept small and
 # self-contained (it runs under `python -I`, importing only the standard library). argv: memory bytes,
-# CPU seconds, file bytes, process count (0: no limit), the run's id (unused here: it names the
-# process, so that tests can find leftovers).
+# CPU seconds, file bytes, process count (0: no limit), guard fd (-1: none), the run's id (unused here:
+# it names the process, so that tests can find leftovers).
+# The guard (jail only) is the read end of a pipe whose write end only the trainer holds: it reads EOF
+# when the trainer is gone, and then kills every process of the jail's uid. bwrap's --die-with-parent
+# does the same, except when the trainer dies during bwrap's start-up (before its prctl).
 _BOOT = r"""
 import os, resource, signal, sys
-mem, cpu, fsize, nproc = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+mem, cpu, fsize, nproc, guard = (int(a) for a in sys.argv[1:6])
+if guard >= 0:
+    import threading
+    def _guard():
+        try:
+            os.read(guard, 1)
+        finally:
+            try:
+                os.kill(-1, signal.SIGKILL)        # every other process of the jail's uid
+            except OSError:                        # ESRCH: there is none
+                pass
+            os._exit(137)
+    threading.Thread(target=_guard, daemon=True).start()
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 if mem > 0:
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
@@ -188,8 +203,8 @@ def run_python(code: str, cfg: SandboxConfig | None = None) -> SandboxResult:
     cfg = cfg or SandboxConfig()
     run_id = "bitmamba-run-" + uuid.uuid4().hex[:16]
     nproc = cfg.max_processes if cfg.sandbox == "jail" else 0
-    boot = ["-I", "-c", _BOOT, str(cfg.memory_mb << 20), str(cfg.cpu_s or int(cfg.timeout_s) + 1),
-            str(cfg.max_file_bytes), str(nproc), run_id]
+    limits = [str(cfg.memory_mb << 20), str(cfg.cpu_s or int(cfg.timeout_s) + 1), str(cfg.max_file_bytes),
+              str(nproc)]
     work = tempfile.mkdtemp(prefix="bitmamba-sandbox-")
     t0 = time.perf_counter()
     try:
@@ -198,12 +213,13 @@ def run_python(code: str, cfg: SandboxConfig | None = None) -> SandboxResult:
         out_path = os.path.join(work, ".output")
         with open(out_path, "wb") as out:
             if cfg.sandbox == "jail":
-                rc, timed_out = _run_jailed(cfg, boot, work, out)
+                rc, timed_out = _run_jailed(cfg, limits, run_id, work, out)
                 isolation = "jail+hook"
             else:
                 warn_host_mode()
                 prefix, isolation = _isolation(cfg)
-                rc, timed_out = _run_on_host(cfg, prefix + [cfg.python, *boot], work, out)
+                boot = [cfg.python, "-I", "-c", _BOOT, *limits, "-1", run_id]
+                rc, timed_out = _run_on_host(cfg, prefix + boot, work, out)
         seconds = time.perf_counter() - t0
         with open(out_path, "rb") as f:
             data = f.read(4 * cfg.max_output_chars + 4)
@@ -233,67 +249,95 @@ def _run_on_host(cfg: SandboxConfig, cmd: list[str], work: str, out) -> tuple[in
     return rc, rc < 0 and -rc in (signal.SIGXCPU, signal.SIGKILL)
 
 
-def _run_jailed(cfg: SandboxConfig, boot: list[str], work: str, out) -> tuple[int | None, bool]:
-    """Like `_run_on_host`, in the jail. bwrap exits with the script's code, or 128 + the signal that
-    killed it (SIGXCPU / SIGKILL from RLIMIT_CPU: timed out)."""
+def _run_jailed(cfg: SandboxConfig, limits: list[str], run_id: str, work: str, out) -> tuple[int | None, bool]:
+    """Like `_run_on_host`, in the jail; returns only when no process of the jail is left. bwrap exits
+    with the script's code, or 128 + the signal that killed it (SIGXCPU / SIGKILL from RLIMIT_CPU: timed
+    out)."""
     view = require_jail(cfg.python)
     code_fd = os.open(os.path.join(work, "main.py"), os.O_RDONLY)
     info_r, info_w = os.pipe()
+    guard_r, guard_w = os.pipe()
     try:
+        boot = ["-I", "-c", _BOOT, *limits, str(guard_r), run_id]
         argv = jail_argv(view, boot, code_fd=code_fd, info_fd=info_w, tmpfs_bytes=cfg.tmpfs_mb << 20,
                          uid=jail_uid(), bwrap=bwrap_path())
         proc = subprocess.Popen(argv, cwd=work, env=dict(_ENV), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, pass_fds=(code_fd, info_w), start_new_session=True)
+                                stderr=subprocess.STDOUT, pass_fds=(code_fd, info_w, guard_r),
+                                start_new_session=True)
     except BaseException:
         os.close(info_r)
+        os.close(guard_w)
         raise
     finally:
         os.close(code_fd)
         os.close(info_w)
+        os.close(guard_r)
     try:
-        rc = proc.wait(timeout=cfg.timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_jail(proc, info_r)
-        return None, True
+        try:
+            rc: int | None = proc.wait(timeout=cfg.timeout_s)
+            timed_out = rc in (128 + signal.SIGXCPU, 128 + signal.SIGKILL)
+        except subprocess.TimeoutExpired:
+            rc, timed_out = None, True
+        _end_jail(proc, _read_info(info_r))
     finally:
         os.close(info_r)
-    return rc, rc in (128 + signal.SIGXCPU, 128 + signal.SIGKILL)
+        os.close(guard_w)
+    return rc, timed_out
 
 
-def _jail_init_pid(proc: subprocess.Popen, info_fd: int) -> int | None:
-    """The host pid of the jail's PID-namespace init, from bwrap's `--info-fd` JSON (None if bwrap has
-    not written it, or that pid is not bwrap's child any more)."""
+def _read_info(fd: int) -> dict:
+    """bwrap's `--info-fd` JSON ({"child-pid": host pid of the jail's init, "pid-namespace": inode, ...});
+    {} when bwrap wrote none (it failed before starting the jail). bwrap writes it right after the
+    clone and closes it, so this waits at most for bwrap's start-up."""
     data = b""
-    while select.select([info_fd], [], [], 1.0)[0]:
-        chunk = os.read(info_fd, 4096)
+    while select.select([fd], [], [], 5.0)[0]:
+        chunk = os.read(fd, 4096)
         if not chunk:
             break
         data += chunk
-    m = re.search(rb'"child-pid"\s*:\s*(\d+)', data)
-    if m is None:
-        return None
-    pid = int(m.group(1))
     try:
+        info = json.loads(data) if data else {}
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _init_state(pid: int, pid_ns: int | None) -> str | None:
+    """The state letter of the jail's init (R, S, Z...), or None when that process is gone (a pid
+    reused by a process outside the jail's PID namespace counts as gone)."""
+    try:
+        if pid_ns is not None and os.stat(f"/proc/{pid}/ns/pid").st_ino != pid_ns:
+            return None
         with open(f"/proc/{pid}/stat", "rb") as f:
-            ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
         return None
-    return pid if ppid == proc.pid else None
 
 
-def _kill_jail(proc: subprocess.Popen, info_fd: int) -> None:
-    """SIGKILL the jail's init: the kernel kills every process of its PID namespace before the init is
-    gone, and bwrap exits after it, so when this returns no process of the run is left. Falls back to
-    the process group of bwrap."""
-    pid = _jail_init_pid(proc, info_fd)
-    if pid is not None:
+def _end_jail(proc: subprocess.Popen, info: dict) -> None:
+    """Take the jail down and wait until it is gone. SIGKILL to the jail's init makes the kernel kill
+    every process of its PID namespace; the init turns into a zombie (state Z) only after they are all
+    reaped. (bwrap itself exits as soon as the script does, while processes the script forked may still
+    run; --die-with-parent then kills the init, but not before bwrap has returned to us.)"""
+    pid, pid_ns = info.get("child-pid"), info.get("pid-namespace")
+    if not isinstance(pid, int):
+        if proc.poll() is None:
+            _kill_group(proc)
+        return
+    deadline = time.monotonic() + 10.0
+    while (state := _init_state(pid, pid_ns)) not in (None, "Z"):
         try:
             os.kill(pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-            return
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    _kill_group(proc)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            log.warning("python sandbox: the jail's init (pid %d, state %s) outlived SIGKILL for 10 s", pid, state)
+            break
+        time.sleep(0.002)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
