@@ -19,8 +19,9 @@ process that started it.
 
 Who runs inside, and what bounds the number of processes:
 - as root on the host (CI machines, containers): bwrap runs privileged (no user namespace), keeps only
-  CAP_SETUID/CAP_SETGID, and `setpriv` (util-linux) switches to an unprivileged uid/gid that no host
-  account uses (`jail_uid()`, one per run) with no groups and no capabilities before Python starts.
+  CAP_SETUID/CAP_SETGID/CAP_SETPCAP, and `setpriv` (util-linux) switches to an unprivileged uid/gid that
+  no host account uses (`jail_uid()`, one per run) with no groups, no capabilities and an empty bounding
+  set before Python starts (bwrap also sets no_new_privs).
   RLIMIT_NPROC then counts that uid only. (Inside a user namespace that maps to host root, RLIMIT_NPROC
   is never enforced: the kernel exempts kuid 0, so a ctypes fork loop would be unbounded.)
 - as any other user: bwrap creates a user namespace (`--unshare-user`, `--disable-userns`); the jail uid
@@ -188,7 +189,7 @@ def jail_argv(view: InterpreterView, python_args: list[str], *, code_fd: int, in
     a = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
          "--hostname", "sandbox", "--die-with-parent", "--new-session", "--info-fd", str(info_fd)]
     if privileged:
-        a += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        a += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
     else:
         a += ["--unshare-user", "--disable-userns", "--uid", str(USERNS_UID), "--gid", str(USERNS_UID)]
     a += _dirs([dst for _, dst in binds] + ["/tmp/x"])
@@ -203,7 +204,7 @@ def jail_argv(view: InterpreterView, python_args: list[str], *, code_fd: int, in
           "--setenv", "LANG", "C.UTF-8", "--setenv", "LD_LIBRARY_PATH", lib, "--"]
     if privileged:
         a += [f"{JAIL_PREFIX}/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-              "--inh-caps=-all", "--"]
+              "--inh-caps=-all", "--bounding-set=-all", "--"]
     return a + [f"{JAIL_PREFIX}/bin/python3", *python_args]
 
 

@@ -91,6 +91,8 @@ def test_the_jail_sees_only_the_interpreter_tmp_proc_and_dev():
         print(sorted(os.listdir('/python/lib/python3.%d/site-packages' % __import__('sys').version_info[1])))
         print(os.getuid(), os.getgid(), os.getgroups())
         print([l for l in open('/proc/self/status') if l.startswith('CapEff')][0].split()[1])
+        import ctypes
+        print(ctypes.CDLL(None).unshare(0x10000000 | 0x20000))   # CLONE_NEWUSER | CLONE_NEWNS
         """)
     lines = r.output.splitlines()
     top = set(ast.literal_eval(lines[0]))                 # lib64 or lib: where the ELF loader lives
@@ -99,6 +101,7 @@ def test_the_jail_sees_only_the_interpreter_tmp_proc_and_dev():
     uid, gid, groups = lines[2].split(" ", 2)
     assert uid != "0" and gid != "0" and groups == "[]"
     assert int(lines[3], 16) == 0                         # no capabilities
+    assert lines[4] == "-1"                               # no namespaces of its own
 
 
 def test_ctypes_fork_loop_is_bounded():

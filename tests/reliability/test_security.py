@@ -236,3 +236,26 @@ def test_local_ray_binds_dashboard_and_job_server_to_localhost(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **k: calls.append(k))
     assert grpo.connect_ray(on) is True
     assert calls == [grpo.local_ray_kwargs(on)]
+
+
+# ------------------------------------------------------------------ model-written code runs in a jail
+
+
+def test_python_tool_from_a_yaml_spec_runs_model_code_in_the_jail(tmp_path):
+    """The `python` built-in as a config loads it (no sandbox key): a planted secret, the project tree and
+    /root are out of reach, and it runs as an unprivileged uid (tests/test_jail.py has the full list)."""
+    from rollout.jail import jail_problem
+    from rollout.tools import load_tools
+
+    reason = jail_problem()
+    if reason is not None:
+        pytest.skip(f"no jail on this host: {reason}")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cr3t-" + os.urandom(8).hex())
+    (tool,) = load_tools([{"spec": "python", "kwargs": {"timeout_s": 5}}])
+    code = (f"import os\nfor p in ({str(secret)!r}, {str(ROOT / 'pyproject.toml')!r}, '/root/.bashrc'):\n"
+            "    try:\n        print(open(p).read())\n    except OSError as e:\n        print(type(e).__name__)\n"
+            "print('uid', os.getuid())")
+    out = tool(code=code)
+    assert out.splitlines()[:3] == ["FileNotFoundError"] * 3, out
+    assert secret.read_text() not in out and out.splitlines()[3] != "uid 0"
