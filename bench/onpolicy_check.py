@@ -1,0 +1,107 @@
+"""How exactly on-policy is the learner's first update? (GPU: bf16 DeepSpeed learner, like a real run.)
+
+    python bench/onpolicy_check.py --preset bitmamba2-255m [--rows 16 --prompt 64 --completion 256]
+
+For a policy of the given preset (random init; the check is about numerical paths, not quality) the
+DeepSpeed learner (ZeRO-2, bf16 on GPU) gets one rollout batch with 2 minibatches and a frozen reference
+(kl_coef > 0). Reported:
+- max |logp_old - logp| over valid tokens, where logp_old is the learner's proximal log-probs (no grad,
+  same path) and logp the loss's (with grad), before any step: the first-update ratio error;
+- the same for the eval-path log-probs (BitLinears' exact int8 path, eval mode), the path "old"
+  log-probs came from before they shared the loss's;
+- learn/ratio_mean and learn/kl of the update (ratio 1 and KL 0 expected on the first minibatch).
+Writes bench/results/onpolicy_check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rl.grpo_config import load_grpo_config  # noqa: E402
+from rl.learner import Learner, TrainBatch, collate  # noqa: E402
+
+
+def max_gap(a: list[list[float]], b: torch.Tensor, batch: TrainBatch) -> float:
+    worst = 0.0
+    for r in range(len(batch)):
+        p, c = len(batch.prompt_ids[r]), len(batch.completion_ids[r])
+        worst = max(worst, (b[r, p - 1:p - 1 + c].float().cpu() - torch.tensor(a[r])).abs().max().item())
+    return worst
+
+
+def completion_slice(lp: torch.Tensor, batch: TrainBatch, r: int) -> list[float]:
+    p, c = len(batch.prompt_ids[r]), len(batch.completion_ids[r])
+    return lp[r, p - 1:p - 1 + c].float().cpu().tolist()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="bitmamba2-255m")
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--completion", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/onpolicy_check.json"))
+    args = ap.parse_args()
+    on_gpu = torch.cuda.is_available()
+    cfg = load_grpo_config(data={
+        "model": {"preset": args.preset, "max_seq_len": args.prompt + args.completion + 1},
+        "group_size": 2, "prompts_per_step": args.rows // 2,
+        "sampling": {"max_new_tokens": args.completion, "temperature": args.temperature},
+        "algo": {"kl_coef": 0.05},
+        "learner": {"lr": 1.0e-6, "minibatches": 2, "micro_batch_tokens": 8 * (args.prompt + args.completion),
+                    "num_gpus": 1 if on_gpu else 0, "gradient_checkpointing": True}})
+    t0 = time.perf_counter()
+    learner = Learner(cfg)
+    t_init = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    V = learner.model.config.vocab_size
+    P = [torch.randint(0, V, (args.prompt,), generator=g).tolist() for _ in range(args.rows)]
+    C = [torch.randint(0, V, (max(1, args.completion - 7 * (i % 5)),), generator=g).tolist() for i in range(args.rows)]
+    batch = TrainBatch(P, C, [[-5.0] * len(c) for c in C], [[1.0] * len(c) for c in C],
+                       [1.0 if i % 2 else -1.0 for i in range(args.rows)])
+    old = learner.compute_logprobs(batch)
+    mb = collate(batch, list(range(args.rows)))
+    model = learner.model
+    model.train()
+    with torch.enable_grad():
+        lp_loss = model.token_logprobs(mb.input_ids.to(learner.device), mb.targets.to(learner.device),
+                                       temperature=args.temperature, fused=True)
+    model.eval()
+    with torch.no_grad():
+        lp_eval = model.token_logprobs(mb.input_ids.to(learner.device), mb.targets.to(learner.device),
+                                       temperature=args.temperature)
+    model.train()
+    learner._drop_eval_caches()
+    gap_same = max_gap(old, lp_loss.detach(), batch)
+    gap_eval = max_gap([completion_slice(lp_eval, batch, r) for r in range(args.rows)], lp_loss.detach(), batch)
+    m = learner.update(batch)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    out = {"preset": args.preset, "device": torch.cuda.get_device_name() if on_gpu else "cpu", "dtype": dtype,
+           "rows": args.rows, "prompt": args.prompt, "completion": args.completion,
+           "temperature": args.temperature, "learner_init_s": round(t_init, 1),
+           "max_abs_old_minus_loss_logp": gap_same, "max_abs_evalpath_minus_loss_logp": gap_eval,
+           "first_update_ratio_mean": m["learn/ratio_mean"], "first_update_kl_to_reference": m["learn/kl"],
+           "ref_dtype": str(next(learner.ref.parameters()).dtype).replace("torch.", ""),
+           "command": "python bench/onpolicy_check.py " + " ".join(sys.argv[1:])}
+    print(f"{'quantity':<48} {'value':>12}")
+    for k in ("max_abs_old_minus_loss_logp", "max_abs_evalpath_minus_loss_logp", "first_update_ratio_mean",
+              "first_update_kl_to_reference"):
+        print(f"{k:<48} {out[k]:>12.3e}")
+    print(f"({args.preset}, {dtype} learner, reference in {out['ref_dtype']}, {out['device']})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
