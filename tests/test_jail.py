@@ -265,7 +265,8 @@ def test_the_jail_dies_with_the_trainer(tmp_path, when):
             return bool(pids)
         return any(cmdline(p).startswith(b"/python/bin/python3") for p in pids)
 
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}       # the killed trainer cannot remove its work dir
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "start"
         for _ in range(2000):                             # until the jail is that far (bounded)
