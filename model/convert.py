@@ -1,6 +1,7 @@
 """`bitmamba convert`: checkpoints to and from ours.
 
     bitmamba convert --from hf-mamba2 SRC_DIR DST_DIR [--no-quant]   # HF Mamba2ForCausalLM -> ours
+    bitmamba convert --to hf-mamba2 SRC_DIR DST_DIR                  # ours (quant off) -> HF Mamba2ForCausalLM
     bitmamba convert --from bitmamba2-bin FILE.bin DST_DIR           # BitMamba-2 engine file -> ours
     bitmamba convert --to bitmamba2-bin SRC_DIR FILE.bin             # ours (BitMamba-2 layout) -> engine file
 
@@ -10,6 +11,12 @@ W = codes * a (zeros stay 0), with `a` chosen so that the recomputed fp32 scale 
 one bit for bit (`latent_from_ternary`); exporting recomputes codes with the model's own
 `weight_quant` and the scale with `ternary_scale` (mean in float64, so the value does not depend on
 summation order or thread count). Import then export is byte-identical.
+
+`--to hf-mamba2` writes a directory `Mamba2ForCausalLM.from_pretrained` loads (and `AutoTokenizer`, when
+SRC has a tokenizer). Only a model transformers can compute is exported: standard Mamba-2 layout and
+quant.ternary false (e.g. configs/pretrain_tiny_fp.yaml's model: preset tiny with
+overrides {quant: {ternary: false}}); anything else is refused with the fields named
+(`model.hf_mamba2.hf_export_problems`), before the weights are read.
 """
 
 from __future__ import annotations
@@ -205,6 +212,20 @@ def import_hf(src: str | Path, no_quant: bool = False):
     return model.eval()
 
 
+def export_hf(src: str | Path, dst: str | Path):
+    """Our checkpoint dir -> HF Mamba2ForCausalLM dir (with SRC's tokenizer, if any). Returns our model."""
+    from model.checkpoint import CONFIG_NAME, load_config
+    from model.hf_mamba2 import check_free_destination, check_hf_exportable, save_hf_mamba2
+    from model.lm import BitMambaLM
+
+    src = Path(src)
+    check_hf_exportable(load_config(src), str(src / CONFIG_NAME))   # refuse before reading the weights
+    check_free_destination(dst)
+    model = BitMambaLM.from_pretrained(src)
+    save_hf_mamba2(model, dst, tokenizer_dir=src)
+    return model
+
+
 def _load_exact(model, sd: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict(strict) with errors naming the tensors; values are copied bit-exactly."""
     own = model.state_dict()
@@ -235,9 +256,10 @@ def main(argv: list[str]) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--from", dest="src_fmt", choices=["hf-mamba2", "bitmamba2-bin"],
                    help="convert a checkpoint of this format into ours")
-    g.add_argument("--to", dest="dst_fmt", choices=["bitmamba2-bin"], help="convert ours into this format")
+    g.add_argument("--to", dest="dst_fmt", choices=["hf-mamba2", "bitmamba2-bin"],
+                   help="convert ours into this format")
     p.add_argument("src", help="source: HF dir, .bin file, or our checkpoint dir (with --to)")
-    p.add_argument("dst", help="destination: our checkpoint dir, or the .bin file (with --to)")
+    p.add_argument("dst", help="destination: our checkpoint dir, or (with --to) the HF dir / .bin file")
     p.add_argument("--no-quant", action="store_true",
                    help="hf-mamba2 only: keep plain fp linear layers (quant.ternary=false)")
     args = p.parse_args(argv)
@@ -250,6 +272,8 @@ def main(argv: list[str]) -> int:
     elif args.src_fmt == "bitmamba2-bin":
         model = import_bin(args.src)
         _save(model, Path(args.dst))
+    elif args.dst_fmt == "hf-mamba2":
+        model = export_hf(args.src, args.dst)
     else:
         from model.lm import BitMambaLM
 

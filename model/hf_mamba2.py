@@ -1,7 +1,8 @@
-"""Hugging Face `Mamba2ForCausalLM` checkpoint -> our `BitMambaConfig` + state dict.
+"""Hugging Face `Mamba2ForCausalLM` checkpoints <-> our `BitMambaConfig` + state dict.
 
-    cfg, sd = load_hf_mamba2("path/to/hf_dir", no_quant=True)
+    cfg, sd = load_hf_mamba2("path/to/hf_dir", no_quant=True)          # HF -> ours
     model = BitMambaLM(cfg); model.load_state_dict(sd)
+    save_hf_mamba2(model, "path/to/hf_out", tokenizer_dir=ckpt_dir)     # ours -> HF
 
 The HF directory holds `config.json` and `model.safetensors` (or shards listed in
 `model.safetensors.index.json`). The HF block is the standard Mamba-2 layout, so the result uses
@@ -13,12 +14,22 @@ D per head, pre-norm blocks, plain (no own norm) BitLinears. `no_quant=True` set
 Features we do not have are rejected (ConfigError naming the field): biases on in_proj/out_proj
 (`use_bias`), non-RMS norms (`rms_norm: false`), activations other than SiLU (`hidden_act`), a
 finite `time_step_limit` (HF clamps dt; we do not), `num_heads*head_dim != expand*hidden_size`.
+
+Export (`save_hf_mamba2`) writes the inverse: config.json (only keys every transformers 4.46+ / 5.x
+Mamba2Config reads; `time_step_limit` left at its (0, inf) default), model.safetensors (fp32, no
+`lm_head.weight` when tied) and, when the source directory has one, its tokenizer files byte for byte;
+bos/eos/pad ids come from that tokenizer (null without one: HF's defaults 0/2/1 would name arbitrary
+tokens). Only the layout HF can compute is exported: `hf_export_problems` names every config field that
+differs (quantization on, BitLinear-internal norms, no block pre-norm, attention layers, ...).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -224,3 +235,142 @@ def load_hf_mamba2(src: str | Path, no_quant: bool = False) -> tuple[BitMambaCon
     tensors, weights_file = load_safetensors_dir(src)
     sd = hf_state_dict_to_ours(tensors, cfg, str(weights_file), use_conv_bias=bool(hf.get("use_conv_bias", True)))
     return cfg, sd
+
+
+# ---------------------------------------------------------------------------------------------
+# ours -> HF
+
+
+# field -> (value transformers' Mamba2 needs, what transformers does instead)
+_HF_LAYOUT = {
+    "conv_bc": (True, "its conv runs over x, B and C together"),
+    "d_per_channel": (False, "it has one D per head"),
+    "gated_norm": (True, "it always applies the gated RMSNorm before out_proj"),
+    "bitlinear_norm": (False, "it has no norm inside in_proj / out_proj / lm_head"),
+    "block_prenorm": (True, "every block has its own pre-norm"),
+}
+# files of a saved tokenizer (any transformers version) copied to an exported directory
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "vocab.txt")
+
+
+def hf_export_problems(cfg: BitMambaConfig) -> list[str]:
+    """One line per config field that keeps `cfg` from being a transformers `Mamba2ForCausalLM` (empty: exportable)."""
+    out = []
+    if cfg.quant.ternary:
+        out.append("quant.ternary is true (transformers' Mamba2 has no ternary layers or int8 activations)")
+    for key, (want, why) in _HF_LAYOUT.items():
+        if getattr(cfg, key) != want:
+            out.append(f"{key} is {str(getattr(cfg, key)).lower()} (transformers' Mamba2 needs "
+                       f"{str(want).lower()}: {why})")
+    if cfg.attention_layer_indices:
+        which = "attn_layers" if cfg.attn_layers else "attn_fraction"
+        out.append(f"{which} gives attention layers {cfg.attention_layer_indices} (transformers' Mamba2 is pure Mamba)")
+    return out
+
+
+def check_hf_exportable(cfg: BitMambaConfig, where: str) -> None:
+    """ConfigError naming every field that keeps `cfg` from being written as a Mamba2ForCausalLM."""
+    problems = hf_export_problems(cfg)
+    if not problems:
+        return
+    hint = ("An exportable model has the standard Mamba-2 layout with quantization off: e.g. model.preset: tiny "
+            "with model.overrides: {quant: {ternary: false}} (configs/pretrain_tiny_fp.yaml), or an HF import "
+            "made with --from hf-mamba2 --no-quant.")
+    if cfg.quant.ternary:
+        hint += " A ternary model in the BitMamba-2 layout exports with --to bitmamba2-bin."
+    raise ConfigError(f"{where}: cannot export to transformers' Mamba2ForCausalLM: " + "; ".join(problems)
+                      + f". {hint}")
+
+
+def ours_config_to_hf(cfg: BitMambaConfig, bos: int | None = None, eos: int | None = None,
+                      pad: int | None = None) -> dict:
+    """The config.json of the Mamba2ForCausalLM that computes what `cfg` computes (checked exportable first)."""
+    check_hf_exportable(cfg, "model config")
+    return {
+        "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+        "state_size": cfg.d_state, "num_heads": cfg.n_heads, "head_dim": cfg.headdim, "expand": cfg.expand,
+        "n_groups": cfg.ngroups, "conv_kernel": cfg.d_conv, "chunk_size": cfg.chunk_size,
+        "layer_norm_epsilon": cfg.norm_eps, "use_bias": False, "use_conv_bias": True, "hidden_act": "silu",
+        "rms_norm": True, "norm_before_gate": False, "residual_in_fp32": True,
+        "time_step_min": cfg.dt_min, "time_step_max": cfg.dt_max, "time_step_floor": cfg.dt_init_floor,
+        "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True,
+        "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
+    }
+
+
+def ours_state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: BitMambaConfig, where: str = "model") -> dict[str, torch.Tensor]:
+    """Our state dict -> HF tensor names, fp32 CPU, contiguous (tied: no lm_head.weight). Any tensor of ours
+    left unmapped is an error: nothing is dropped silently."""
+    check_hf_exportable(cfg, where)
+    shapes = _expected_shapes(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for ours, theirs in hf_weight_map(cfg).items():
+        if ours not in sd:
+            raise CheckpointError(f"{where}: tensor {ours} missing")
+        t = sd[ours]
+        if tuple(t.shape) != shapes[ours]:
+            raise CheckpointError(f"{where}: tensor {ours} has shape {list(t.shape)}, the config implies "
+                                  f"{list(shapes[ours])}")
+        out[theirs] = t.detach().to("cpu", torch.float32).contiguous().clone()
+    extra = [k for k in sd if k not in hf_weight_map(cfg) and not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if extra:
+        raise CheckpointError(f"{where}: tensor {extra[0]} has no place in a Mamba2ForCausalLM")
+    return out
+
+
+def _copy_tokenizer(src: Path, dst: Path, vocab_size: int) -> dict[str, int | None]:
+    """Copy `src`'s tokenizer files into `dst` and return its {bos, eos, pad} ids (all None without a
+    tokenizer). The copy must load with AutoTokenizer and fit the vocabulary, else CheckpointError."""
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if not names:
+        return {"bos": None, "eos": None, "pad": None}
+    for n in names:
+        shutil.copyfile(src / n, dst / n)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(dst), local_files_only=True)
+    except Exception as e:  # transformers raises OSError / ValueError / KeyError ... on a broken tokenizer
+        raise CheckpointError(f"{src}: the tokenizer there ({', '.join(names)}) does not load with "
+                              f"AutoTokenizer ({type(e).__name__}: {e})") from None
+    if len(tok) > vocab_size:
+        raise CheckpointError(f"{src}: the tokenizer has {len(tok)} tokens, the model's vocab_size is {vocab_size}")
+    return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+
+
+def check_free_destination(dst: str | Path) -> Path:
+    """`dst` as a Path if nothing would be overwritten there (absent or an empty directory), else CheckpointError."""
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CheckpointError(f"{dst}: destination exists and is not an empty directory")
+    return dst
+
+
+def save_hf_mamba2(model, dst: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write `model` (a BitMambaLM in an exportable layout) as a Mamba2ForCausalLM directory `dst`, with the
+    tokenizer of `tokenizer_dir` if it has one. Atomic (temp dir beside `dst`, then rename); refuses a
+    non-empty `dst`."""
+    cfg = model.config
+    check_hf_exportable(cfg, "model")
+    dst = check_free_destination(dst)
+    tensors = ours_state_dict_to_hf(model.state_dict(), cfg)
+    from safetensors.torch import save_file
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        ids = (_copy_tokenizer(Path(tokenizer_dir), tmp, cfg.vocab_size) if tokenizer_dir is not None
+               else {"bos": None, "eos": None, "pad": None})
+        hf = ours_config_to_hf(cfg, **ids)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if dst.exists():
+            dst.rmdir()
+        os.rename(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst
