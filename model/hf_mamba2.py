@@ -301,7 +301,8 @@ def ours_config_to_hf(cfg: BitMambaConfig, bos: int | None = None, eos: int | No
     }
 
 
-def ours_state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: BitMambaConfig, where: str = "model") -> dict[str, torch.Tensor]:
+def ours_state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: BitMambaConfig,
+                          where: str = "model") -> dict[str, torch.Tensor]:
     """Our state dict -> HF tensor names, fp32 CPU, contiguous (tied: no lm_head.weight). Any tensor of ours
     left unmapped is an error: nothing is dropped silently."""
     check_hf_exportable(cfg, where)
