@@ -276,8 +276,8 @@ def check_hf_exportable(cfg: BitMambaConfig, where: str) -> None:
     if not problems:
         return
     hint = ("An exportable model has the standard Mamba-2 layout with quantization off: e.g. model.preset: tiny "
-            "with model.overrides: {quant: {ternary: false}} (configs/pretrain_tiny_fp.yaml), or an HF import "
-            "made with --from hf-mamba2 --no-quant.")
+            "with model.overrides: {quant: {ternary: false}} (configs/pretrain_tiny_fp.yaml; on a stage's command "
+            "line: model.overrides.quant.ternary=false), or an HF import made with --from hf-mamba2 --no-quant.")
     if cfg.quant.ternary:
         hint += " A ternary model in the BitMamba-2 layout exports with --to bitmamba2-bin."
     raise ConfigError(f"{where}: cannot export to transformers' Mamba2ForCausalLM: " + "; ".join(problems)

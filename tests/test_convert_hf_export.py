@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from model.config import BitMambaConfig
@@ -14,6 +13,7 @@ from model.convert import import_hf, main
 from model.errors import CheckpointError, ConfigError
 from model.hf_mamba2 import hf_export_problems
 from model.lm import BitMambaLM
+from model.typed import apply_overrides, read_mapping
 from rollout.tokenizer import build_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -188,8 +188,12 @@ def test_non_empty_destination_refused(tmp_path):
     assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
 
 
-def test_fp_tiny_recipe_is_exportable():
-    """configs/pretrain_tiny_fp.yaml is the documented recipe of an exportable model; the default tiny is not."""
-    spec = yaml.safe_load((ROOT / "configs" / "pretrain_tiny_fp.yaml").read_text())["model"]
+def test_documented_recipes_are_exportable():
+    """The recipes the refusal names: configs/pretrain_tiny_fp.yaml's model, and a stage config (sft_tiny.yaml,
+    ternary as shipped) with the command-line override model.overrides.quant.ternary=false."""
+    spec = read_mapping(ROOT / "configs" / "pretrain_tiny_fp.yaml")["model"]
     assert hf_export_problems(BitMambaConfig.preset(spec["preset"], **spec["overrides"])) == []
-    assert hf_export_problems(BitMambaConfig.preset("tiny"))
+    sft = read_mapping(ROOT / "configs" / "sft_tiny.yaml")
+    assert hf_export_problems(BitMambaConfig.preset(sft["model"]["preset"], **sft["model"]["overrides"]))
+    spec = apply_overrides(sft, ["model.overrides.quant.ternary=false"])["model"]
+    assert hf_export_problems(BitMambaConfig.preset(spec["preset"], **spec["overrides"])) == []
