@@ -21,11 +21,18 @@ Mamba2Config reads; `time_step_limit` left at its (0, inf) default), model.safet
 bos/eos/pad ids come from that tokenizer (null without one: HF's defaults 0/2/1 would name arbitrary
 tokens). Only the layout HF can compute is exported: `hf_export_problems` names every config field that
 differs (quantization on, BitLinear-internal norms, no block pre-norm, attention layers, ...).
+
+n_groups > 1: the gated RMSNorm normalizes each group of d_inner / n_groups channels (mamba-ssm, ours,
+transformers 5.24); some transformers releases (5.17 seen) normalize over all d_inner channels in their
+pure-torch path, a different function. `transformers_gated_norm_is_grouped()` tells which the installed
+one does; export warns for n_groups > 1. With n_groups = 1 (the `tiny` preset) both agree.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +43,8 @@ import torch
 
 from model.config import BitMambaConfig, QuantConfig
 from model.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _json_float(v, key: str, where: str) -> float:
@@ -342,6 +351,28 @@ def _copy_tokenizer(src: Path, dst: Path, vocab_size: int) -> dict[str, int | No
     return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
 
 
+def transformers_gated_norm_is_grouped() -> bool | None:
+    """Whether the installed transformers' Mamba2 gated RMSNorm normalizes per group of d_inner / n_groups
+    channels (as we do); None when transformers is not importable."""
+    try:
+        from transformers.models.mamba2 import modeling_mamba2
+    except ImportError:
+        return None
+    return "group_size" in inspect.signature(modeling_mamba2.MambaRMSNormGated.__init__).parameters
+
+
+def _warn_groups(cfg: BitMambaConfig) -> None:
+    if cfg.ngroups == 1:
+        return
+    grouped = transformers_gated_norm_is_grouped()
+    here = {None: "transformers is not installed here",
+            True: "the transformers installed here does, as we do",
+            False: "the transformers installed here does NOT (it normalizes over all d_inner channels)"}[grouped]
+    log.warning("ngroups = %d: the exported model equals ours only under a transformers whose Mamba2 gated "
+                "RMSNorm normalizes per group of d_inner / n_groups channels (%s; 5.17 does not, 5.24 does). "
+                "Models with ngroups = 1 are exact under every version.", cfg.ngroups, here)
+
+
 def check_free_destination(dst: str | Path) -> Path:
     """`dst` as a Path if nothing would be overwritten there (absent or an empty directory), else CheckpointError."""
     dst = Path(dst)
@@ -358,6 +389,7 @@ def save_hf_mamba2(model, dst: str | Path, tokenizer_dir: str | Path | None = No
     check_hf_exportable(cfg, "model")
     dst = check_free_destination(dst)
     tensors = ours_state_dict_to_hf(model.state_dict(), cfg)
+    _warn_groups(cfg)
     from safetensors.torch import save_file
 
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,14 @@ from safetensors.torch import load_file, save_file
 
 from model.convert import import_hf
 from model.errors import CheckpointError, ConfigError
-from model.hf_mamba2 import hf_config_to_ours, load_hf_mamba2
+from model.hf_mamba2 import hf_config_to_ours, load_hf_mamba2, transformers_gated_norm_is_grouped
 
 transformers = pytest.importorskip("transformers")
+# transformers releases whose pure-torch gated RMSNorm ignores n_groups (5.17 seen) compute another function
+needs_grouped_norm = pytest.mark.skipif(
+    not transformers_gated_norm_is_grouped(),
+    reason=f"transformers {transformers.__version__}: Mamba2's gated RMSNorm normalizes over all channels, "
+           "not per group (n_groups > 1 models differ from mamba-ssm's and ours)")
 
 
 def make_hf(path, n_groups=1, chunk_size=8, tie=False, use_conv_bias=True, seed=0, sharded=False, **kw):
@@ -46,7 +51,7 @@ def _logits(model, ids):
         return model(ids).logits.float()
 
 
-@pytest.mark.parametrize("which", ["hf_g1", "hf_g2"])
+@pytest.mark.parametrize("which", ["hf_g1", pytest.param("hf_g2", marks=needs_grouped_norm)])
 @pytest.mark.parametrize("T", [7, 21])  # odd length; longer than chunk_size 8 (multi-chunk scan)
 def test_no_quant_logits_equal_transformers(request, which, T):
     hf, d = request.getfixturevalue(which)

@@ -15,6 +15,7 @@ from model.hf_mamba2 import hf_export_problems
 from model.lm import BitMambaLM
 from model.typed import apply_overrides, read_mapping
 from rollout.tokenizer import build_tiny_tokenizer
+from test_convert_hf import make_hf, needs_grouped_norm
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,7 +50,9 @@ def _logits(model, ids):
         return model(ids).logits.float()
 
 
-@pytest.fixture(scope="module", params=[dict(), dict(ngroups=2, tie_embeddings=True)], ids=["g1", "g2-tied"])
+@pytest.fixture(scope="module", params=[
+    pytest.param(dict(), id="g1"), pytest.param(dict(tie_embeddings=True), id="g1-tied"),
+    pytest.param(dict(ngroups=2), id="g2", marks=needs_grouped_norm)])
 def exported(request, tmp_path_factory):
     base = tmp_path_factory.mktemp("export")
     ours = make_ours(base / "ours", seed=len(request.param), **request.param)
@@ -102,12 +105,22 @@ def test_tokenizer_travels(exported):
     assert hf.generation_config.eos_token_id == tok.eos_token_id
 
 
+def test_groups_warning(tmp_path, caplog):
+    """ngroups > 1 exports with a warning that names the transformers behaviour it depends on."""
+    make_ours(tmp_path / "ours", tokenizer=False, ngroups=2)
+    with caplog.at_level("WARNING", logger="model.hf_mamba2"):
+        export(tmp_path / "ours", tmp_path / "hf")
+    assert "ngroups = 2" in caplog.text and "per group of d_inner / n_groups" in caplog.text
+
+
 def test_no_tokenizer_gives_null_ids(tmp_path):
     make_ours(tmp_path / "ours", tokenizer=False)
     export(tmp_path / "ours", tmp_path / "hf")
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
     cfg = transformers.AutoConfig.from_pretrained(str(tmp_path / "hf"))
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (None, None, None)
+    # what TRL and the rest of the ecosystem call
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))).__name__ == "Mamba2ForCausalLM"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,8 +129,6 @@ def test_no_tokenizer_gives_null_ids(tmp_path):
 
 def test_hf_to_ours_to_hf_is_identity(tmp_path):
     """A random transformers model -> ours (--from hf-mamba2 --no-quant) -> HF again: same tensors, same logits."""
-    from test_convert_hf import make_hf
-
     hf = make_hf(tmp_path / "hf", n_groups=2, seed=5)
     assert main(["--from", "hf-mamba2", str(tmp_path / "hf"), str(tmp_path / "ours"), "--no-quant"]) == 0
     export(tmp_path / "ours", tmp_path / "hf2")
