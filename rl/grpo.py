@@ -34,18 +34,19 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from model.errors import BitMambaError, ConfigError
 from model.typed import to_dict
 from model.checkpoint import load_config as load_model_config
 from model.config import BitMambaConfig
 from rewards import RewardPool, RewardSpec
-from rl import algo
+from rl import algo, ds_ops
 from rl.args import grpo_parser
 from rl.checkpoint import (CheckpointManager, add_files, capture_rng_state, publish_final, restore_rng_state,
                            tokenizer_files)
 from rl.grpo_config import GRPOConfig, build_tokenizer, check_tools, load_grpo_config
-from rl.learner import Learner, TrainBatch
+from rl.learner import Learner, TrainBatch, deepspeed_config
 from rl.metrics import MetricsWriter
 from rl.run_dir import GRPO_ENTRIES, check_run_dir, clear_run
 from rl.tasks import make_task
@@ -100,6 +101,8 @@ def preflight(cfg: GRPOConfig, init_dir: str | None = None):
         RewardSpec.from_config(to_dict(r), f"rewards[{i}]").load()   # file exists, imports, has the function
     if cfg.tools:
         check_tools(cfg)                                               # every tool spec loads
+    if cfg.learner.backend == "deepspeed":       # a missing C++ compiler fails here, not in the learner actor
+        ds_ops.check_ops(deepspeed_config(cfg.learner, torch.cuda.is_available() and cfg.learner.num_gpus > 0))
     tokenizer = build_tokenizer(cfg.model)
     vocab = model_vocab_size(cfg.model, init_dir)
     if len(tokenizer) > vocab:

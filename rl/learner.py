@@ -43,7 +43,7 @@ from torch import Tensor
 from model.checkpoint import FORMAT as CKPT_FORMAT
 from model.checkpoint import FORMAT_VERSION as CKPT_FORMAT_VERSION
 from model.lm import BitMambaLM
-from rl import algo
+from rl import algo, ds_ops
 from rl.checkpoint import CheckpointManager, load_checkpoint
 from rl.grpo_config import GRPOConfig, LearnerSection, build_model
 from rl.schedule import Schedule, ScheduleConfig
@@ -254,6 +254,7 @@ class Learner:
                 # tensor cores (its inputs lose nothing a bf16 trunk had not already rounded away)
                 torch.set_float32_matmul_precision("high")
             model = model.to(self.device)
+            ds_ops.build_ops(self.ds_config)     # C++ ops compiled once per environment, announced
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config)

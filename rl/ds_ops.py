@@ -1,0 +1,215 @@
+"""DeepSpeed's C++ ops: built once per environment, with a message, after a check for the build tools.
+
+DeepSpeed compiles some of its ops from C++ the first time a process needs them (just-in-time, through
+`torch.utils.cpp_extension.load`: ninja driving the host C++ compiler), which takes one to a few minutes
+on a small machine and prints nothing while it runs. The learner's DeepSpeed config needs:
+
+- CPU Adam (`cpu_adam`) when the optimizer state is offloaded to the CPU (`learner.offload_optimizer`,
+  the default), or fused Adam (`fused_adam`) without offload (a CUDA op on GPU: it needs nvcc too);
+- the shared-memory collective op (`deepspeed_shm_comm`) whenever DeepSpeed's CPU accelerator is in use
+  (a machine without a GPU), built when DeepSpeed sets up its process group.
+
+`build_ops(ds_config)` runs before `deepspeed.initialize` (`rl.learner.Learner`):
+1. the build cache: when `TORCH_EXTENSIONS_DIR` is unset and Python runs in a virtual environment (or
+   a conda environment), it is set to `<env>/torch_extensions/py<ver>_torch<ver>_<cpu|cuXY>`, so each
+   environment keeps its own builds (torch's default, `~/.cache/torch_extensions/py<ver>_<cpu|cuXY>`,
+   is shared by every environment of the user whatever its torch or DeepSpeed version); a set
+   `TORCH_EXTENSIONS_DIR` is used as it is;
+2. the ops this config needs that are neither compiled into the DeepSpeed install nor in the cache;
+3. for those, the tools a build needs (a C++ compiler, ninja, Python's headers, nvcc for a CUDA op):
+   a missing one is one `OpBuildError` naming it and how to install it, before anything is compiled;
+4. each is built with a line before ("building DeepSpeed's CPU Adam op ...") and after ("built in N s");
+   DeepSpeed then finds the loaded module in its own cache (`OpBuilder._loaded_ops`) and builds nothing.
+`check_ops(ds_config)` does steps 1-3 alone (the GRPO driver calls it before Ray starts).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from model.errors import BitMambaError
+
+PRETTY = {"cpu_adam": "CPU Adam", "fused_adam": "fused Adam", "deepspeed_shm_comm": "shared-memory communication"}
+INSTALL_CXX = ("install one (Debian/Ubuntu: `apt-get install g++`; Fedora/RHEL: `dnf install gcc-c++`; "
+               "conda: `conda install -c conda-forge cxx-compiler`) or point CXX at it")
+AVOID = ("or avoid the build: `learner.backend: torch` in the GRPO config (plain torch AdamW, no DeepSpeed)")
+
+
+class OpBuildError(BitMambaError):
+    """A DeepSpeed op must be compiled for this environment and a tool the build needs is missing."""
+
+
+@dataclass
+class OpToBuild:
+    """One op DeepSpeed will compile: its builder (a DeepSpeed `OpBuilder`) and where the build goes."""
+
+    builder: Any
+    build_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.builder.name
+
+    @property
+    def label(self) -> str:
+        return f"DeepSpeed's {PRETTY.get(self.name, self.name)} op"
+
+
+def extensions_dir() -> Path:
+    """The root torch builds extensions under, after pointing it into the environment when unset."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        env = environment_prefix()
+        if env is not None:
+            accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+            tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.split('+')[0]}_{accel}"
+            os.environ["TORCH_EXTENSIONS_DIR"] = str(env / "torch_extensions" / tag)
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_{accel}"
+
+
+def environment_prefix() -> Path | None:
+    """The running virtual / conda environment's directory when it is writable, else None."""
+    prefix = Path(sys.prefix)
+    in_env = sys.prefix != sys.base_prefix or (prefix / "conda-meta").is_dir()
+    return prefix if in_env and os.access(prefix, os.W_OK) else None
+
+
+def needed_builders(ds_config: dict) -> list:
+    """The op builders DeepSpeed loads for this config on this machine's accelerator, in load order:
+    the shared-memory comm op (DeepSpeed's own condition, deepspeed/comm/torch.py `build_shm_op`), then
+    the optimizer's (DeepSpeed's `get_optimizer_configuration`: CPU Adam with a CPU/NVMe-offloaded
+    optimizer, fused Adam otherwise, nothing for `torch_adam` or a non-Adam optimizer)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    out = []
+    shm = acc.create_op_builder("ShareMemCommBuilder")
+    if shm is not None and deepspeed.ops.__compatible_ops__.get(shm.NAME, False):
+        out.append(shm)
+    opt = ds_config.get("optimizer") or {}
+    if str(opt.get("type", "")).lower() in ("adam", "adamw") and not (opt.get("params") or {}).get("torch_adam"):
+        offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+        cpu_opt = str(offload.get("device", "none")).lower() in ("cpu", "nvme")
+        builder = acc.create_op_builder("CPUAdamBuilder" if cpu_opt else "FusedAdamBuilder")
+        if builder is not None:
+            out.append(builder)
+    return out
+
+
+def is_prebuilt(builder) -> bool:
+    """True when the op was compiled into the DeepSpeed install for this accelerator (no JIT build)."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import accelerator_name, installed_ops
+
+    return bool(installed_ops.get(builder.name, False)) and accelerator_name == get_accelerator()._name
+
+
+def ops_to_build(ds_config: dict, root: Path) -> list[OpToBuild]:
+    """The needed ops that are neither prebuilt nor already built under `root` (a `<name>/<name>.so`)."""
+    out = []
+    for b in needed_builders(ds_config):
+        build_dir = root / b.name
+        if not is_prebuilt(b) and not (build_dir / f"{b.name}.so").is_file():
+            out.append(OpToBuild(b, build_dir))
+    return out
+
+
+def missing_tools(ops: list[OpToBuild]) -> list[str]:
+    """What the builds of `ops` need and this machine lacks, each with how to get it ([] when none)."""
+    if not ops:
+        return []
+    names = ", ".join(op.label for op in ops)
+    problems = []
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        which = f"CXX={cxx!r} is not an executable" if "CXX" in os.environ else "`c++` is not on PATH"
+        problems.append(f"no C++ compiler ({which}): {INSTALL_CXX}")
+    if not ninja_available():
+        problems.append("ninja is not on PATH: `pip install ninja` into this environment")
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not header.is_file():
+        ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+        problems.append(f"Python's headers are missing ({header}): install python{ver}-dev "
+                        f"(Debian/Ubuntu: `apt-get install python{ver}-dev`)")
+    for op in ops:
+        if needs_nvcc(op.builder) and not nvcc_path():
+            problems.append(f"{op.label} is a CUDA op and nvcc was not found (CUDA_HOME or PATH): install the "
+                            "CUDA toolkit matching torch's CUDA, or use learner.offload_optimizer: true (CPU Adam)")
+        if not op.builder.is_compatible(False):
+            log = "; ".join(str(x) for x in getattr(op.builder, "error_log", None) or []) or "no reason given"
+            problems.append(f"DeepSpeed reports {op.label} as not buildable here: {log}")
+    return [f"building {names} (once per environment) needs: {p}" for p in problems]
+
+
+def ninja_available() -> bool:
+    """ninja on PATH; the `ninja` pip package of this environment (a DeepSpeed dependency) is put on
+    PATH when the environment is used without being activated (`.venv/bin/bitmamba ...`)."""
+    if shutil.which("ninja"):
+        return True
+    env_bin = Path(sys.executable).parent
+    if (env_bin / "ninja").is_file():
+        os.environ["PATH"] = f"{env_bin}{os.pathsep}{os.environ.get('PATH', '')}"
+        return True
+    return False
+
+
+def needs_nvcc(builder) -> bool:
+    import torch
+    from deepspeed.ops.op_builder.builder import CUDAOpBuilder
+
+    return isinstance(builder, CUDAOpBuilder) and torch.cuda.is_available()
+
+
+def nvcc_path() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").is_file():
+        return str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def check_ops(ds_config: dict) -> list[OpToBuild]:
+    """Steps 1-3 of the module docstring: the ops still to build; `OpBuildError` when a tool is missing."""
+    ops = ops_to_build(ds_config, extensions_dir())
+    problems = missing_tools(ops)
+    if problems:
+        raise OpBuildError("; ".join(problems) + f"; {AVOID}")
+    return ops
+
+
+def build_ops(ds_config: dict, say: Callable[[str], None] | None = None) -> list[OpToBuild]:
+    """Check, then build each op this config still needs, saying so before and after (`say`, default:
+    a flushed line on stderr, which Ray forwards to the driver's console). Returns the ops built."""
+    say = say or _stderr
+    ops = check_ops(ds_config)
+    for op in ops:
+        say(f"building {op.label} (one-time for this environment, a few minutes on a small CPU; "
+            f"cached in {op.build_dir})...")
+        t0 = time.perf_counter()
+        try:
+            op.builder.load(verbose=False)
+        except Exception as e:                   # the compiler's own output is the diagnosis: show it
+            say(str(e))
+            raise OpBuildError(f"building {op.label} failed after {time.perf_counter() - t0:.0f} s "
+                               f"({type(e).__name__}, compiler output above; build files in {op.build_dir}); "
+                               f"{AVOID}") from e
+        say(f"built {op.label} in {time.perf_counter() - t0:.0f} s")
+    return ops
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
