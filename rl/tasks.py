@@ -10,7 +10,8 @@ is exact. The held-out split never shares a problem with the train split.
 Tasks: `arithmetic` (below: small sums, memorisable), `digits` (below: multi-digit addition and
 subtraction written least significant digit first, held out by operand pair: the demo's task),
 `bigmul` (`rl.tool_task_defs.BigMultiplyTask`: products that need the calculator tool, ChatML
-prompts), or a JSONL file.
+prompts), `wordproblems` (`rl.reasoning_tasks.WordProblemTask`: multi-step word problems with a worked
+scratchpad, ChatML prompts), or a JSONL file.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from model.errors import ConfigError, DataError
+from rl.reasoning_tasks import WordProblemTask
 
 Split = Literal["train", "eval"]
 
@@ -237,7 +239,13 @@ def make_task(name: str | None = None, path: str | None = None, *, seed: int = 0
             return BigMultiplyTask(seed=seed, **kwargs)
         except TypeError as e:
             raise ConfigError(f"task.kwargs: {e}") from None
-    raise ConfigError(f"task.name: unknown task {name!r} (known: arithmetic, digits, bigmul; or give task.path)")
+    if name == "wordproblems":  # multi-step word problems with a worked scratchpad (rl/reasoning_tasks.py)
+        try:
+            return WordProblemTask(seed=seed, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"task.kwargs: {e}") from None
+    raise ConfigError(f"task.name: unknown task {name!r} (known: arithmetic, digits, bigmul, wordproblems; "
+                      "or give task.path)")
 
 
 def first_integer(text: str) -> int | None:
