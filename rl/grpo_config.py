@@ -163,6 +163,7 @@ class LearnerSection:
     offload_optimizer: bool = True
     bf16: bool | None = None             # None: bf16 on GPU, fp32 on CPU
     micro_batch_tokens: int = 4096       # token budget of one packed micro-batch (prompt + completion)
+    packing: bool = True                 # samples end to end with seq_idx boundaries (false: padded rows)
     minibatches: int = 1                 # optimizer steps per rollout batch
     epochs: int = 1                      # passes over the rollout batch
     gradient_checkpointing: bool = False

@@ -11,9 +11,13 @@ GPU, fp32 on CPU. On a CPU-only machine DeepSpeed selects its CPU accelerator an
 
 One update over a rollout batch of N samples:
 1. split the samples into `minibatches` minibatches (one optimizer step each), for `epochs` passes;
-2. pack each minibatch into micro-batches by token budget (rows right-padded to the longest row;
-   a micro-batch holds rows * longest <= micro_batch_tokens; a longer sample goes alone);
-3. per micro-batch: current log-probs (and entropy) via `model.token_logprobs`, the loss from
+2. cut each minibatch into micro-batches by token budget. `learner.packing: true` (default): samples
+   end to end in one row of at most micro_batch_tokens tokens, `seq_idx` marking them (every mixer
+   resets its SSM state, conv window and attention at a boundary), so padding costs nothing;
+   `false`: rows right-padded to the longest (rows * longest <= micro_batch_tokens). A longer sample
+   goes alone either way;
+3. per micro-batch: current log-probs (and entropy) via `model.token_logprobs`, read back per sample
+   (`MicroBatch.view`: [N, W], the layout the loss sees whatever the packing), the loss from
    `rl.algo.policy_loss` normalised by the minibatch's totals (so accumulated gradients equal the
    full-minibatch gradient), `engine.backward`; the engine steps at the minibatch boundary.
 The proximal "old" log-probs are the policy's before the first step: with one optimizer step the loss's
@@ -77,14 +81,38 @@ class TrainBatch:
 
 @dataclass
 class MicroBatch:
-    """Right-padded rows over prompt + completion, shifted for next-token prediction."""
+    """The rows the model runs over, shifted for next-token prediction, and the per-sample view the loss reads.
 
-    input_ids: Tensor      # [B, L-1] int64
-    targets: Tensor        # [B, L-1] int64
-    mask: Tensor           # [B, L-1] fp32: 1 on trained completion tokens
-    rollout_logp: Tensor   # [B, L-1] fp32 (0 outside completions)
-    advantages: Tensor     # [B] fp32
-    index: list[int]       # sample indices of the rows
+    Padded (`collate`): row r is sample index[r] right-padded; the sample view is the rows themselves
+    (W = T, completion token k of row r at column len(prompt) - 1 + k). Packed (`collate_packed`): the
+    N samples end to end in R rows, each sample shifted on its own (no position's target lies in another
+    sample), `seq_idx` numbering them; the sample view gathers each sample's completion targets
+    (W = longest completion, token k at column k).
+    """
+
+    input_ids: Tensor      # [R, T] int64
+    targets: Tensor        # [R, T] int64
+    mask: Tensor           # [N, W] fp32 sample view: 1 on trained completion tokens
+    rollout_logp: Tensor   # [N, W] fp32 sample view (0 outside completions)
+    advantages: Tensor     # [N] fp32
+    index: list[int]       # [N] sample indices
+    seq_idx: Tensor | None = None    # [R, T] int32, packed only: sample number within the row
+    gather: Tensor | None = None     # [N, W] int64, packed only: flat position in [R * T] of each view column
+    first: list[int] | None = None   # [N] view column of completion token 0 (None: len(prompt) - 1, padded)
+
+    def view(self, x: Tensor) -> Tensor:
+        """Per-position values over the rows [R, T] -> the sample view [N, W] (as is when padded)."""
+        if self.gather is None:
+            return x
+        return x.reshape(-1)[self.gather.to(x.device)]
+
+    def completion(self, x: Tensor, batch: "TrainBatch") -> list[list[float]]:
+        """The sample view [N, W] -> each sample's completion values [N][C_i]."""
+        out = []
+        for r, i in enumerate(self.index):
+            s = len(batch.prompt_ids[i]) - 1 if self.first is None else self.first[r]
+            out.append(x[r, s: s + len(batch.completion_ids[i])].float().cpu().tolist())
+        return out
 
 
 @dataclass
@@ -158,6 +186,63 @@ def collate(batch: TrainBatch, rows: list[int], pad_id: int = 0) -> MicroBatch:
         rlp[r, sl] = torch.tensor(batch.rollout_logprobs[i], dtype=torch.float32)
     adv = torch.tensor([batch.advantages[i] for i in rows], dtype=torch.float32)  # [B]
     return MicroBatch(ids[:, :-1], ids[:, 1:], mask, rlp, adv, list(rows))
+
+
+def pack_samples(batch: TrainBatch, indices: list[int], token_budget: int) -> list[list[int]]:
+    """Greedy in order: the samples' lengths (prompt + completion) sum to <= token_budget per micro-batch;
+    an over-long sample forms its own. Packed rows hold no padding, so order costs nothing."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    total = 0
+    for i in indices:
+        n = batch.num_tokens(i)
+        if cur and total + n > token_budget:
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += n
+    if cur:
+        out.append(cur)
+    return out
+
+
+def collate_packed(batch: TrainBatch, samples: list[int]) -> MicroBatch:
+    """The samples end to end in one row: sample j contributes its tokens[:-1] as inputs and tokens[1:] as
+    targets (shifted on its own, so the last token of a sample predicts nothing and no target crosses a
+    boundary), `seq_idx` j on its positions. Row length T = sum(len(prompt) + len(completion) - 1)."""
+    ids: list[int] = []
+    tgt: list[int] = []
+    seq: list[int] = []
+    W = max(1, max(len(batch.completion_ids[i]) for i in samples))
+    N = len(samples)
+    gather = torch.zeros(N, W, dtype=torch.long)                             # [N, W]
+    mask = torch.zeros(N, W)                                                 # [N, W]
+    rlp = torch.zeros(N, W)                                                  # [N, W]
+    for j, i in enumerate(samples):
+        p, c = batch.prompt_ids[i], batch.completion_ids[i]
+        if not p:
+            raise ValueError(f"learner: sample {i} has an empty prompt (its first completion token has no "
+                             "position to be predicted from)")
+        toks = p + c
+        off = len(ids)
+        ids += toks[:-1]
+        tgt += toks[1:]
+        seq += [j] * (len(toks) - 1)
+        # completion token k is the target of the sample's position len(p) - 1 + k
+        gather[j, : len(c)] = torch.arange(off + len(p) - 1, off + len(p) - 1 + len(c))
+        mask[j, : len(c)] = torch.tensor(batch.loss_mask[i], dtype=torch.float32)
+        rlp[j, : len(c)] = torch.tensor(batch.rollout_logprobs[i], dtype=torch.float32)
+    adv = torch.tensor([batch.advantages[i] for i in samples], dtype=torch.float32)  # [N]
+    return MicroBatch(torch.tensor([ids], dtype=torch.long), torch.tensor([tgt], dtype=torch.long), mask, rlp, adv,
+                      list(samples), seq_idx=torch.tensor([seq], dtype=torch.int32), gather=gather, first=[0] * N)
+
+
+def micro_batches(batch: TrainBatch, indices: list[int], token_budget: int, packing: bool) -> list[MicroBatch]:
+    """The samples `indices` as micro-batches of at most `token_budget` tokens: packed end to end with
+    `seq_idx` boundaries, or right-padded rows."""
+    if packing:
+        return [collate_packed(batch, s) for s in pack_samples(batch, indices, token_budget)]
+    return [collate(batch, rows) for rows in pack_micro_batches(batch, indices, token_budget)]
 
 
 def lr_schedule(sec: LearnerSection, total_opt_steps: int) -> Schedule:
@@ -293,25 +378,29 @@ class Learner:
     # ------------------------------------------------------------------ log-probs
     def _logprobs(self, model: BitMambaLM, mb: MicroBatch, entropy: bool):
         """log p_T of the micro-batch's targets under `log_softmax(logits / sampling.temperature)` through
-        the fused head: the loss's numerical path, also when called without grad (old / reference)."""
+        the fused head: the loss's numerical path, also when called without grad (old / reference).
+        Returns (log-probs, entropy or None) in the sample view [N, W]."""
         ids = mb.input_ids.to(self.device)
         tg = mb.targets.to(self.device)
-        out = model.token_logprobs(ids, tg, return_entropy=entropy, temperature=self.temperature,
-                                   fused=True)                               # [B, L-1] (, [B, L-1])
-        return out if entropy else (out, None)
+        seq = None if mb.seq_idx is None else mb.seq_idx.to(self.device)
+        out = model.token_logprobs(ids, tg, seq_idx=seq, return_entropy=entropy, temperature=self.temperature,
+                                   fused=True)                               # [R, T] (, [R, T])
+        lp, ent = out if entropy else (out, None)
+        return mb.view(lp), (None if ent is None else mb.view(ent))         # [N, W]
+
+    def _micro_batches(self, batch: TrainBatch, indices: list[int]) -> list[MicroBatch]:
+        return micro_batches(batch, indices, self.sec.micro_batch_tokens, self.sec.packing)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """The current policy's log p_T of every completion token -> [N][C_i], on the loss's numerical path
-        (train mode: straight-through BitLinears, the learner's dtype, the fused head)."""
+        (train mode: straight-through BitLinears, the learner's dtype, the fused head, the same packing)."""
         self.model.train()
         out: list[list[float]] = [[] for _ in range(len(batch))]
-        for rows in pack_micro_batches(batch, list(range(len(batch))), self.sec.micro_batch_tokens):
-            mb = collate(batch, rows)
+        for mb in self._micro_batches(batch, list(range(len(batch)))):
             lp, _ = self._logprobs(self.model, mb, entropy=False)
-            for r, i in enumerate(rows):
-                p, c = len(batch.prompt_ids[i]), len(batch.completion_ids[i])
-                out[i] = lp[r, p - 1: p - 1 + c].float().cpu().tolist()
+            for i, vals in zip(mb.index, mb.completion(lp, batch)):
+                out[i] = vals
         return out
 
     # ------------------------------------------------------------------ update
@@ -346,7 +435,7 @@ class Learner:
         plan = []
         for k in range(n_mb):
             idx = list(range(bounds[k], bounds[k + 1]))
-            micro = [collate(batch, rows) for rows in pack_micro_batches(batch, idx, self.sec.micro_batch_tokens)]
+            micro = self._micro_batches(batch, idx)
             plan.append(Minibatch(micro, n_tokens=float(sum(sum(batch.loss_mask[i]) for i in idx)),
                                   n_seqs=float(sum(1 for i in idx if any(batch.loss_mask[i])))))
         return plan
@@ -406,8 +495,8 @@ class Learner:
     def _micro_step(self, mb: MicroBatch, mini: Minibatch, old_lp: Tensor | None, ref_lp: Tensor | None,
                     acc: "_MetricAccumulator", last_bad: bool) -> bool:
         """Loss and backward of one micro-batch (normalised by the minibatch totals); False if non-finite."""
-        logp, ent = self._logprobs(self.model, mb, entropy=True)            # [B, L-1]
-        mask = mb.mask.to(self.device)                                       # [B, L-1]
+        logp, ent = self._logprobs(self.model, mb, entropy=True)            # [N, W]
+        mask = mb.mask.to(self.device)                                       # [N, W]
         loss, m = algo.policy_loss(
             logp, logp.detach() if old_lp is None else old_lp, mb.advantages.to(self.device), mask, self.loss_cfg,
             rollout_logp=mb.rollout_logp.to(self.device), ref_logp=ref_lp, entropy=ent,

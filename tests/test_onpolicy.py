@@ -18,7 +18,7 @@ from rl import algo
 from rl.algo import LossConfig
 from rl.grpo import Driver, PromptSource
 from rl.grpo_config import build_model, load_grpo_config
-from rl.learner import Learner, TrainBatch, collate
+from rl.learner import Learner, TrainBatch, micro_batches
 from rollout.backend import make_backend
 from rollout.engine import Engine
 from rollout.types import GenRequest, GenResult, SamplingParams
@@ -112,14 +112,13 @@ def test_old_logprobs_come_from_the_loss_path(model, tmp_path):
     learner = perturbed_learner(make_cfg(model=model, minibatches=2), tmp_path, scale=0.2)
     batch, _ = rollout_batch(learner, SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=1))
     old = learner.compute_logprobs(batch)
-    mb = collate(batch, list(range(len(batch))))
+    (mb,) = micro_batches(batch, list(range(len(batch))), learner.sec.micro_batch_tokens, learner.sec.packing)
     learner.model.train()
     with torch.enable_grad():
-        lp = learner.model.token_logprobs(mb.input_ids, mb.targets, temperature=1.0)
+        lp = mb.view(learner.model.token_logprobs(mb.input_ids, mb.targets, seq_idx=mb.seq_idx, temperature=1.0))
     worst = 0.0
-    for r in range(len(batch)):
-        p, c = len(batch.prompt_ids[r]), len(batch.completion_ids[r])
-        worst = max(worst, (lp[r, p - 1:p - 1 + c].detach() - torch.tensor(old[r])).abs().max().item())
+    for r, vals in zip(mb.index, mb.completion(lp.detach(), batch)):
+        worst = max(worst, (torch.tensor(vals) - torch.tensor(old[r])).abs().max().item())
     assert worst <= 1e-6, worst
 
 
