@@ -33,6 +33,7 @@ sizes this way); `--overwrite` deletes the run directory's recipe files first.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -62,6 +63,7 @@ RUN_ENTRIES = ("data", "sft", "grpo", "bf16_state", "eval_before.json")
 # seconds this script allows for work it cannot measure before it starts
 SFT_START_S = 90.0                # subprocess start: imports, corpus load, model build, first-step compile
 GRPO_START_S = 120.0              # Ray, learner and worker start-up, the first eval's compile
+FIRST_WINDOW_S = 180.0            # a first GRPO window before any was timed (the first step compiles)
 CLOSE_S = 20.0                    # stopping Ray and writing the report
 
 
@@ -137,7 +139,7 @@ def run_sft(run: Path, overrides: list[str], sft_config: Path, deadline: float) 
         extra.append(f"train.stop_after={steps}")
     cmd = [sys.executable, "-m", "rl.sft", "--config", str(sft_config), *overrides, *extra]
     log(f"SFT: {' '.join(cmd[1:3])} ... {' '.join(extra) or '(until the budget ends)'}; {left:.0f} s left")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"})
+    proc = subprocess.Popen(cmd)
     try:
         rc = proc.wait(timeout=max(left, 1.0))
     except subprocess.TimeoutExpired:
@@ -198,9 +200,13 @@ def run_grpo(run: Path, grpo_yaml: Path, user: list[str], deadline: float) -> bo
     total, window = cfg.steps, cfg.eval_every if cfg.eval_every > 0 else 10
     if done >= total:
         return True
+    if importlib.util.find_spec("ray") is None:
+        log("GRPO: Ray is not installed (yet; on the GPU machine the second setup run completes it); "
+            "next invocation")
+        return False
     need = window_seconds(_records(out) if done else [], window, warm=False)
     left = deadline - time.time() - CLOSE_S
-    if left < GRPO_START_S + (need or 0.0):
+    if left < GRPO_START_S + (FIRST_WINDOW_S if need is None else need):
         log(f"GRPO: {left:.0f} s left, not enough to start and finish a window; next invocation")
         return False
     log(f"GRPO: {'from step ' + str(done) if done else 'new run'} to {total} steps in windows of {window}; "
@@ -251,6 +257,8 @@ def run_bf16_state(run: Path, grpo_yaml: Path, user: list[str], steps: int, dead
     out = run / "bf16_state"
     if steps == 0 or (out / "final" / "model.safetensors").is_file():
         return True
+    if importlib.util.find_spec("ray") is None:
+        return False
     left = deadline - time.time() - CLOSE_S
     main = _records(run / "grpo")
     med = statistics.median([r["time/step"] for r in main if r["step"] >= 1]) if main else 0.0
@@ -446,7 +454,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sft", action="append", default=[], metavar="KEY=VALUE", help="SFT config override")
     p.add_argument("--grpo", action="append", default=[], metavar="KEY=VALUE", help="GRPO config override")
     p.add_argument("--sft-steps", type=int, default=None, help="max_steps of every SFT stage (default: the config's)")
-    p.add_argument("--corpus-size", type=int, default=160_000, help="worked solutions in the SFT corpus")
+    p.add_argument("--corpus-size", type=int, default=128_000, help="worked solutions in the SFT corpus (1000 steps x 128: each seen once)")
     p.add_argument("--corpus-ops", type=int, nargs=2, default=(1, 3), metavar=("LO", "HI"),
                    help="operations per corpus problem (default 1 3; GRPO trains on 2-4, evaluates 3-4)")
     p.add_argument("--seed", type=int, default=0, help="the corpus's task seed")
@@ -462,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     t0 = time.time()
     deadline = t0 + args.budget_s
-    run = Path(args.run_dir)
+    run = Path(args.run_dir).resolve()     # Ray actors and the SFT subprocess see the same paths
+    # the SFT subprocess and the Ray actors (started from other directories) import the project from here
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     if args.overwrite:
         for e in RUN_ENTRIES:
             p = run / e
