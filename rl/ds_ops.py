@@ -18,8 +18,11 @@ on a small machine and prints nothing while it runs. The learner's DeepSpeed con
 2. the ops this config needs that are neither compiled into the DeepSpeed install nor in the cache;
 3. for those, the tools a build needs (a C++ compiler, ninja, Python's headers, nvcc for a CUDA op):
    a missing one is one `OpBuildError` naming it and how to install it, before anything is compiled;
-4. each is built with a line before ("building DeepSpeed's CPU Adam op ...") and after ("built in N s");
-   DeepSpeed then finds the loaded module in its own cache (`OpBuilder._loaded_ops`) and builds nothing.
+4. each is built with a line before ("building DeepSpeed's CPU Adam op ...") and after ("built in N s"),
+   cached ones are loaded; DeepSpeed then finds the loaded modules in its own cache
+   (`OpBuilder._loaded_ops`) and builds nothing. torch's build lock (`<build dir>/lock`) is waited for
+   with a message, and one left by an interrupted build (older than STALE_LOCK_S) is removed, saying so
+   (torch itself would wait for it for ever, silently).
 `check_ops(ds_config)` does steps 1-3 alone (the GRPO driver calls it before Ray starts).
 """
 
@@ -42,6 +45,10 @@ INSTALL_CXX = ("install one (Debian/Ubuntu: `apt-get install g++`; Fedora/RHEL: 
 AVOID = ("or avoid the build: `learner.backend: torch` in the GRPO config (plain torch AdamW, no DeepSpeed)")
 
 
+STALE_LOCK_S = 1200          # a build lock older than this was left by an interrupted build
+REBUILT_AFTER_S = 10.0       # loading a cached op for longer than this means ninja rebuilt it
+
+
 class OpBuildError(BitMambaError):
     """A DeepSpeed op must be compiled for this environment and a tool the build needs is missing."""
 
@@ -56,6 +63,10 @@ class OpToBuild:
     @property
     def name(self) -> str:
         return self.builder.name
+
+    @property
+    def cached(self) -> bool:
+        return (self.build_dir / f"{self.name}.so").is_file()
 
     @property
     def label(self) -> str:
@@ -118,14 +129,14 @@ def is_prebuilt(builder) -> bool:
     return bool(installed_ops.get(builder.name, False)) and accelerator_name == get_accelerator()._name
 
 
+def jit_ops(ds_config: dict, root: Path) -> list[OpToBuild]:
+    """The needed ops that are not compiled into the DeepSpeed install (built, or loaded, from `root`)."""
+    return [OpToBuild(b, root / b.name) for b in needed_builders(ds_config) if not is_prebuilt(b)]
+
+
 def ops_to_build(ds_config: dict, root: Path) -> list[OpToBuild]:
     """The needed ops that are neither prebuilt nor already built under `root` (a `<name>/<name>.so`)."""
-    out = []
-    for b in needed_builders(ds_config):
-        build_dir = root / b.name
-        if not is_prebuilt(b) and not (build_dir / f"{b.name}.so").is_file():
-            out.append(OpToBuild(b, build_dir))
-    return out
+    return [op for op in jit_ops(ds_config, root) if not op.cached]
 
 
 def missing_tools(ops: list[OpToBuild]) -> list[str]:
@@ -192,13 +203,19 @@ def check_ops(ds_config: dict) -> list[OpToBuild]:
 
 
 def build_ops(ds_config: dict, say: Callable[[str], None] | None = None) -> list[OpToBuild]:
-    """Check, then build each op this config still needs, saying so before and after (`say`, default:
-    a flushed line on stderr, which Ray forwards to the driver's console). Returns the ops built."""
+    """Check, then load each JIT op this config needs, building the ones not cached and saying so before
+    and after (`say`, default: a flushed line on stderr, which Ray forwards to the driver's console); a
+    cached op that takes long to load was rebuilt (DeepSpeed's sources changed) and is reported too.
+    Returns the ops built."""
     say = say or _stderr
-    ops = check_ops(ds_config)
-    for op in ops:
-        say(f"building {op.label} (one-time for this environment, a few minutes on a small CPU; "
-            f"cached in {op.build_dir})...")
+    check_ops(ds_config)
+    built = []
+    for op in jit_ops(ds_config, extensions_dir()):
+        wait_for_lock(op, say)
+        cached = op.cached
+        if not cached:
+            say(f"building {op.label} (one-time for this environment, a few minutes on a small CPU; "
+                f"cached in {op.build_dir})...")
         t0 = time.perf_counter()
         try:
             op.builder.load(verbose=False)
@@ -207,8 +224,33 @@ def build_ops(ds_config: dict, say: Callable[[str], None] | None = None) -> list
             raise OpBuildError(f"building {op.label} failed after {time.perf_counter() - t0:.0f} s "
                                f"({type(e).__name__}, compiler output above; build files in {op.build_dir}); "
                                f"{AVOID}") from e
-        say(f"built {op.label} in {time.perf_counter() - t0:.0f} s")
-    return ops
+        seconds = time.perf_counter() - t0
+        if not cached or seconds > REBUILT_AFTER_S:
+            say(f"{'built' if not cached else 'rebuilt'} {op.label} in {seconds:.0f} s")
+            built.append(op)
+    return built
+
+
+def wait_for_lock(op: OpToBuild, say: Callable[[str], None], poll_s: float = 5.0) -> None:
+    """torch's JIT build holds `<build dir>/lock` while it compiles and waits, silently and for ever,
+    while another process holds it; a build killed midway leaves it behind. Say that we wait (and for
+    whom), and remove a lock older than STALE_LOCK_S (no build takes that long: an interrupted one)."""
+    lock = op.build_dir / "lock"
+    said = False
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_S:
+            say(f"removing {lock}: a build of {op.label} that started {age / 60:.0f} min ago was interrupted")
+            lock.unlink(missing_ok=True)
+            return
+        if not said:
+            say(f"waiting for another process that is building {op.label} (lock file {lock}; a build "
+                f"interrupted less than {STALE_LOCK_S // 60} min ago leaves it too: delete it if no build runs)")
+            said = True
+        time.sleep(poll_s)
 
 
 def _stderr(msg: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,46 @@ def test_a_build_is_announced_before_and_timed_after(tmp_path, monkeypatch):
     assert events[1] == "load cpu_adam"
     assert events[2].startswith("built DeepSpeed's CPU Adam op in ") and events[2].endswith(" s")
     events.clear()
-    assert ds_ops.build_ops(CPU_OFFLOAD, say=events.append) == [] and events == []   # cached: silent
+    assert ds_ops.build_ops(CPU_OFFLOAD, say=events.append) == []      # cached: loaded, nothing said
+    assert events == ["load cpu_adam"]
+
+
+def _fake_op(tmp_path, monkeypatch, events):
+    root = tmp_path / "ext"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    monkeypatch.setattr(ds_ops, "missing_tools", lambda ops: [])
+    monkeypatch.setattr(ds_ops, "needed_builders", lambda cfg: [FakeBuilder("cpu_adam", root, events)])
+    (root / "cpu_adam").mkdir(parents=True)
+    return root / "cpu_adam" / "lock"
+
+
+def test_a_lock_left_by_an_interrupted_build_is_removed_saying_so(tmp_path, monkeypatch):
+    """torch waits for ever, silently, on a lock file that a killed build left behind."""
+    events: list[str] = []
+    lock = _fake_op(tmp_path, monkeypatch, events)
+    lock.write_bytes(b"")
+    old = time.time() - ds_ops.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    ds_ops.build_ops(CPU_OFFLOAD, say=events.append)
+    assert events[0].startswith(f"removing {lock}: a build of DeepSpeed's CPU Adam op") and "interrupted" in events[0]
+    assert not lock.exists() and "load cpu_adam" in events
+
+
+def test_a_build_in_another_process_is_waited_for_with_a_message(tmp_path, monkeypatch):
+    events: list[str] = []
+    lock = _fake_op(tmp_path, monkeypatch, events)
+    lock.write_bytes(b"")
+    naps = []
+
+    def other_process_finishes(seconds):                # the other build ends while we wait
+        naps.append(seconds)
+        lock.unlink()
+
+    monkeypatch.setattr(ds_ops.time, "sleep", other_process_finishes)
+    ds_ops.build_ops(CPU_OFFLOAD, say=events.append)
+    assert events[0].startswith("waiting for another process that is building DeepSpeed's CPU Adam op")
+    assert str(lock) in events[0] and len(naps) == 1
+    assert events.index("load cpu_adam") > 0                              # loaded only after the lock was gone
 
 
 def test_a_failed_build_is_one_error_after_the_compiler_output(tmp_path, monkeypatch):
