@@ -268,3 +268,57 @@ def test_the_leak_check_catches_a_mixer_that_ignores_boundaries(preset, leak, mo
     monkeypatch.setattr(*LEAKS[leak])
     before, after = _b_after_changing_a(lr, 2)                 # A's last input token
     assert (after - before).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- CUDA (Triton SSD)
+
+
+def _cuda_model(preset):
+    from model.config import BitMambaConfig, QuantConfig
+    from model.lm import BitMambaLM
+
+    cfg = BitMambaConfig.preset(preset, vocab_size=384, chunk_size=64, quant=QuantConfig(activation="none"))
+    torch.manual_seed(0)
+    return perturbed(BitMambaLM(cfg)).cuda().train()
+
+
+def _cuda_logprobs(model, mb, weights=None):
+    seq = None if mb.seq_idx is None else mb.seq_idx.cuda()
+    lp = mb.view(model.token_logprobs(mb.input_ids.cuda(), mb.targets.cuda(), seq_idx=seq, fused=True))
+    if weights is not None:
+        model.zero_grad(set_to_none=True)
+        (lp * weights.cuda()).sum().backward()
+    return lp.detach().cpu()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny", "tiny-bitmamba2", "tiny-hybrid"])
+def test_cuda_triton_packed_equals_padded_and_does_not_leak(preset, monkeypatch):
+    """On CUDA with mamba-ssm's Triton SSD (fp32 model, 16-bit activations, chunk 64): packed == padded up to
+    the kernels' TF32 dot products (norm-wise 1e-3 on log-probs, 1e-2 on gradients, as tests/test_gpu_model.py),
+    boundaries inside chunks and exactly at a chunk edge; and B's log-probs do not move when A changes."""
+    monkeypatch.setenv("BITMAMBA_SSD", "triton")
+    model = _cuda_model(preset)
+    # sample 0: 4 + 61 tokens -> 64 positions, so sample 1 starts exactly at the second chunk
+    b = make_batch([61, 1, 77, 130, 3, 40, 90], seed=8, prompt_len=(4, 5))
+    b2 = make_batch([30, 200, 9, 64], seed=9)
+    b = TrainBatch(*(getattr(b, f) + getattr(b2, f) for f in
+                     ("prompt_ids", "completion_ids", "rollout_logprobs", "loss_mask", "advantages")))
+    idx = list(range(len(b)))
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(len(c), generator=g).tolist() for c in b.completion_ids]
+    out = {}
+    for name, mb in (("packed", collate_packed(b, idx)), ("padded", collate(b, idx))):
+        lp = _cuda_logprobs(model, mb, in_view(mb, b, w) * mb.mask)
+        out[name] = (torch.tensor([v for row in mb.completion(lp, b) for v in row]),
+                     {n: p.grad.detach().float().cpu() for n, p in model.named_parameters()})
+    (lk, gk), (ld, gd) = out["packed"], out["padded"]
+    assert rel(lk, ld) < 1e-3, rel(lk, ld)
+    for n in gd:
+        assert torch.isfinite(gk[n]).all() and rel(gk[n], gd[n]) < 1e-2, (n, rel(gk[n], gd[n]))
+    # no leak: A's last inputs change, B (packed after A, crossing chunk edges) keeps its log-probs
+    ab = make_batch([100, 90], seed=10)
+    before = _cuda_logprobs(model, collate_packed(ab, [0, 1]))[1]
+    ab.completion_ids[0][-3:] = [(t + 101) % 384 for t in ab.completion_ids[0][-3:]]
+    after = _cuda_logprobs(model, collate_packed(ab, [0, 1]))[1]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
