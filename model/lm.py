@@ -209,7 +209,10 @@ class BitMambaLM(nn.Module):
             x = head.norm(x)
         if head.act_quant:
             x = act_quant_ste(x)
-        return x, (self._head_weight() if head.ternary else head.weight)
+        if not head.ternary:
+            return x, head.weight
+        w = self._head_weight()
+        return x, (w if w is not None else head.effective_weight(torch.float32))   # eval mode: no STE graph needed
 
     def _lp_chunk(self, hc: Tensor, w: Tensor | None, tg: Tensor, want_entropy: bool, temperature: float = 1.0):
         logits = self._head_fp32(hc, w)
