@@ -52,13 +52,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.errors import ConfigError  # noqa: E402
+from model.info import checkpoint_info  # noqa: E402
+from rl.checkpoint import CheckpointManager, read_manifest  # noqa: E402
+from rl.grpo_config import load_grpo_config  # noqa: E402
 from rl.metrics import read_metrics  # noqa: E402
 from rl.reasoning_tasks import WordProblemTask, write_sft_corpus  # noqa: E402
 
 SFT_CONFIG = ROOT / "configs" / "recipe_reasoning_sft.yaml"
 GRPO_CONFIG = ROOT / "configs" / "recipe_reasoning_grpo.yaml"
 CORPUS_START = 100_000_000        # train-split rows from here on: a region the GRPO stage never reaches
-RUN_ENTRIES = ("data", "sft", "grpo", "bf16_state", "eval_before.json")
+RUN_ENTRIES = ("data", "sft", "grpo", "bf16_state", "eval_before.json", "invocations.jsonl")
 
 # seconds this script allows for work it cannot measure before it starts
 SFT_START_S = 90.0                # subprocess start: imports, corpus load, model build, first-step compile
@@ -130,19 +133,23 @@ def run_sft(run: Path, overrides: list[str], sft_config: Path, deadline: float) 
         return True
     left = deadline - time.time() - CLOSE_S
     per_step = sft_seconds_per_step(run / "sft")
+    starts = _sft_startups(run)
+    start_s = max(starts) if starts else SFT_START_S
     extra = []
     if per_step is not None:
-        steps = int((left - SFT_START_S) / per_step)
+        steps = int((left - start_s) / per_step)
         if steps < 1:
             log(f"SFT: {left:.0f} s left, not enough for a step ({per_step:.2f} s/step + start-up); next invocation")
             return False
         extra.append(f"train.stop_after={steps}")
     cmd = [sys.executable, "-m", "rl.sft", "--config", str(sft_config), *overrides, *extra]
     log(f"SFT: {' '.join(cmd[1:3])} ... {' '.join(extra) or '(until the budget ends)'}; {left:.0f} s left")
+    launched = time.time()
     proc = subprocess.Popen(cmd)
     try:
         rc = proc.wait(timeout=max(left, 1.0))
     except subprocess.TimeoutExpired:
+        _note_sft_startup(run, launched)
         log("SFT: budget spent, interrupting (SIGINT); the next invocation resumes from its last checkpoint")
         proc.send_signal(signal.SIGINT)
         try:
@@ -151,17 +158,38 @@ def run_sft(run: Path, overrides: list[str], sft_config: Path, deadline: float) 
             proc.kill()
             rc = proc.wait()
         return False
+    _note_sft_startup(run, launched)
     if rc != 0 and not final.is_file():
         raise SystemExit(f"SFT failed (exit {rc}); see its messages above")
     return final.is_file()
+
+
+def _sft_startups(run: Path) -> list[float]:
+    path = run / "sft" / "startups.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _note_sft_startup(run: Path, launched: float) -> None:
+    """Record how long an SFT subprocess took from launch to its first step (imports, data, model, the first
+    step's compile): the first metrics record written after `launched`, less its steps at the median rate."""
+    per_step = sft_seconds_per_step(run / "sft")
+    for m in sorted((run / "sft").glob("*/metrics.jsonl")):   # the stage this process started in
+        recs = read_metrics(m)
+        new = [r for r in recs if r["time"] >= launched]
+        if new and per_step is not None:
+            break
+    else:
+        return
+    old = [r["step"] for r in recs if r["time"] < launched]    # up to the checkpoint it resumed from
+    first_steps = new[0]["step"] - (max(old) if old else 0)
+    (run / "sft" / "startups.json").write_text(json.dumps(
+        _sft_startups(run) + [max(new[0]["time"] - launched - max(first_steps - 1, 0) * per_step, 0.0)]))
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
 
 
 def grpo_config(run: Path, grpo_yaml: Path, init: Path, out: Path, fresh: bool, user: list[str]):
-    from rl.grpo_config import load_grpo_config
-
     base = [f"model.path={init}", f"model.tokenizer={init}", f"output_dir={out}"]
     state = ["overwrite=true"] if fresh else ["resume=true"]
     return load_grpo_config(grpo_yaml, base + list(user) + state)
@@ -169,8 +197,6 @@ def grpo_config(run: Path, grpo_yaml: Path, init: Path, out: Path, fresh: bool, 
 
 def latest_step(out: Path) -> int:
     """The step of the newest complete GRPO checkpoint under `out` (0 without one)."""
-    from rl.checkpoint import CheckpointManager, read_manifest
-
     if not (out / "checkpoints").is_dir():
         return 0
     path = CheckpointManager(out / "checkpoints").latest(verify=False)
@@ -192,8 +218,6 @@ def window_seconds(records: list[dict], window: int, warm: bool) -> float | None
 
 def run_grpo(run: Path, grpo_yaml: Path, user: list[str], deadline: float) -> bool:
     """GRPO windows until the run is done or the next window would pass `deadline`. True when done."""
-    from rl.grpo import RAY_LOST, Driver, RunAborted, aborted_message
-
     init, out = run / "sft" / "final", run / "grpo"
     done = latest_step(out)
     cfg = grpo_config(run, grpo_yaml, init, out, fresh=done == 0, user=user)
@@ -204,6 +228,8 @@ def run_grpo(run: Path, grpo_yaml: Path, user: list[str], deadline: float) -> bo
         log("GRPO: Ray is not installed (yet; on the GPU machine the second setup run completes it); "
             "next invocation")
         return False
+    from rl.grpo import RAY_LOST, Driver, RunAborted, aborted_message   # imports Ray: only once it is there
+
     need = window_seconds(_records(out) if done else [], window, warm=False)
     left = deadline - time.time() - CLOSE_S
     if left < GRPO_START_S + (FIRST_WINDOW_S if need is None else need):
@@ -252,13 +278,12 @@ def _records(out: Path) -> list[dict]:
 
 def run_bf16_state(run: Path, grpo_yaml: Path, user: list[str], steps: int, deadline: float) -> bool:
     """A short GRPO run from the final policy with a bf16 SSM state in the worker, for its mismatch KL."""
-    from rl.grpo import run as grpo_run
-
     out = run / "bf16_state"
     if steps == 0 or (out / "final" / "model.safetensors").is_file():
         return True
     if importlib.util.find_spec("ray") is None:
         return False
+    from rl.grpo import run as grpo_run
     left = deadline - time.time() - CLOSE_S
     main = _records(run / "grpo")
     med = statistics.median([r["time/step"] for r in main if r["step"] >= 1]) if main else 0.0
@@ -328,18 +353,26 @@ def sft_summary(run: Path) -> dict[str, Any] | None:
     if not files:
         return None
     recs = [r for f in files for r in read_metrics(f)]
-    spans = [(read_metrics(f)[0]["time"], read_metrics(f)[-1]["time"]) for f in files if read_metrics(f)]
-    out = {"steps_logged": recs[-1]["step"], "loss_first": recs[0].get("loss"), "loss_last": recs[-1].get("loss"),
-           "tokens_per_s_median": statistics.median([r["tokens_per_s"] for r in recs if "tokens_per_s" in r]),
-           "seconds_per_step_median": sft_seconds_per_step(run / "sft"),
-           "finished": (run / "sft" / "final" / "model.safetensors").is_file(),
-           "first_to_last_log_s": sum(b - a for a, b in spans)}
-    return out
+    if not recs:
+        return None
+    per_step = sft_seconds_per_step(run / "sft")
+    return {"steps_logged": recs[-1]["step"], "loss_first": recs[0].get("loss"), "loss_last": recs[-1].get("loss"),
+            "tokens_per_s_median": statistics.median([r["tokens_per_s"] for r in recs if "tokens_per_s" in r]),
+            "seconds_per_step_median": per_step,
+            "train_seconds_estimate": None if per_step is None else per_step * recs[-1]["step"],
+            "finished": (run / "sft" / "final" / "model.safetensors").is_file()}
+
+
+def progress(run: Path) -> dict[str, int]:
+    """Where the chain stands: SFT steps checkpointed (all stages), GRPO steps checkpointed."""
+    sft = 0
+    for d in sorted((run / "sft").glob("*/checkpoints")):
+        path = CheckpointManager(d).latest(verify=False)
+        sft += 0 if path is None else int(read_manifest(path)["step"])
+    return {"sft_steps": sft, "grpo_steps": latest_step(run / "grpo")}
 
 
 def model_info(run: Path) -> dict[str, Any] | None:
-    from model.info import checkpoint_info
-
     final = run / "sft" / "final"
     if not (final / "config.json").is_file():
         return None
@@ -375,6 +408,7 @@ def build_report(run: Path, args: argparse.Namespace, grpo_total: int, done: dic
         "device": _device(),
         "complete": all(done.values()),
         "stages_done": done,
+        "invocations": _invocations(run),
         "model": model_info(run),
         "corpus": {"size": args.corpus_size, "ops": list(args.corpus_ops), "seed": args.seed},
         "sft": sft_summary(run),
@@ -388,6 +422,11 @@ def build_report(run: Path, args: argparse.Namespace, grpo_total: int, done: dic
                         "bf16_state": summary([_num(r.get("learn/mismatch_kl")) for r in bf16 if r["step"] >= 1])},
         "step_time": step_breakdown(recs),
     }
+
+
+def _invocations(run: Path) -> list[dict]:
+    path = run / "invocations.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
 def _device() -> str:
@@ -419,7 +458,8 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ax.set(xlabel="GRPO step (0 = the SFT model)", ylabel="reward / pass@1", ylim=(0, 1),
            title=f"reasoning recipe: {size}ternary BitMamba, word problems")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -480,15 +520,17 @@ def main(argv: list[str] | None = None) -> int:
     run.mkdir(parents=True, exist_ok=True)
     corpus = make_corpus(run, args.corpus_size, tuple(args.corpus_ops), args.seed)
     sft_yaml, grpo_yaml = Path(args.sft_config), Path(args.grpo_config)
-    from rl.grpo_config import load_grpo_config
-
     grpo_total = load_grpo_config(grpo_yaml, list(args.grpo)).steps
     done = {"sft": False, "grpo": False, "bf16_state": args.bf16_state_steps == 0}
+    start = progress(run)
     done["sft"] = run_sft(run, sft_overrides(run, corpus, sft_yaml, args.sft_steps, args.sft), sft_yaml, deadline)
     if done["sft"]:
         done["grpo"] = run_grpo(run, grpo_yaml, args.grpo, deadline)
     if done["grpo"]:
         done["bf16_state"] = run_bf16_state(run, grpo_yaml, args.grpo, args.bf16_state_steps, deadline)
+    with open(run / "invocations.jsonl", "a", encoding="utf-8") as f:   # what this invocation did, and how long
+        f.write(json.dumps({"start": round(t0, 1), "seconds": round(time.time() - t0, 1), "before": start,
+                            "after": progress(run), "done": done}) + "\n")
     report = build_report(run, args, grpo_total, done)
     write_results(run, Path(args.results_dir), report)
     h = report["heldout"]
@@ -512,4 +554,6 @@ def _fmt_kl(s: dict | None) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rl.cli import run_main
+
+    sys.exit(run_main(main, sys.argv[1:]))

@@ -131,7 +131,7 @@ def test_recipe_configs_load_and_describe_a_model_of_at_least_50m_parameters():
     task = make_task(grpo.task.name, seed=grpo.seed, **grpo.task.kwargs)
     tok = build_tiny_tokenizer(MIN_VOCAB)
     limit = grpo.model.max_seq_len - grpo.sampling.max_new_tokens - 1
-    longest = max(len(tok.encode(task.row("eval", i)["prompt"], add_special_tokens=False)) for i in range(300))
+    longest = max(len(tok.encode(task.row("eval", i)["prompt"], add_special_tokens=False)) for i in range(2000))
     assert longest <= limit                             # no held-out prompt is dropped for length
 
 
@@ -191,6 +191,9 @@ def test_the_chain_runs_resumes_and_reports(tmp_path, capsys):
     rep = json.loads((res / "recipe_reasoning.json").read_text())
     assert rep["complete"] and rep["stages_done"] == {"sft": True, "grpo": True, "bf16_state": True}
     assert rep["sft"]["finished"] and rep["sft"]["steps_logged"] == 8
+    inv = rep["invocations"]
+    assert [i["before"] for i in inv] == [{"sft_steps": 0, "grpo_steps": 0}, {"sft_steps": 8, "grpo_steps": 2}]
+    assert [i["after"] for i in inv] == [{"sft_steps": 8, "grpo_steps": 2}, {"sft_steps": 8, "grpo_steps": 4}]
     assert rep["model"]["parameters"]["total"] > 0
     h = rep["heldout"]
     assert h["before"]["step"] == 0 and h["after"]["step"] == 4 and h["gain"] is not None
