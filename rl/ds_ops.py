@@ -33,6 +33,7 @@ import shutil
 import sys
 import sysconfig
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -167,15 +168,30 @@ def missing_tools(ops: list[OpToBuild]) -> list[str]:
 
 
 def ninja_available() -> bool:
-    """ninja on PATH; the `ninja` pip package of this environment (a DeepSpeed dependency) is put on
-    PATH when the environment is used without being activated (`.venv/bin/bitmamba ...`)."""
-    if shutil.which("ninja"):
-        return True
-    env_bin = Path(sys.executable).parent
-    if (env_bin / "ninja").is_file():
-        os.environ["PATH"] = f"{env_bin}{os.pathsep}{os.environ.get('PATH', '')}"
-        return True
-    return False
+    """ninja on PATH, or this environment's own (the `ninja` pip package, a DeepSpeed dependency, which
+    `ninja_of_this_environment` puts first on PATH during a build)."""
+    return shutil.which("ninja") is not None or env_ninja_dir() is not None
+
+
+def env_ninja_dir() -> Path | None:
+    d = Path(sys.executable).parent
+    return d if (d / "ninja").is_file() else None
+
+
+@contextmanager
+def ninja_of_this_environment():
+    """PATH with this environment's ninja first while ops load, also when the environment is used
+    without being activated (`.venv/bin/bitmamba ...`). One ninja per cache matters: ninja 1.12 changed
+    the command hash of its build log, so loads alternating between two versions (a system 1.11 and the
+    venv's 1.13) rebuild every op each time."""
+    d = env_ninja_dir()
+    old = os.environ.get("PATH", "")
+    if d is not None:
+        os.environ["PATH"] = f"{d}{os.pathsep}{old}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
 
 
 def needs_nvcc(builder) -> bool:
@@ -218,7 +234,8 @@ def build_ops(ds_config: dict, say: Callable[[str], None] | None = None) -> list
                 f"cached in {op.build_dir})...")
         t0 = time.perf_counter()
         try:
-            op.builder.load(verbose=False)
+            with ninja_of_this_environment():
+                op.builder.load(verbose=False)
         except Exception as e:                   # the compiler's own output is the diagnosis: show it
             say(str(e))
             raise OpBuildError(f"building {op.label} failed after {time.perf_counter() - t0:.0f} s "

@@ -4,6 +4,7 @@ missing one), a build says so before and after, and builds are cached per enviro
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -72,13 +73,26 @@ def test_a_cxx_that_does_not_exist_is_named(no_compiler, monkeypatch):
         ds_ops.check_ops(CPU_OFFLOAD)
 
 
-def test_ninja_of_the_environment_is_found_without_activating_it(no_compiler):
-    """`.venv/bin/bitmamba` run without activating the venv: DeepSpeed's ninja (a pip package in the
-    venv's bin/) is put on PATH instead of failing the build."""
-    if not (Path(sys.executable).parent / "ninja").is_file():
+def test_the_environments_ninja_runs_the_builds(no_compiler, monkeypatch):
+    """`.venv/bin/bitmamba` run without activating the venv: DeepSpeed's ninja (a pip package in the venv's
+    bin/) is found, and builds always run it, never a system ninja of another version (whose build log
+    hashes commands differently: every load would rebuild)."""
+    env_bin = Path(sys.executable).parent
+    if not (env_bin / "ninja").is_file():
         pytest.skip("no ninja next to this interpreter")
     assert ds_ops.ninja_available()
-    assert os.environ["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    system = no_compiler / "bin" / "ninja"                     # another ninja earlier on PATH
+    system.write_text("#!/bin/sh\necho 1.11.1\n")
+    system.chmod(0o755)
+    events: list[str] = []
+    root = no_compiler / "ext"
+    monkeypatch.setattr(ds_ops, "missing_tools", lambda ops: [])
+    builder = FakeBuilder("cpu_adam", root, events)
+    builder.load = lambda verbose=False: events.append(shutil.which("ninja"))
+    monkeypatch.setattr(ds_ops, "needed_builders", lambda cfg: [builder])
+    ds_ops.build_ops(CPU_OFFLOAD, say=lambda msg: None)
+    assert events == [str(env_bin / "ninja")]
+    assert os.environ["PATH"] == str(no_compiler / "bin")                # restored after the build
 
 
 def test_cached_ops_need_no_compiler(no_compiler):
