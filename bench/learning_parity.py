@@ -68,7 +68,7 @@ def grpo_config(s: Setup, work: Path, seed: int, on_gpu: bool):
         "sampling": {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature},
         "algo": {"clip_low": 0.2, "clip_high": 0.28, "aggregation": "token-mean", "kl_coef": 0.0},
         "learner": {"lr": s.lr, "micro_batch_tokens": 16384, "num_gpus": 0.5 if on_gpu else 0,
-                    "offload_optimizer": False},
+                    "offload_optimizer": False, "deepspeed": {"optimizer": {"params": {"torch_adam": True}}}},
         "workers": {"num_workers": 1, "num_gpus": 0.5 if on_gpu else 0},
         "checkpoint_every": s.eval_every, "keep_checkpoints": 100, "eval_every": 0,
         "seed": seed, "output_dir": str(work / f"ours_seed{seed}"), "wandb": False})
@@ -139,12 +139,15 @@ def trl_to_ours(hf_model, cfg) -> BitMambaLM:
 
 
 def stage_trl(s: Setup, work: Path, seed: int) -> dict:
-    from model._mamba_ssm import _install_placeholder
+    sys.path.insert(0, str(ROOT / "bench"))
+    from grpo_trl import prepare_hf_kernels, route_hf_kernels   # transformers' Mamba2 kernel routing
 
-    _install_placeholder()          # transformers' Mamba2 imports mamba-ssm's kernels when it is installed
+    prepare_hf_kernels("auto")      # mamba-ssm's Triton kernels, as a user with a full install gets them
     import datasets
     import transformers
     import trl
+
+    route_hf_kernels("auto")        # without causal-conv1d the fused training kernel takes the torch path
 
     from rollout.tokenizer import load_tokenizer
 
