@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,eval]"
 	touch $@
 
+# runs/demo is the demo's own scratch directory: each `make demo` starts it over (--overwrite deletes the
+# demo's own files there, nothing else). DEMO_ARGS adds arguments, e.g. DEMO_ARGS="--steps 5".
 demo: install
-	$(BIN)/bitmamba demo --output-dir runs/demo
+	$(BIN)/bitmamba demo --output-dir runs/demo --overwrite $(DEMO_ARGS)
 
 test: install
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
