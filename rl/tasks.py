@@ -153,17 +153,38 @@ def rev(n: int) -> str:
     return str(n)[::-1]
 
 
+def leading_digits(completion: str) -> str:
+    """The completion's leading run of digits after leading spaces ("" when it starts otherwise)."""
+    text = completion.lstrip()
+    j = 0
+    while j < len(text) and text[j].isdigit():
+        j += 1
+    return text[:j]
+
+
 def exact_digits(prompt: str, completion: str, answer: str, **_: Any) -> float:
     """1.0 when the completion's leading run of digits (after leading spaces) is exactly `answer`.
 
     The `digits` task's checker (reward spec `rl.tasks:exact_digits`): digit strings are compared as
     strings, so a dropped or extra digit (also a zero) is wrong, and text after the digits is ignored.
     """
-    text = completion.lstrip()
-    j = 0
-    while j < len(text) and text[j].isdigit():
-        j += 1
-    return 1.0 if j > 0 and text[:j] == str(answer).strip() else 0.0
+    got = leading_digits(completion)
+    return 1.0 if got and got == str(answer).strip() else 0.0
+
+
+def digit_credit(prompt: str, completion: str, answer: str, **_: Any) -> float:
+    """`exact_digits` with partial credit: 1.0 for the exact answer, else 0.5 x the share of places
+    (least significant first) whose digit is right, over the longer of answer and completion.
+
+    A denser training signal than pass/fail: a group whose samples are all wrong still ranks the one
+    that got two of three places right above the one that got none. Only an exact answer reaches 1.0,
+    so `eval_correct_threshold: 1.0` still counts exact answers only.
+    """
+    ans, got = str(answer).strip(), leading_digits(completion)
+    if got == ans:
+        return 1.0
+    right = sum(1 for a, g in zip(ans, got) if a == g)
+    return 0.5 * right / max(len(ans), len(got), 1)
 
 
 @dataclass

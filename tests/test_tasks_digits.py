@@ -4,7 +4,7 @@ import pytest
 
 from model.errors import ConfigError
 from rewards import load_reward
-from rl.tasks import DigitsTask, exact_digits, make_task, rev
+from rl.tasks import DigitsTask, digit_credit, exact_digits, make_task, rev
 
 
 def parse(prompt: str) -> tuple[int, str, int]:
@@ -72,6 +72,16 @@ def test_exact_digits_compares_digit_strings():
     assert exact_digits("", "", answer="0") == 0.0
     fn = load_reward("rl.tasks:exact_digits")                 # the spec the demo config uses
     assert fn(["1+1="] * 2, ["2", "3"], [{"answer": "2", "id": "a"}, {"answer": "2", "id": "b"}]) == [1.0, 0.0]
+
+
+def test_digit_credit_is_partial_below_one_and_one_only_when_exact():
+    assert digit_credit("", "975", answer="975") == 1.0
+    assert digit_credit("", "976", answer="975") == pytest.approx(0.5 * 2 / 3)    # places 1, 2 right
+    assert digit_credit("", "075", answer="975") == pytest.approx(0.5 * 2 / 3)
+    assert digit_credit("", "9750", answer="975") == pytest.approx(0.5 * 3 / 4)   # an extra digit costs
+    assert digit_credit("", "97", answer="975") == pytest.approx(0.5 * 2 / 3)
+    assert digit_credit("", "abc", answer="975") == 0.0
+    assert max(digit_credit("", c, answer="975") for c in ("97", "9751", "976", "", "0")) < 1.0
 
 
 @pytest.mark.parametrize("kwargs, match", [
