@@ -15,8 +15,9 @@ Loop, one step:
   5. learner update (minibatches of micro-batches packed by token budget)
   6. sync: the learner's packed weights go into the object store once, every worker loads them
   7. log metrics.jsonl (+ wandb offline, + console); eval every K; checkpoint every K
-With `one_step_off_policy`, generation of the next batch (with the weights before this update)
-runs while the learner updates; truncated IS corrects for the one-version lag.
+With `max_staleness: k` > 0 (`one_step_off_policy` is k = 1), a background thread generates batches
+with the newest weights the workers hold, up to k policy versions ahead of the learner, while the
+learner updates (rl/async_rollout.py); truncated IS corrects for the lag.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -43,6 +45,7 @@ from model.config import BitMambaConfig
 from rewards import RewardPool, RewardSpec
 from rl import algo, ds_ops
 from rl.args import grpo_parser
+from rl.async_rollout import RolloutProducer
 from rl.checkpoint import (CheckpointManager, add_files, capture_rng_state, publish_final, restore_rng_state,
                            tokenizer_files)
 from rl.grpo_config import GRPOConfig, build_tokenizer, check_tools, load_grpo_config
@@ -250,6 +253,7 @@ class Rollout:
     valid: list[bool]                    # [N]
     start_pos: int                       # data position before this rollout took its prompts
     metrics: dict[str, float] = field(default_factory=dict)
+    policy_version: int = 0              # the workers' policy version (completed steps) when generated
 
 
 class Driver:
@@ -289,6 +293,9 @@ class Driver:
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
         self.step = 0
+        self.producer: RolloutProducer | None = None
+        self.staleness_seen: list[int] = []          # per step of this invocation
+        self.workers_lock = threading.RLock()        # workers driven by one thread at a time (rl/async_rollout.py)
         if cfg.resume:
             self._resume()
         self.sync_stats = self.sync_weights()
@@ -317,8 +324,10 @@ class Driver:
                               eos_token_id=self.tokenizer.eos_token_id, n=n, seed=0)
 
     def sync_weights(self) -> dict[str, float]:
-        """Learner -> every worker: by CUDA IPC on the learner's GPU, else through the object store (once)."""
-        return sync_to_workers(self.learner, self.workers, self.cfg.workers.weight_sync, self.learner_gpu)
+        """Learner -> every worker: by CUDA IPC on the learner's GPU, else through the object store (once).
+        Under `workers_lock`: waits for a batch the producer is generating (it ends on the old weights)."""
+        with self.workers_lock:
+            return sync_to_workers(self.learner, self.workers, self.cfg.workers.weight_sync, self.learner_gpu)
 
     # -------------------------------------------------------------- rollout
     def generate(self, rows: list[PromptRow], n: int, salt: int = 0, temperature: float | None = None,
@@ -470,7 +479,7 @@ class Driver:
         """The learner writes the checkpoint (weights, optimizer, config.json); the driver adds the
         tokenizer, so every checkpoint is a complete model directory (`generate`, `eval --gen`). After
         the last step the model is also published as `output_dir/final`, like the supervised stages'."""
-        extra = {"step": self.step, "data_pos": self.prompts.pos, "rng": capture_rng_state(),
+        extra = {"step": self.step, "data_pos": self.data_position(), "rng": capture_rng_state(),
                  "config": to_dict(self.cfg)}
         path = get_user(self.learner.save_checkpoint.remote(str(self.ckpt.root), self.step, extra,
                                                              self.cfg.keep_checkpoints))
@@ -484,41 +493,69 @@ class Driver:
     def run(self) -> dict[str, float]:
         cfg = self.cfg
         last: dict[str, float] = {}
-        prefetched: Rollout | None = None
+        self.producer = self.start_producer()
         while self.step < cfg.steps:
             self.step += 1
             t_step = time.perf_counter()
-            ro = prefetched if prefetched is not None else self.rollout()          # 1-4
-            prefetched = None
+            ro, staleness = self.next_rollout()                                   # 1-4
             batch = self.train_batch(ro)
             t0 = time.perf_counter()
             empty = len(batch) == 0 or not any(any(m) for m in batch.loss_mask)
             if empty:   # dynamic sampling found no informative group: nothing to learn from this step
                 log.warning("step %d: no sample carries a learning signal; update skipped", self.step)
-            update = None if empty else self.learner.update.remote(batch)        # 5 (async)
-            if cfg.one_step_off_policy and self.step < cfg.steps:
-                prefetched = self.rollout()                                       # overlaps the update
+            update = None if empty else self.learner.update.remote(batch)        # 5 (a producer generates on)
             learn = {"learn/skipped": 1.0} if update is None else {**ray.get(update), "learn/skipped": 0.0}
             self._check_finite(learn)
             t_learn = time.perf_counter() - t0
             sync = self.sync_weights() if update is not None else {"sync/seconds": 0.0, "sync/bytes": 0.0}  # 6
+            if self.producer is not None:
+                self.producer.set_version(self.step)
             m = dict(ro.metrics)
             m.update(learn)
             m.update(sync)
+            m.update(self.staleness_metrics(ro, staleness))
             m.update({"time/learn": t_learn, "time/sync": sync["sync/seconds"],
                       "time/step": time.perf_counter() - t_step, "policy_version": float(self.step)})
             if cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                m.update(self.evaluate())                                          # 7
-            if prefetched is not None:
-                # the prefetched prompts are consumed: a checkpoint now must not skip them on resume
-                data_pos, self.prompts.pos = self.prompts.pos, prefetched.start_pos
+                with self.workers_lock:
+                    m.update(self.evaluate())                                      # 7
             if (cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
                 self.checkpoint()
-            if prefetched is not None:
-                self.prompts.pos = data_pos
             last = self.metrics.log(self.step, **m)
             print(progress_line(self.step, cfg.steps, m), file=sys.stderr, flush=True)
         return last
+
+    def start_producer(self) -> RolloutProducer | None:
+        """With `max_staleness` > 0 (or `one_step_off_policy`), the background producer of rollouts
+        (rl/async_rollout.py); None on-policy, where each step generates its own batch."""
+        bound = self.cfg.staleness_bound
+        if bound == 0 or self.step >= self.cfg.steps:
+            return None
+        return RolloutProducer(self.rollout, lambda: self.prompts.pos, bound, version=self.step,
+                               batches=self.cfg.steps - self.step, lock=self.workers_lock).start()
+
+    def next_rollout(self) -> tuple[Rollout, int]:
+        """This step's batch and its staleness (learner version minus the batch's policy version)."""
+        if self.producer is None:
+            ro = self.rollout()
+            ro.policy_version = self.step - 1
+            return ro, 0
+        return self.producer.take(learner_version=self.step - 1)
+
+    def staleness_metrics(self, ro: Rollout, staleness: int) -> dict[str, float]:
+        """`rollout/staleness` of this step's batch, its mean and max over the run so far, and the
+        batches dropped as too stale so far."""
+        self.staleness_seen.append(staleness)
+        seen = self.staleness_seen
+        return {"rollout/staleness": float(staleness), "rollout/staleness_mean": sum(seen) / len(seen),
+                "rollout/staleness_max": float(max(seen)), "rollout/policy_version": float(ro.policy_version),
+                "rollout/start_position": float(ro.start_pos),
+                "rollout/dropped_stale": float(self.producer.dropped if self.producer is not None else 0)}
+
+    def data_position(self) -> int:
+        """The data position a checkpoint saves: the start of the oldest batch drawn but not yet trained
+        (generated ahead by the producer), so a resume draws those prompts again."""
+        return self.producer.resume_position() if self.producer is not None else self.prompts.pos
 
     def _check_finite(self, learn: dict[str, float]) -> None:
         """A step whose every optimizer step was skipped (NaN/inf loss or gradient) is a bad step;
@@ -541,6 +578,9 @@ class Driver:
     def close(self) -> None:
         """Stop everything this driver started (also after a failed __init__: parts may be missing, and
         after the cluster went away: each part is stopped on its own, a failure logged, not raised)."""
+        producer = getattr(self, "producer", None)
+        if producer is not None:
+            producer.close(timeout_s=0)              # starts nothing more; a batch in progress fails below
         stops = {"metrics": lambda m: m.close(), "rewards": lambda r: r.close(),
                  "workers": lambda w: w.shutdown(), "learner": lambda a: ray.kill(a, no_restart=True)}
         for attr, stop in stops.items():
@@ -551,6 +591,8 @@ class Driver:
                 stop(part)
             except Exception as e:          # the cluster may be gone: keep stopping the rest
                 log.warning("close: stopping the %s failed: %s: %s", attr, type(e).__name__, e)
+        if producer is not None:
+            producer.close(timeout_s=10)
         if getattr(self, "owns_ray", False):
             ray.shutdown()
 

@@ -244,7 +244,8 @@ class GRPOConfig:
     tools: list[str | dict[str, Any]] = field(default_factory=list)   # non-empty: rollouts run the agent loop
     agent: AgentSection = field(default_factory=AgentSection)
     tools_base_dir: str | None = None    # where relative tool files resolve (relative: to the config's directory)
-    one_step_off_policy: bool = False
+    max_staleness: int = 0               # policy versions a batch may lag the learner; 0 = on-policy
+    one_step_off_policy: bool = False    # alias of max_staleness: 1 (with max_staleness 0 or 1 only)
     eval_every: int = 0                  # 0 = off; also evaluated after the last step when > 0
     eval_samples: int = 4                # completions per held-out prompt (pass@k needs k <= this)
     eval_k: int = 4
@@ -267,6 +268,11 @@ class GRPOConfig:
             raise ConfigError("prompts_per_step must be >= 1 and steps >= 0")
         if not self.rewards:
             raise ConfigError("rewards: at least one reward function")
+        if self.max_staleness < 0:
+            raise ConfigError(f"max_staleness: must be >= 0 (0 = on-policy), got {self.max_staleness}")
+        if self.one_step_off_policy and self.max_staleness > 1:
+            raise ConfigError(f"one_step_off_policy: true means max_staleness 1, but max_staleness is "
+                              f"{self.max_staleness}; set only max_staleness")
         if self.max_bad_steps < 1:
             raise ConfigError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
         if self.eval_every > 0 and self.eval_k > self.eval_samples:
@@ -286,6 +292,11 @@ class GRPOConfig:
         if self.sampling.max_new_tokens >= self.model.max_seq_len:
             raise ConfigError(f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must be < "
                               f"model.max_seq_len ({self.model.max_seq_len}) to leave room for the prompt")
+
+    @property
+    def staleness_bound(self) -> int:
+        """The policy versions a batch may lag the learner: `max_staleness`, or 1 with `one_step_off_policy`."""
+        return 1 if self.one_step_off_policy else self.max_staleness
 
     @property
     def seq_sum_const(self) -> float:
