@@ -1,6 +1,7 @@
 """Asynchronous rollouts: the producer's staleness bound, drops, data position; GRPO end to end with
 `max_staleness` on CPU with local Ray (those marked slow)."""
 
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,12 +169,16 @@ def test_max_staleness_runs_ahead_within_the_bound_and_resumes_the_same_prompts(
         100 * max(full[0]["learn/mismatch_kl"], 1e-9)  # stale batches: the TIS path sees the lag
     assert [r["rollout/start_position"] for r in full] == [0, 4, 8, 12]
 
-    # step 2's checkpoint saves the position of batch 3 (drawn ahead, not trained), so a resume replays it
-    part = tmp_path / "part"
-    grpo_run(part, "steps=2", "checkpoint_every=2", "max_staleness=2", rew)
-    _, _, extra = load_checkpoint(CheckpointManager(part / "checkpoints").latest())
-    assert extra["data_pos"] == 8
-    again = grpo_run(part, "--resume", "steps=4", "checkpoint_every=2", "max_staleness=2", rew)
+    # the run as if killed after its step-2 checkpoint: batch 3 (at least) had been drawn ahead of the
+    # learner by then, yet the checkpoint saves its start, so the resumed run trains the same prompts
+    run = tmp_path / "full"
+    ckpts = CheckpointManager(run / "checkpoints")
+    assert [s for s, _ in ckpts.checkpoints()] == [4, 2]
+    shutil.rmtree(ckpts.checkpoints()[0][1])
+    shutil.rmtree(run / "final")
+    _, _, extra = load_checkpoint(ckpts.latest())
+    assert extra["step"] == 2 and extra["data_pos"] == 8
+    again = grpo_run(run, "--resume", "steps=4", "checkpoint_every=2", "max_staleness=2", rew)
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     for a, b in zip(full[2:], again[2:]):
         assert a["rollout/start_position"] == b["rollout/start_position"]
