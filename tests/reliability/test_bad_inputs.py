@@ -247,7 +247,7 @@ def test_distill_missing_teacher_writes_nothing(tmp_path):
     from rl import distill
 
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(ConfigError, match="no such model directory.*pretrain_tiny_fp"):
         distill.main(["--config", str(ROOT / "configs" / "distill_tiny.yaml"), "--output-dir", str(out),
                       "--no-wandb", f"teacher.path={tmp_path / 'no_teacher'}"])
     assert not out.exists()
