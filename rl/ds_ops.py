@@ -10,10 +10,11 @@ on a small machine and prints nothing while it runs. The learner's DeepSpeed con
   (a machine without a GPU), built when DeepSpeed sets up its process group.
 
 `build_ops(ds_config)` runs before `deepspeed.initialize` (`rl.learner.Learner`):
-1. the build cache: when `TORCH_EXTENSIONS_DIR` is unset and Python runs in a virtual environment (or
-   a conda environment), it is set to `<env>/torch_extensions/py<ver>_torch<ver>_<cpu|cuXY>`, so each
-   environment keeps its own builds (torch's default, `~/.cache/torch_extensions/py<ver>_<cpu|cuXY>`,
-   is shared by every environment of the user whatever its torch or DeepSpeed version); a set
+1. the build cache: when `TORCH_EXTENSIONS_DIR` is unset it is set to
+   `~/.cache/bitmamba/torch_extensions/py<ver>_torch<ver>_ds<ver>_<cpu|cuXY>` (`XDG_CACHE_HOME` respected),
+   so builds are kept per toolchain: an environment with other Python, torch, DeepSpeed or CUDA versions
+   gets its own (torch's default, `~/.cache/torch_extensions/py<ver>_<cpu|cuXY>`, mixes them), and a
+   fresh checkout or virtual environment with the same versions reuses them; a set
    `TORCH_EXTENSIONS_DIR` is used as it is;
 2. the ops this config needs that are neither compiled into the DeepSpeed install nor in the cache;
 3. for those, the tools a build needs (a C++ compiler, ninja, Python's headers, nvcc for a CUDA op):
@@ -75,28 +76,22 @@ class OpToBuild:
 
 
 def extensions_dir() -> Path:
-    """The root torch builds extensions under, after pointing it into the environment when unset."""
-    import torch
-    from torch.utils.cpp_extension import get_default_build_root
-
+    """The root torch builds extensions under, after pointing it at the per-toolchain cache when unset."""
     if not os.environ.get("TORCH_EXTENSIONS_DIR"):
-        env = environment_prefix()
-        if env is not None:
-            accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-            tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.split('+')[0]}_{accel}"
-            os.environ["TORCH_EXTENSIONS_DIR"] = str(env / "torch_extensions" / tag)
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root:
-        return Path(root)
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(toolchain_cache())
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def toolchain_cache() -> Path:
+    """~/.cache/bitmamba/torch_extensions/py<ver>_torch<ver>_ds<ver>_<cpu|cuXY>."""
+    import deepspeed
+    import torch
+
     accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_{accel}"
-
-
-def environment_prefix() -> Path | None:
-    """The running virtual / conda environment's directory when it is writable, else None."""
-    prefix = Path(sys.prefix)
-    in_env = sys.prefix != sys.base_prefix or (prefix / "conda-meta").is_dir()
-    return prefix if in_env and os.access(prefix, os.W_OK) else None
+    tag = (f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.split('+')[0]}"
+           f"_ds{deepspeed.__version__}_{accel}")
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "bitmamba" / "torch_extensions" / tag
 
 
 def needed_builders(ds_config: dict) -> list:
