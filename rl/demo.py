@@ -45,7 +45,7 @@ DEMO_CONFIG = ROOT / "configs" / "grpo_demo.yaml"
 
 # The warm start: long enough that the model has half-learned the algorithm (GRPO needs some correct
 # samples per group), short enough that most held-out problems are still failed when sampled.
-WARM_STEPS = 800
+WARM_STEPS = 900
 WARM_BATCH = 64
 WARM_LR = 3e-3
 
