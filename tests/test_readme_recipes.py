@@ -48,8 +48,8 @@ COVERAGE = {
     "mamba-ssm==2.3.2.post1": "test_install_pins_match_the_environment",
     "export RAY_AUTH_MODE=disabled": "test_ray_job_submit_block (slow)",
     "ray start --head --dashboard-host 127.0.0.1": "test_ray_job_submit_block (slow)",
-    "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m rl.grpo --config "
-    "configs/grpo_tiny.yaml --output-dir /shared/runs/grpo_tiny": "test_ray_job_submit_block (slow)",
+    "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m rl.demo --output-dir "
+    "/shared/runs/demo": "test_ray_job_submit_block (slow)",
     "ray stop": "test_ray_job_submit_block stops its own cluster by PID (not run: it ends every Ray "
                 "process of the user)",
     "bitmamba pretrain --config configs/pretrain_tiny.yaml [--output-dir DIR] [key=value ...]":
@@ -264,7 +264,7 @@ def test_every_recipe_command_is_covered():
 def test_the_extractor_reads_blocks_as_a_shell_would():
     cmds = doc_commands("README.md")
     submit = next(c for c in cmds if c.tokens[:3] == ("ray", "job", "submit"))
-    assert submit.tokens[-4:] == ("--config", "configs/grpo_tiny.yaml", "--output-dir", "/shared/runs/grpo_tiny")
+    assert submit.tokens[-4:] == ("-m", "rl.demo", "--output-dir", "/shared/runs/demo")
     assert "#" not in " ".join(t for c in cmds for t in c.tokens)          # comments dropped
     assert any(c.text == "make demo" for c in cmds)
 
@@ -432,20 +432,20 @@ def test_ray_job_submit_block(tmp_path, shell):
     (`shell`), never with `ray stop`."""
     export = recipe("export RAY_AUTH_MODE=disabled", "README.md")
     start = recipe("ray start --head --dashboard-host 127.0.0.1", "README.md")
-    submit = recipe("ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m rl.grpo "
-                    "--config configs/grpo_tiny.yaml --output-dir /shared/runs/grpo_tiny", "README.md")
+    submit = recipe("ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m rl.demo "
+                    "--output-dir /shared/runs/demo", "README.md")
     auth = dict([export[1].split("=", 1)])
     dash = _free_port()
     ports = [f"--port={_free_port()}", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
              f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
              "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    out_dir = tmp_path / "grpo_tiny"
-    submit = [str(out_dir) if t == "/shared/runs/grpo_tiny" else
-              t.replace(":8265", f":{dash}") for t in submit] + ["steps=1"]
+    out_dir = tmp_path / "demo"
+    submit = [str(out_dir) if t == "/shared/runs/demo" else
+              t.replace(":8265", f":{dash}") for t in submit] + ["--warm-steps", "2", "steps=1", "task.eval_size=8"]
     shell(start + ports, ROOT, timeout=180, **auth)
     log = shell(submit, ROOT, timeout=900, **auth)
     assert "succeeded" in log, log[-3000:]
-    assert metrics_steps(out_dir) == [1]
+    assert metrics_steps(out_dir) == [0, 1]                  # the held-out eval before GRPO, then the step
 
 
 # ------------------------------------------------------------------------------------------ model tools
