@@ -543,7 +543,7 @@ class Driver:
         return self.producer.take(learner_version=self.step - 1)
 
     def staleness_metrics(self, ro: Rollout, staleness: int) -> dict[str, float]:
-        """`rollout/staleness` of this step's batch, its mean and max over the run so far, and the
+        """`rollout/staleness` of this step's batch, its mean and max over this invocation's steps, and the
         batches dropped as too stale so far."""
         self.staleness_seen.append(staleness)
         seen = self.staleness_seen
