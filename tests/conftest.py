@@ -4,6 +4,14 @@ from pathlib import Path
 
 import pytest
 
+# Interpret or compile, decided once for the whole test process before any kernel module is imported:
+# Triton kernels run compiled on a CUDA machine and under the interpreter (CPU tensors) elsewhere. No test
+# module sets TRITON_INTERPRET itself (a module setting it at import would make every later GPU test of the
+# same process interpret).
+import torch  # noqa: E402
+
+os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
+
 # mamba-ssm's Triton SSD kernels autotune over ~10 configs per kernel and shape (minutes per test on an
 # H100); its deterministic mode picks one config. Tests check numerics, not speed.
 os.environ.setdefault("MAMBA_DETERMINISTIC", "1")

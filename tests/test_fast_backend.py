@@ -6,9 +6,7 @@ odd prompt lengths, rows at different positions, a state copied to several rows,
 One test runs the real Triton kernels in the interpreter.
 """
 
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

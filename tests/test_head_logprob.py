@@ -1,12 +1,10 @@
 """Fused head log-probs (model/head_logprob.py) against plain autograd and the previous chunked head;
 its Triton row kernels (model/kernels_head.py) against their torch twins in Triton's CPU interpreter.
 
-The kernels are defined at their first call, under TRITON_INTERPRET=1 if set by then (set here, before any).
+The kernels are defined at their first call, under TRITON_INTERPRET=1 when tests/conftest.py set it (no CUDA).
 """
 
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,12 +1,10 @@
 """Decode kernels (rollout/kernels) vs their pure-torch references, in Triton's interpreter on CPU.
 
-TRITON_INTERPRET=1 must be set before the kernels are defined, hence before importing rollout.kernels.
+TRITON_INTERPRET=1 must be set before the kernels are defined: tests/conftest.py sets it (no CUDA) before any import.
 Small shapes only (the interpreter is slow); real sizes run in tests/test_gpu_decode.py.
 """
 
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,12 +1,10 @@
 """Fused hash-noise sampling (rollout/kernels/sample_fused.py): the Triton kernel in the interpreter vs its
 torch reference, the reference's distribution, and `sample()`'s dispatch to it.
 
-TRITON_INTERPRET=1 must be set before the kernels are defined, hence before importing rollout.kernels.
+TRITON_INTERPRET=1 must be set before the kernels are defined: tests/conftest.py sets it (no CUDA) before any import.
 """
 
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
