@@ -50,6 +50,7 @@ from rl.checkpoint import (CheckpointManager, add_files, capture_rng_state, publ
                            tokenizer_files)
 from rl.grpo_config import GRPOConfig, build_tokenizer, check_tools, load_grpo_config
 from rl.learner import Learner, TrainBatch, deepspeed_config
+from rl.learner_group import LearnerGroup, LearnerGroupError
 from rl.metrics import MetricsWriter
 from rl.run_dir import GRPO_ENTRIES, check_run_dir, clear_run
 from rl.tasks import make_task
@@ -89,7 +90,7 @@ def local_ray_kwargs(cfg: GRPOConfig) -> dict[str, Any]:
     found on the machine), dashboard (and with it the job server) off unless `workers.local_dashboard`,
     and bound to `workers.dashboard_host` (127.0.0.1 by default) either way."""
     sec = cfg.workers
-    need = cfg.learner.num_cpus + sec.num_workers * sec.num_cpus
+    need = cfg.learner.num_cpus * cfg.learner.ranks + sec.num_workers * sec.num_cpus
     return {"address": "local", "num_cpus": max(os.cpu_count() or 1, math.ceil(need)), "include_dashboard": sec.local_dashboard,
             "dashboard_host": sec.dashboard_host, "log_to_driver": True}
 
@@ -274,8 +275,11 @@ class Driver:
         self.owns_ray = connect_ray(cfg)
         limit = cfg.model.max_seq_len - cfg.sampling.max_new_tokens - 1
         self.prompts = PromptSource(self.task, self.tokenizer, limit, cfg.task.prompt_too_long)
-        RemoteLearner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)(Learner)
-        self.learner = RemoteLearner.remote(cfg, init_dir)
+        if cfg.learner.ranks > 1:            # a learner group, driven like one actor (rl/learner_group.py)
+            self.learner = LearnerGroup(cfg, init_dir)
+        else:
+            RemoteLearner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)(Learner)
+            self.learner = RemoteLearner.remote(cfg, init_dir)
         self.learner_gpu = ray.get(self.learner.gpu.remote())
         model_config = ray.get(self.learner.get_model_config.remote())
         if len(self.tokenizer) > model_config["vocab_size"]:
@@ -582,7 +586,8 @@ class Driver:
         if producer is not None:
             producer.close(timeout_s=0)              # starts nothing more; a batch in progress fails below
         stops = {"metrics": lambda m: m.close(), "rewards": lambda r: r.close(),
-                 "workers": lambda w: w.shutdown(), "learner": lambda a: ray.kill(a, no_restart=True)}
+                 "workers": lambda w: w.shutdown(),
+                 "learner": lambda a: a.shutdown() if isinstance(a, LearnerGroup) else ray.kill(a, no_restart=True)}
         for attr, stop in stops.items():
             part = getattr(self, attr, None)
             if part is None:
@@ -619,14 +624,16 @@ class RunAborted(BitMambaError):
 
 # what a lost cluster or a dead actor raises in the driver (a dead worker is restarted by WorkerGroup)
 RAY_LOST = (ray.exceptions.RayActorError, ray.exceptions.RaySystemError, ray.exceptions.ObjectLostError,
-            ray.exceptions.OwnerDiedError, ConnectionError)
+            ray.exceptions.OwnerDiedError, ConnectionError, LearnerGroupError)
 
 
 def aborted_message(driver: "Driver", e: BaseException) -> str:
     """One line: what died, at which step, and the checkpoint to `--resume` from."""
+    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, LearnerGroupError):
+        e = e.cause                          # raised in the group's waiter task: its own one-line message
     what = ("the learner actor died" if isinstance(e, ray.exceptions.RayActorError) else
-            "the Ray cluster went away")
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            "a learner rank failed" if isinstance(e, LearnerGroupError) else "the Ray cluster went away")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     latest = driver.ckpt.latest() if getattr(driver, "ckpt", None) is not None else None
     keep = (f"last checkpoint intact: {latest} (continue with --resume)" if latest is not None
             else "no checkpoint was written yet")

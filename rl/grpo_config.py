@@ -149,7 +149,12 @@ class AlgoSection:
 @dataclass
 class LearnerSection:
     """The DeepSpeed learner. `deepspeed` passes through to `deepspeed.initialize` and overrides the
-    defaults built from the other keys (ZeRO-2, CPU-offloaded AdamW, bf16 on GPU)."""
+    defaults built from the other keys (ZeRO-2, CPU-offloaded AdamW, bf16 on GPU).
+
+    Ranks: `num_gpus` is the learner's GPUs in all. At most 1 (a GPU or a share of one, 0 on CPU) runs
+    `num_ranks` ranks (default 1; more than one rank is refused on a GPU share: two ranks cannot share a
+    GPU under NCCL). An integer N > 1 runs N ranks of one GPU each (`num_ranks` then left at 1 or set to N).
+    `num_cpus` is per rank. Several ranks form a learner group (rl/learner_group.py)."""
 
     backend: Literal["deepspeed", "torch"] = "deepspeed"   # "torch": plain AdamW, warned at start
     lr: float = 1e-6
@@ -159,7 +164,7 @@ class LearnerSection:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
-    zero_stage: int = 2                  # 0, 1 or 2 (one learner process)
+    zero_stage: int = 2                  # 0-2; 3 shards the parameters over the ranks too
     offload_optimizer: bool = True
     bf16: bool | None = None             # None: bf16 on GPU, fp32 on CPU
     micro_batch_tokens: int = 4096       # token budget of one packed micro-batch (prompt + completion)
@@ -167,29 +172,53 @@ class LearnerSection:
     minibatches: int = 1                 # optimizer steps per rollout batch
     epochs: int = 1                      # passes over the rollout batch
     gradient_checkpointing: bool = False
-    num_gpus: float = 0.0                # the learner actor's resources (at most one GPU, or a share of one)
-    num_cpus: float = 1.0
+    num_gpus: float = 0.0                # the learner's GPUs in all: <= 1 a share of one; N > 1: N ranks
+    num_cpus: float = 1.0                # per rank
+    num_ranks: int = 1                   # data-parallel learner ranks (CPU: gloo; see the class docstring)
+    placement_timeout_s: float = 60.0    # a learner group not placed by then fails at start, resources named
+    collective_timeout_s: float = 1800.0   # a rank waiting this long on a collective (a peer died) fails
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ConfigError(f"learner.lr: must be > 0, got {self.lr}")
-        if self.zero_stage == 3:
-            raise ConfigError("learner.zero_stage: 3 is not supported: the learner is one process, and ZeRO-3 "
-                              "shards parameters across ranks; use 2 (optimizer state offloaded to the CPU)")
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"learner.zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
-        if self.num_gpus > 1:
-            raise ConfigError(f"learner.num_gpus: the learner runs on one GPU (or a share of one), got "
-                              f"{self.num_gpus}; more GPUs can go to the generation workers (workers.num_gpus)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"learner.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage == 3 and self.backend != "deepspeed":
+            raise ConfigError("learner.zero_stage: 3 needs learner.backend 'deepspeed'")
         if self.num_gpus < 0:
             raise ConfigError(f"learner.num_gpus: must be >= 0, got {self.num_gpus}")
+        if self.num_ranks < 1:
+            raise ConfigError(f"learner.num_ranks: must be >= 1, got {self.num_ranks}")
+        if self.num_gpus > 1:
+            if self.num_gpus != int(self.num_gpus):
+                raise ConfigError(f"learner.num_gpus: above 1 it counts whole GPUs (one rank each), got "
+                                  f"{self.num_gpus}")
+            if self.num_ranks not in (1, int(self.num_gpus)):
+                raise ConfigError(f"learner.num_ranks: {self.num_ranks} conflicts with learner.num_gpus "
+                                  f"{int(self.num_gpus)} (N GPUs run N ranks of one GPU each)")
+        elif self.num_gpus > 0 and self.num_ranks > 1:
+            raise ConfigError(f"learner.num_ranks: {self.num_ranks} ranks cannot share learner.num_gpus "
+                              f"{self.num_gpus} (one GPU at most); give whole GPUs (num_gpus: N runs N ranks)")
+        if self.ranks > 1 and self.backend != "deepspeed":
+            raise ConfigError("learner.num_ranks / num_gpus: several learner ranks need learner.backend 'deepspeed'")
+        if self.placement_timeout_s <= 0 or self.collective_timeout_s <= 0:
+            raise ConfigError("learner.placement_timeout_s and learner.collective_timeout_s must be > 0")
         if self.warmup_steps < 0:
             raise ConfigError(f"learner.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"learner.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.micro_batch_tokens < 1 or self.minibatches < 1 or self.epochs < 1:
             raise ConfigError("learner.micro_batch_tokens, learner.minibatches and learner.epochs must be >= 1")
+
+    @property
+    def ranks(self) -> int:
+        """How many learner ranks run: num_gpus when it is above 1, else num_ranks."""
+        return int(self.num_gpus) if self.num_gpus > 1 else self.num_ranks
+
+    @property
+    def gpus_per_rank(self) -> float:
+        return 1.0 if self.num_gpus > 1 else self.num_gpus
 
 
 @dataclass

@@ -30,6 +30,7 @@ The learning rate follows `learner.lr_schedule` (warmup, then constant / cosine 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from torch import Tensor
 
 from model.checkpoint import FORMAT as CKPT_FORMAT
 from model.checkpoint import FORMAT_VERSION as CKPT_FORMAT_VERSION
+from model.errors import ConfigError
 from model.lm import BitMambaLM
 from rl import algo, ds_ops
 from rl.checkpoint import CheckpointManager, load_checkpoint
@@ -99,6 +101,7 @@ class MicroBatch:
     seq_idx: Tensor | None = None    # [R, T] int32, packed only: sample number within the row
     gather: Tensor | None = None     # [N, W] int64, packed only: flat position in [R * T] of each view column
     first: list[int] | None = None   # [N] view column of completion token 0 (None: len(prompt) - 1, padded)
+    padding: bool = False            # a learner group's filler micro-batch: runs, trains nothing, counts nothing
 
     def view(self, x: Tensor) -> Tensor:
         """Per-position values over the rows [R, T] -> the sample view [N, W] (as is when padded)."""
@@ -146,6 +149,22 @@ class _MetricAccumulator:
             else:
                 self.sums[key] = self.sums.get(key, 0.0) + v * w
                 self.weights[key] = self.weights.get(key, 0.0) + w
+
+    def merge_ranks(self) -> None:
+        """Combine every rank's sums, weights, extremes and bad count (a collective: all ranks call it), so
+        each rank's `result()` describes the whole update as one rank would."""
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (self.sums, self.weights, self.extremes, self.bad))
+        self.sums, self.weights, self.extremes, self.bad = {}, {}, {}, 0
+        for sums, weights, extremes, bad in parts:
+            for k, v in sums.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            for k, v in weights.items():
+                # pg_loss parts sum (weight 1 per rank that saw a micro-batch); the others are weighted sums
+                self.weights[k] = 1.0 if k == "pg_loss" else self.weights.get(k, 0.0) + v
+            for k, v in extremes.items():
+                self.extremes[k] = self.EXTREMES[k](self.extremes.get(k, v), v)
+            self.bad += bad
 
     def result(self) -> dict[str, float]:
         out = {f"learn/{k}": (self.sums[k] / self.weights[k] if self.weights[k] else 0.0) for k in self.sums}
@@ -309,12 +328,84 @@ def _init_single_process_dist() -> None:
                        "MASTER_PORT": str(free_port())})
 
 
+@dataclass(frozen=True)
+class RankSpec:
+    """This learner's place in a learner group (rl/learner_group.py): rank r of `world_size`, meeting at
+    master_addr:master_port (chosen on rank 0's node). Rank 0 exports weights and writes checkpoints."""
+
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+
+def init_group_dist(spec: RankSpec, on_gpu: bool, timeout_s: float) -> None:
+    """Join the learner group's torch.distributed group: NCCL on GPUs, gloo on CPU. DeepSpeed finds the
+    group initialised and uses it (its CPU accelerator would otherwise pick oneCCL when installed).
+    `timeout_s` bounds every collective: a rank stuck on a peer that died fails instead of waiting."""
+    from datetime import timedelta
+
+    os.environ.update({"RANK": str(spec.rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(spec.world_size),
+                       "MASTER_ADDR": spec.master_addr, "MASTER_PORT": str(spec.master_port)})
+    dist.init_process_group(backend="nccl" if on_gpu else "gloo",
+                            init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
+                            rank=spec.rank, world_size=spec.world_size, timeout=timedelta(seconds=timeout_s))
+
+
+def split_by_tokens(sizes: list[int], ranks: int) -> list[list[int]]:
+    """Positions 0..len(sizes)-1 split over `ranks` so each rank's token total is about equal: longest
+    first onto the lightest rank (LPT); each rank's positions in ascending order. Deterministic, so every
+    rank computes the same split from the same batch."""
+    out: list[list[int]] = [[] for _ in range(ranks)]
+    load = [0] * ranks
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        out[r].append(i)
+        load[r] += sizes[i]
+    return [sorted(o) for o in out]
+
+
+def padding_micro_batch() -> MicroBatch:
+    """A one-token micro-batch that trains nothing (mask 0): a rank with fewer micro-batches than the
+    others in a minibatch runs these so every rank makes the same forward/backward calls (ZeRO's
+    collectives are matched call by call)."""
+    b = TrainBatch([[1]], [[1]], [[0.0]], [[0.0]], [0.0])
+    mb = collate_packed(b, [0])
+    mb.padding = True
+    return mb
+
+
+class ZeroScorer(torch.nn.Module):
+    """`lm.token_logprobs` as a module forward, the shape ZeRO-3 needs: it gathers a module's sharded
+    parameters in forward/backward hooks, and the mixers read child parameters directly (conv1d.weight)
+    while the fused head reads lm_head's weight outside any forward. Each Block is a ZeRO-3 leaf (all its
+    parameters gathered at its forward, released after); the parameters outside the Blocks (embedding,
+    final norm, head) are external parameters of this module, gathered for the whole call."""
+
+    def __init__(self, lm: BitMambaLM):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: Tensor, targets: Tensor, **kw):
+        return self.lm.token_logprobs(ids, targets, **kw)
+
+    def register_external(self) -> None:
+        """After deepspeed.initialize: the parameters outside the Blocks become this module's."""
+        inner = {id(p) for b in self.lm.layers for p in b.parameters()}
+        for p in self.lm.parameters():
+            if id(p) not in inner:
+                deepspeed.zero.register_external_parameter(self, p)
+
+
 class Learner:
     """Owns the policy, its optimizer (inside DeepSpeed) and the optional frozen reference."""
 
-    def __init__(self, cfg: GRPOConfig, init_dir: str | None = None):
+    def __init__(self, cfg: GRPOConfig, init_dir: str | None = None, rank: RankSpec | None = None):
+        """rank: this learner's place in a learner group (None: a group of one, private process group)."""
         self.cfg = cfg
         self.sec = cfg.learner
+        self.rank = rank.rank if rank is not None else 0
+        self.world_size = rank.world_size if rank is not None else 1
         torch.manual_seed(cfg.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() and self.sec.num_gpus > 0 else "cpu")
         model = build_model(cfg.model, init_dir)
@@ -332,7 +423,10 @@ class Learner:
         self._last_export = {"bytes": 0.0, "seconds": 0.0}
         self._shared: tuple[SharedPolicy, torch.Tensor] | None = None   # the last CUDA IPC export, kept alive
         if self.sec.backend == "deepspeed":
-            _init_single_process_dist()
+            if rank is None:
+                _init_single_process_dist()
+            else:
+                init_group_dist(rank, self.device.type == "cuda", self.sec.collective_timeout_s)
             self.ds_config = deepspeed_config(self.sec, self.device.type == "cuda")
             if self.device.type == "cuda" and self.ds_config["bf16"]["enabled"]:
                 # the fp32 matmul left in a bf16 learner is the head's (fp32 log-probs); TF32 keeps it on
@@ -340,18 +434,28 @@ class Learner:
                 torch.set_float32_matmul_precision("high")
             model = model.to(self.device)
             ds_ops.build_ops(self.ds_config)     # C++ ops compiled once per environment, announced
+            self._scorer = ZeroScorer(model) if self.sec.zero_stage == 3 else None
+            if self._scorer is not None:       # leaves marked before initialize installs the hooks
+                from deepspeed.utils import set_z3_leaf_modules
+
+                set_z3_leaf_modules(model, [type(model.layers[0])])
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                model=self._scorer or model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config)
-            self.model = self.engine.module
+            self.model = model
+            if self._scorer is not None:
+                self._scorer.register_external()
             log.info("learner: DeepSpeed %s, ZeRO-%d, optimizer %s, accelerator %s", deepspeed.__version__,
                      self.sec.zero_stage, type(self.optimizer).__name__,
                      deepspeed.get_accelerator().device_name())
         else:
+            if rank is not None:
+                raise ValueError("learner.backend 'torch' runs one rank only (LearnerSection refuses more)")
             warnings.warn("learner.backend is 'torch': plain torch AdamW without DeepSpeed (no ZeRO, "
                           "no optimizer offload); chosen explicitly in the config", stacklevel=2)
             self.engine = None
             self.ds_config = None
+            self._scorer = None
             self.model = model.to(self.device)
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.sec.lr, betas=self.sec.betas,
                                                weight_decay=self.sec.weight_decay)
@@ -363,14 +467,23 @@ class Learner:
         to the policy is exactly 0 before the first step."""
         like = next(self.model.parameters())
         ref = build_model(cfg.model, init_dir).to(device=like.device, dtype=like.dtype)
-        ref.load_state_dict(self.model.state_dict())
+        with self._full_params():
+            ref.load_state_dict(self.model.state_dict())
         ref.requires_grad_(False)
         return ref.train()
 
     # ------------------------------------------------------------------ info
     def ping(self) -> dict:
         return {"pid": os.getpid(), "version": self.version, "backend": self.sec.backend,
-                "optimizer": type(self.optimizer).__name__}
+                "optimizer": type(self.optimizer).__name__, "rank": self.rank, "world_size": self.world_size}
+
+    def _full_params(self, modifier_rank: int | None = None):
+        """Context in which every parameter holds its full value: under ZeRO-3 gathered from the ranks
+        (a collective: every rank enters it; with `modifier_rank` that rank's edits are broadcast on exit),
+        otherwise a no-op."""
+        if self.engine is None or self.sec.zero_stage != 3:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=modifier_rank)
 
     def get_model_config(self) -> dict:
         return self.model_config
@@ -383,8 +496,9 @@ class Learner:
         ids = mb.input_ids.to(self.device)
         tg = mb.targets.to(self.device)
         seq = None if mb.seq_idx is None else mb.seq_idx.to(self.device)
-        out = model.token_logprobs(ids, tg, seq_idx=seq, return_entropy=entropy, temperature=self.temperature,
-                                   fused=True)                               # [R, T] (, [R, T])
+        score = self._scorer if model is self.model and self._scorer is not None else model.token_logprobs
+        out = score(ids, tg, seq_idx=seq, return_entropy=entropy, temperature=self.temperature,
+                    fused=True)                                              # [R, T] (, [R, T])
         lp, ent = out if entropy else (out, None)
         return mb.view(lp), (None if ent is None else mb.view(ent))         # [N, W]
 
@@ -428,14 +542,25 @@ class Learner:
         return out
 
     def _plan(self, batch: TrainBatch) -> list[Minibatch]:
-        """The rollout batch cut into `minibatches` contiguous minibatches, each packed into micro-batches."""
+        """The rollout batch cut into `minibatches` contiguous minibatches, each packed into micro-batches.
+
+        In a group of R ranks each minibatch's samples are split over the ranks by token count
+        (`split_by_tokens`, the same split on every rank) and this rank packs its share; a rank with fewer
+        micro-batches than the most loaded one is topped up with padding micro-batches. n_tokens and
+        n_seqs stay the whole minibatch's, so the ranks' losses sum to the single-rank loss."""
         n = len(batch)
         n_mb = min(self.sec.minibatches, n)
         bounds = [round(k * n / n_mb) for k in range(n_mb + 1)]
         plan = []
         for k in range(n_mb):
             idx = list(range(bounds[k], bounds[k + 1]))
-            micro = self._micro_batches(batch, idx)
+            if self.world_size == 1:
+                micro = self._micro_batches(batch, idx)
+            else:
+                shares = split_by_tokens([batch.num_tokens(i) for i in idx], self.world_size)
+                per_rank = [self._micro_batches(batch, [idx[j] for j in sh]) if sh else [] for sh in shares]
+                micro = per_rank[self.rank]
+                micro += [padding_micro_batch() for _ in range(max(map(len, per_rank)) - len(micro))]
             plan.append(Minibatch(micro, n_tokens=float(sum(sum(batch.loss_mask[i]) for i in idx)),
                                   n_seqs=float(sum(1 for i in idx if any(batch.loss_mask[i])))))
         return plan
@@ -460,7 +585,7 @@ class Learner:
             for k, mini in enumerate(plan):
                 self._set_lr()
                 if self.engine is not None:
-                    self.engine.set_train_batch_size(len(mini.micro))
+                    self.engine.set_train_batch_size(len(mini.micro) * self.world_size)   # micro x GAS x ranks
                 else:
                     self.optimizer.zero_grad(set_to_none=True)
                 bad_here = 0
@@ -476,6 +601,8 @@ class Learner:
                     bad_here += not ok
                 grad_norms.append(self._finish_step())
         self.version += 1
+        if self.world_size > 1:
+            acc.merge_ranks()
         out = acc.result()
         finite = [g for g in grad_norms if g is not None]
         out["learn/grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
@@ -501,6 +628,9 @@ class Learner:
             logp, logp.detach() if old_lp is None else old_lp, mb.advantages.to(self.device), mask, self.loss_cfg,
             rollout_logp=mb.rollout_logp.to(self.device), ref_logp=ref_lp, entropy=ent,
             n_tokens=mini.n_tokens, n_seqs=mini.n_seqs)
+        if mb.padding:
+            # trains nothing; the backward keeps this rank's ZeRO collectives in step with the others
+            loss = logp.sum() * 0.0
         ok = bool(torch.isfinite(loss))
         if not ok:
             # a NaN/inf micro-batch contributes nothing: a zero loss through the weights keeps DeepSpeed's
@@ -513,11 +643,14 @@ class Learner:
             m = {}
             acc.bad += 1
         if self.engine is not None:
-            self.engine.backward(loss, scale_wrt_gas=False)
+            # DeepSpeed averages gradients over the data-parallel ranks; each rank's loss is its part of the
+            # minibatch loss (normalised by the minibatch's totals), so x world_size makes the result their sum
+            self.engine.backward(loss * self.world_size if self.world_size > 1 else loss, scale_wrt_gas=False)
             self.engine.step()
         else:
             loss.backward()
-        acc.add(m, float(mask.sum()))
+        if not mb.padding:
+            acc.add(m, float(mask.sum()))
         return ok
 
     # ------------------------------------------------------------------ learning rate
@@ -558,7 +691,8 @@ class Learner:
     def export_weights(self) -> PolicyWeights:
         """The current policy for the generation workers (ternary packed, the rest as is), on CPU."""
         t0 = time.perf_counter()
-        w = export_policy(self.model, self.version)
+        with self._full_params():
+            w = export_policy(self.model, self.version)
         self._note_export(w.nbytes, t0)
         return w
 
@@ -567,7 +701,8 @@ class Learner:
         The buffer stays alive until the next `export_shared` (restarted workers may still load it)."""
         t0 = time.perf_counter()
         self._shared = None                     # the previous version's buffer goes first
-        sp, buf = export_shared(self.model, self.version)
+        with self._full_params():
+            sp, buf = export_shared(self.model, self.version)
         self._shared = (sp, buf)
         self._note_export(sp.nbytes, t0)
         return sp
@@ -597,9 +732,17 @@ class Learner:
         if self.engine is None:
             return {"kind": "torch", "state": self.optimizer.state_dict()}
         zopt = self.optimizer
-        if hasattr(zopt, "single_partition_of_fp32_groups"):
+        if hasattr(zopt, "single_partition_of_fp32_groups"):      # ZeRO-1/2: this rank's partition
             return {"kind": "zero", "base": zopt.optimizer.state_dict(),
                     "fp32": [t.detach().cpu().clone() for t in zopt.single_partition_of_fp32_groups]}
+        if hasattr(zopt, "fp32_partitioned_groups_flat"):
+            # ZeRO-3: this rank's partition, one flat fp32 tensor per sub-group. The inner optimizer's state
+            # is keyed by those tensors, which its param_groups list only one at a time (DeepSpeed swaps them
+            # in per sub-group), so torch's state_dict() cannot index it: read it tensor by tensor
+            flats = zopt.fp32_partitioned_groups_flat
+            return {"kind": "zero3", "fp32": [t.detach().cpu().clone() for t in flats],
+                    "state": [{k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                               for k, v in zopt.optimizer.state.get(t, {}).items()} for t in flats]}
         return {"kind": "plain", "state": zopt.state_dict()}
 
     def load_optimizer_state(self, state: dict) -> None:
@@ -608,27 +751,53 @@ class Learner:
             self.optimizer.load_state_dict(state["state"])
             return
         zopt = self.optimizer
+        if kind == "ranks":                      # a group's checkpoint: one partition per rank
+            if len(state["ranks"]) != self.world_size:
+                raise ConfigError(f"checkpoint optimizer state was written by a learner group of "
+                                  f"{len(state['ranks'])} rank(s); this learner has {self.world_size} "
+                                  "(resume with the same learner.num_ranks / num_gpus)")
+            state, kind = state["ranks"][self.rank], state["ranks"][self.rank]["kind"]
+        elif self.world_size > 1:
+            raise ConfigError(f"checkpoint optimizer state was written by one learner rank; this learner group "
+                              f"has {self.world_size} (resume with the same learner.num_ranks / num_gpus)")
         if kind == "zero":
             zopt.optimizer.load_state_dict(state["base"])
             for dst, src in zip(zopt.single_partition_of_fp32_groups, state["fp32"]):
                 dst.data.copy_(src.to(dst.device, dst.dtype))
+        elif kind == "zero3":
+            for dst, src, st in zip(zopt.fp32_partitioned_groups_flat, state["fp32"], state["state"]):
+                dst.data.copy_(src.to(dst.device, dst.dtype))
+                zopt.optimizer.state[dst] = {k: (v.to(dst.device).clone() if torch.is_tensor(v) else v)
+                                             for k, v in st.items()}
         else:
             zopt.load_state_dict(state["state"])
 
-    def save_checkpoint(self, root: str, step: int, extra: dict, keep: int) -> str:
-        """Write checkpoint `step` under `root` (atomic; a from_pretrained-loadable model dir)."""
-        cfg_json = json.dumps({"format": CKPT_FORMAT, "format_version": CKPT_FORMAT_VERSION,
-                               **self.model_config}, indent=1).encode()
-        extra = {**extra, "learner": {"version": self.version, "optimizer_steps": self.optimizer_steps}}
-        path = CheckpointManager(root, keep=keep).save(
-            step, self.model, optimizer_state=self.optimizer_state(), extra=extra,
-            files={"config.json": cfg_json})
+    def save_checkpoint(self, root: str, step: int, extra: dict, keep: int) -> str | None:
+        """Write checkpoint `step` under `root` (atomic; a from_pretrained-loadable model dir).
+
+        In a learner group every rank calls this: the optimizer partitions are gathered to rank 0
+        (optimizer state `{"kind": "ranks", "ranks": [...]}`), parameters gathered under ZeRO-3, and rank 0
+        writes; the other ranks return None."""
+        opt = self.optimizer_state()
+        if self.world_size > 1:
+            parts: list | None = [None] * self.world_size if self.rank == 0 else None
+            dist.gather_object(opt, parts, dst=0)
+            opt = {"kind": "ranks", "ranks": parts}
+        with self._full_params():
+            if self.rank != 0:
+                return None
+            cfg_json = json.dumps({"format": CKPT_FORMAT, "format_version": CKPT_FORMAT_VERSION,
+                                   **self.model_config}, indent=1).encode()
+            extra = {**extra, "learner": {"version": self.version, "optimizer_steps": self.optimizer_steps}}
+            path = CheckpointManager(root, keep=keep).save(
+                step, self.model, optimizer_state=opt, extra=extra, files={"config.json": cfg_json})
         return str(path)
 
     def load_checkpoint(self, path: str) -> dict:
         """Restore model and optimizer from `path`; returns the checkpoint's extra dict."""
         tensors, opt_state, extra = load_checkpoint(path)
-        self.model.load_state_dict(tensors)
+        with self._full_params(modifier_rank=0):
+            self.model.load_state_dict(tensors)
         if opt_state is not None:
             self.load_optimizer_state(opt_state)
         st = extra.get("learner", {})

@@ -275,8 +275,9 @@ def test_learning_rate_warmup_then_cosine_decay():
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("zero_stage", 3, "learner.zero_stage"),
-    ("num_gpus", 2, "learner.num_gpus"),
+    ("zero_stage", 4, "learner.zero_stage"),
+    ("num_gpus", 2.5, "learner.num_gpus"),
+    ("num_ranks", 0, "learner.num_ranks"),
     ("lr_schedule", "step", "lr_schedule"),
     ("warmup_steps", -1, "learner.warmup_steps"),
 ])
