@@ -183,3 +183,16 @@ def test_grpo_runs_and_resumes_with_a_learner_group(ray_local, tmp_path):
     assert all(r["learn/optimizer_steps"] >= 1 and r["sync/bytes"] > 0 for r in recs)
     _, opt, extra = load_checkpoint(CheckpointManager(tmp_path / "run" / "checkpoints").latest())
     assert extra["step"] == 2 and extra["learner"]["version"] == 2 and len(opt["ranks"]) == 2
+
+
+def test_a_failed_rank_ends_the_run_with_one_line_naming_the_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    ckpt = CheckpointManager(tmp_path / "checkpoints")
+    ckpt.save(3, {"w": torch.zeros(2)}, extra={"step": 3})
+    driver = SimpleNamespace(step=4, ckpt=ckpt)
+    e = LearnerGroupError("learner rank 1 of 2 failed during update (ActorDiedError: killed); the group was stopped")
+    assert isinstance(e, grpo.RAY_LOST)                          # run() turns it into RunAborted
+    msg = grpo.aborted_message(driver, e)
+    assert "step 4: a learner rank failed" in msg and "rank 1 of 2 failed during update" in msg
+    assert str(ckpt.latest()) in msg and "--resume" in msg and "\n" not in msg
