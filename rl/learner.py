@@ -588,7 +588,7 @@ class Learner:
                     self.engine.set_train_batch_size(len(mini.micro) * self.world_size)   # micro x GAS x ranks
                 else:
                     self.optimizer.zero_grad(set_to_none=True)
-                bad_here = 0
+                n_ok = 0                            # finite micro-batches of this minibatch so far (this rank)
                 for j, mb in enumerate(mini.micro):
                     if self.engine is not None:
                         # DeepSpeed's own boundary is a global micro-step count modulo the current GAS: with
@@ -597,8 +597,7 @@ class Learner:
                         self.engine.set_gradient_accumulation_boundary(j == len(mini.micro) - 1)
                     old_lp = None if old is None else old[k][j]
                     ref_lp = None if ref is None else ref[k][j]
-                    ok = self._micro_step(mb, mini, old_lp, ref_lp, acc, last_bad=bad_here + 1 == len(mini.micro))
-                    bad_here += not ok
+                    n_ok += self._micro_step(mb, mini, old_lp, ref_lp, acc, n_ok, last=j == len(mini.micro) - 1)
                 grad_norms.append(self._finish_step())
         self.version += 1
         if self.world_size > 1:
@@ -620,8 +619,9 @@ class Learner:
         return out
 
     def _micro_step(self, mb: MicroBatch, mini: Minibatch, old_lp: Tensor | None, ref_lp: Tensor | None,
-                    acc: "_MetricAccumulator", last_bad: bool) -> bool:
-        """Loss and backward of one micro-batch (normalised by the minibatch totals); False if non-finite."""
+                    acc: "_MetricAccumulator", n_ok: int, last: bool) -> bool:
+        """Loss and backward of one micro-batch (normalised by the minibatch totals); True if it was a finite
+        one that trains (not padding). n_ok: such micro-batches of this minibatch before it on this rank."""
         logp, ent = self._logprobs(self.model, mb, entropy=True)            # [N, W]
         mask = mb.mask.to(self.device)                                       # [N, W]
         loss, m = algo.policy_loss(
@@ -632,11 +632,17 @@ class Learner:
             # trains nothing; the backward keeps this rank's ZeRO collectives in step with the others
             loss = logp.sum() * 0.0
         ok = bool(torch.isfinite(loss))
+        if last:                                # finite micro-batches of the whole minibatch, all ranks
+            n_ok += ok and not mb.padding
+            if self.world_size > 1:
+                t = torch.tensor([float(n_ok)], device=self.device)
+                dist.all_reduce(t)
+                n_ok = int(t.item())
         if not ok:
             # a NaN/inf micro-batch contributes nothing: a zero loss through the weights keeps DeepSpeed's
             # accumulation count; it is counted, never applied
             loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
-            if last_bad:
+            if last and n_ok == 0:
                 # no finite micro-batch in this minibatch: NaN gradients make the optimizer skip the step
                 # (a zero gradient would still move AdamW's momentum)
                 loss = loss * float("nan")
@@ -651,7 +657,7 @@ class Learner:
             loss.backward()
         if not mb.padding:
             acc.add(m, float(mask.sum()))
-        return ok
+        return ok and not mb.padding
 
     # ------------------------------------------------------------------ learning rate
     def _lr_now(self) -> float:

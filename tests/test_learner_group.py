@@ -82,6 +82,19 @@ def test_two_ranks_update_equals_one_rank(ray_local, tmp_path):
         assert [p["rank"] for p in ray.get([a.ping.remote() for a in group.actors])] == [0, 1]
         m2 = ray.get(group.update.remote(batch))
         got = _params(ray.get(group.save_checkpoint.remote(str(tmp_path / "two"), 1, {"step": 1}, 1)))
+        # every sample of rank 1 non-finite: its micro-batches are left out, yet rank 0's still make a step
+        # (a step is skipped only when no micro-batch of the whole minibatch, on any rank, is finite)
+        bad = make_batch()
+        for lo, hi in ((0, 4), (4, 8)):                      # the two minibatches of 8 samples
+            share1 = split_by_tokens([bad.num_tokens(i) for i in range(lo, hi)], 2)[1]
+            for j in share1:
+                bad.advantages[lo + j] = float("nan")
+        m3 = ray.get(group.update.remote(bad))
+        assert m3["learn/skipped_steps"] == 0 and m3["learn/bad_micro_batches"] >= 2
+        assert torch.isfinite(torch.tensor(m3["learn/grad_norm"])) and m3["learn/grad_norm"] > 0
+        bad.advantages = [float("nan")] * len(bad)           # nothing finite anywhere: both steps skipped
+        m4 = ray.get(group.update.remote(bad))
+        assert m4["learn/skipped_steps"] == 2
         # a second group cannot be placed while this one holds 2 of the 3 CPUs: it fails after its timeout
         t0 = time.monotonic()
         with pytest.raises(ConfigError, match=r"could not be placed within 2 s.*CPU"):
