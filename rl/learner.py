@@ -26,6 +26,12 @@ through the same fused head and dtype as the loss, so the first step's ratio is 
 Every log-prob is of `log_softmax(logits / sampling.temperature)`: the distribution the workers sampled
 (before any top-k / top-p / min-p / penalty filter, which the TIS weight corrects; docs/grpo.md).
 The learning rate follows `learner.lr_schedule` (warmup, then constant / cosine / linear) per optimizer step.
+
+In a learner group (rl/learner_group.py; `RankSpec`) every rank runs this class over the same rollout batch:
+each minibatch's samples are split over the ranks by token count, padding micro-batches keep the ranks'
+collectives matched, the loss keeps the whole minibatch's totals and is x world_size (DeepSpeed averages
+gradients over ranks), and the metrics are combined over the ranks. ZeRO-3 runs the policy through
+`ZeroScorer` and gathers the parameters for exports, checkpoints and the reference copy.
 """
 
 from __future__ import annotations

@@ -145,7 +145,8 @@ def test_zero3_two_ranks_trains_and_round_trips_a_checkpoint(ray_local, tmp_path
         group.shutdown()
     for k in ("learn/pg_loss", "learn/grad_norm"):
         assert torch.isfinite(torch.tensor([m[k], m2[k]])).all(), k
-    assert m["learn/grad_norm"] > 0
+    # sharded parameters, the same gradient: the first update's grad norm is the one-rank ZeRO-2 learner's
+    assert m["learn/grad_norm"] == pytest.approx(Learner(make_cfg()).update(batch)["learn/grad_norm"], rel=1e-4)
     assert any(not torch.equal(init[n], after1[n]) for n in init)          # it trained
     assert all(torch.isfinite(t).all() for t in after2.values())
     # the replay matches to reduction-order noise (~1e-7); a step moves weights by ~lr = 1e-3, so a lost
