@@ -170,9 +170,10 @@ def test_a_rank_that_dies_stops_the_group_and_keeps_the_checkpoint(ray_local, tm
     try:
         ray.get(group.update.remote(batch))
         path = ray.get(group.save_checkpoint.remote(str(root), 1, {"step": 1}, 2))
-        ray.kill(group.actors[1], no_restart=True)             # rank 1 dies between steps
+        running = group.update.remote(batch)
+        ray.kill(group.actors[1], no_restart=True)             # rank 1 dies during (or just before) the update
         with pytest.raises(LearnerGroupError, match=r"learner rank [01] of 2 failed during update"):
-            ray.get(group.update.remote(batch))
+            ray.get(running)
         # the group was stopped: rank 0 does not linger in a collective
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(group.actors[0].ping.remote(), timeout=30)
