@@ -11,16 +11,14 @@ from __future__ import annotations
 import ast
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from private_ray import free_port, pids_of, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "grpo_tiny.yaml"
@@ -38,57 +36,27 @@ ray.shutdown()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pids_under(tag: str) -> list[int]:
-    """Processes whose command line names `tag` (the test cluster's private temp dir)."""
-    out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if p.info["pid"] != os.getpid() and any(tag in a for a in p.info["cmdline"] or []):
-                out.append(p.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return out
-
-
-def _stop(pids: list[int]) -> None:
-    procs = []
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            p.send_signal(signal.SIGTERM)
-            procs.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        p.kill()
-
-
 @pytest.fixture
 def other_cluster():
     """A `ray start --head` cluster on 127.0.0.1 that this test owns: (gcs address, env that finds it)."""
     tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")      # short: Ray's socket paths must stay < 108 chars
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=tmp, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
+    # token auth off on this loopback-only cluster, as the README's recipe does (Ray 2.60 clients send the
+    # token only with RAY_AUTH_MODE=token); what is tested here is which cluster the driver joins
+    env.update(RAY_TMPDIR=tmp, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled",
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
-    port = _free_port()
+    port = free_port()
     try:
         subprocess.run([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                         "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, timeout=120)
-        assert _pids_under(tmp), "ray start left no process behind"
+        assert pids_of(tmp), "ray start left no process behind"
         yield f"127.0.0.1:{port}", env
     finally:
         for _ in range(3):                                 # workers may still be starting: sweep again
-            _stop(_pids_under(tmp))
+            stop(pids_of(tmp))
             time.sleep(0.5)
-        assert not _pids_under(tmp)
+        assert not pids_of(tmp)
         subprocess.run(["rm", "-rf", tmp], check=False)
 
 

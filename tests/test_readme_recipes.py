@@ -16,8 +16,6 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
+from private_ray import free_port, pids_of, stop
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,36 +171,6 @@ def sh(tokens: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
     return out
 
 
-def _pids_of(ray_tmpdir: str) -> list[int]:
-    """Processes whose environment or command line names `ray_tmpdir` (a Ray instance started under it,
-    including agents that renamed themselves `ray::...`)."""
-    out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if p.info["pid"] == os.getpid():
-                continue
-            if (p.environ().get("RAY_TMPDIR") == ray_tmpdir
-                    or any(ray_tmpdir in a for a in p.info["cmdline"] or [])):
-                out.append(p.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return out
-
-
-def _stop(pids: list[int]) -> None:
-    procs = []
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            p.send_signal(signal.SIGTERM)
-            procs.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        p.kill()
-
-
 @pytest.fixture
 def shell():
     """`run(tokens, cwd, **env)` with the environment of an activated venv and a private RAY_TMPDIR; at
@@ -218,9 +186,9 @@ def shell():
         yield run
     finally:
         for _ in range(3):                                 # workers may still be starting: sweep again
-            _stop(_pids_of(tmp))
+            stop(pids_of(tmp))
             time.sleep(0.5)
-        leftover = _pids_of(tmp)
+        leftover = pids_of(tmp)
         subprocess.run(["rm", "-rf", tmp], check=False)
         assert not leftover, f"processes under {tmp} survived: {leftover}"
 
@@ -417,12 +385,6 @@ def test_tool_use_recipe_arguments():
     assert load_grpo_config(ROOT / args.config).tools
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_ray_job_submit_block(tmp_path, shell):
@@ -435,9 +397,9 @@ def test_ray_job_submit_block(tmp_path, shell):
     submit = recipe("ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m rl.demo "
                     "--output-dir /shared/runs/demo", "README.md")
     auth = dict([export[1].split("=", 1)])
-    dash = _free_port()
-    ports = [f"--port={_free_port()}", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
-             f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+    dash = free_port()
+    ports = [f"--port={free_port()}", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
              "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     out_dir = tmp_path / "demo"
     submit = [str(out_dir) if t == "/shared/runs/demo" else
