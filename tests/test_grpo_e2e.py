@@ -89,7 +89,8 @@ def test_dynamic_sampling_drops_flat_groups_and_draws_more(ray_local, tmp_path):
                       "algo.max_resample_rounds=1", "eval_every=0", *FAST[:2], "wandb=false"]) == 0
     rec = read_metrics(out / "metrics.jsonl")[0]
     assert rec["rollout/rounds"] == 2 and rec["rollout/groups_kept"] == 0
-    assert rec["learn/skipped"] == 1.0 and rec["data/position"] == 8
+    # round 1 draws prompts_per_step (4); the refill, with no informative group seen, oversamples 4x: 16
+    assert rec["learn/skipped"] == 1.0 and rec["data/position"] == 4 + 16
     assert rec["frac_zero_std_groups"] == 1.0
 
 
