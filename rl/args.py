@@ -9,6 +9,7 @@ parsers come from `rollout.cli` and `model.info`, which load torch only when the
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 STAGE_DESCRIPTIONS = {
     "pretrain": "Pretrain a ternary Mamba-2 LM on packed documents.",
@@ -47,6 +48,27 @@ def grpo_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "grpo_demo.yaml"
+# The demo's warm start: long enough that the model has half-learned the algorithm (GRPO needs some correct
+# samples per group), short enough that most held-out problems are still failed when sampled.
+WARM_STEPS = 900
+WARM_LR = 3e-3
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitmamba demo", description="The embedded default: a tiny BitMamba, "
+                                "supervised warm start, then GRPO on CPU with a private local Ray.")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="GRPO config (default: configs/grpo_demo.yaml)")
+    p.add_argument("--warm-steps", type=int, default=WARM_STEPS, help=f"warm-start optimizer steps ({WARM_STEPS})")
+    p.add_argument("--warm-lr", type=float, default=WARM_LR, help=f"warm-start learning rate ({WARM_LR})")
+    p.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the config's)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the task, the init and GRPO (default: the config's)")
+    p.add_argument("--overwrite", action="store_true", help="delete the demo run already in --output-dir first")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the GRPO config")
+    return p
+
+
 def _generate_parser() -> argparse.ArgumentParser:
     from rollout.cli import _parser          # torch loads inside rollout.cli.main only
     return _parser()
@@ -58,5 +80,5 @@ def _info_parser() -> argparse.ArgumentParser:
 
 
 # command -> parser factory, for the router's fast path
-PARSERS = {"grpo": grpo_parser, **{s: (lambda s=s: stage_parser(s)) for s in STAGE_DESCRIPTIONS},
+PARSERS = {"grpo": grpo_parser, "demo": demo_parser, **{s: (lambda s=s: stage_parser(s)) for s in STAGE_DESCRIPTIONS},
            "generate": _generate_parser, "info": _info_parser}

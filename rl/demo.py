@@ -37,17 +37,13 @@ from rl.plot import plot_reward
 from rl.run_dir import DEMO_ENTRIES, check_run_dir, clear_run
 from rl.schedule import Schedule, ScheduleConfig
 from rl.tasks import make_task
+from rl.args import DEMO_CONFIG, WARM_LR, WARM_STEPS, demo_parser  # noqa: F401 (DEMO_CONFIG, WARM_STEPS: re-exported)
 from rl.train_common import LossOut, TrainConfig, Trainer
 from rollout.tokenizer import MIN_VOCAB, build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "configs" / "grpo_demo.yaml"
 
-# The warm start: long enough that the model has half-learned the algorithm (GRPO needs some correct
-# samples per group), short enough that most held-out problems are still failed when sampled.
-WARM_STEPS = 900
-WARM_BATCH = 64
-WARM_LR = 3e-3
+WARM_BATCH = 64            # rows per warm-start optimizer step (its length and lr: rl.args)
 
 
 def warm_start(cfg: GRPOConfig, out_dir: Path, steps: int, batch_size: int = WARM_BATCH,
@@ -109,16 +105,7 @@ def heldout_line(m: dict[str, float]) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bitmamba demo", description=__doc__.split("\n")[0])
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--config", default=str(DEMO_CONFIG), help="GRPO config (default: configs/grpo_demo.yaml)")
-    p.add_argument("--warm-steps", type=int, default=WARM_STEPS, help=f"warm-start optimizer steps ({WARM_STEPS})")
-    p.add_argument("--warm-lr", type=float, default=WARM_LR, help=f"warm-start learning rate ({WARM_LR})")
-    p.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the config's)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the task, the init and GRPO (default: the config's)")
-    p.add_argument("--overwrite", action="store_true", help="delete the demo run already in --output-dir first")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the GRPO config")
-    return p.parse_args(argv)
+    return demo_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
