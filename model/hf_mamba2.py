@@ -7,7 +7,7 @@
 The HF directory holds `config.json` and `model.safetensors` (or shards listed in
 `model.safetensors.index.json`). The HF block is the standard Mamba-2 layout, so the result uses
 ours: conv over x,B,C (`conv_bc`), gated RMSNorm with group size d_inner/ngroups (HF's
-`MambaRMSNormGated(group_size=intermediate_size // n_groups)`, gate applied before the norm),
+`MambaRMSNormGated` / `Mamba2RMSNormGated(group_size=intermediate_size // n_groups)`, gate applied before the norm),
 D per head, pre-norm blocks, plain (no own norm) BitLinears. `no_quant=True` sets
 `quant.ternary=False`, so the converted model computes what transformers computes.
 
@@ -358,7 +358,10 @@ def transformers_gated_norm_is_grouped() -> bool | None:
         from transformers.models.mamba2 import modeling_mamba2
     except ImportError:
         return None
-    return "group_size" in inspect.signature(modeling_mamba2.MambaRMSNormGated.__init__).parameters
+    norm = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or getattr(modeling_mamba2, "MambaRMSNormGated", None)
+    if norm is None:                      # renamed again: unknown, the caller warns either way
+        return None
+    return "group_size" in inspect.signature(norm.__init__).parameters
 
 
 def _warn_groups(cfg: BitMambaConfig) -> None:
