@@ -21,7 +21,6 @@ overrides {quant: {ternary: false}}); anything else is refused with the fields n
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 from model.binfile import BinHeader, BinModel, FpRecord, TernaryRecord, bin_layout, read_bin, write_bin
 from model.config import BitMambaConfig, QuantConfig
+from model.convert_args import parser
 from model.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -252,16 +252,7 @@ def _save(model, dst: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bitmamba convert", description=__doc__.split("\n\n")[0])
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--from", dest="src_fmt", choices=["hf-mamba2", "bitmamba2-bin"],
-                   help="convert a checkpoint of this format into ours")
-    g.add_argument("--to", dest="dst_fmt", choices=["hf-mamba2", "bitmamba2-bin"],
-                   help="convert ours into this format")
-    p.add_argument("src", help="source: HF dir, .bin file, or our checkpoint dir (with --to)")
-    p.add_argument("dst", help="destination: our checkpoint dir, or (with --to) the HF dir / .bin file")
-    p.add_argument("--no-quant", action="store_true",
-                   help="hf-mamba2 only: keep plain fp linear layers (quant.ternary=false)")
+    p = parser()
     args = p.parse_args(argv)
     if args.no_quant and args.src_fmt != "hf-mamba2":
         p.error("--no-quant applies to --from hf-mamba2 only")

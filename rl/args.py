@@ -69,6 +69,48 @@ def demo_parser() -> argparse.ArgumentParser:
     return p
 
 
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitmamba eval", description="`bitmamba eval DIR ...`: zero-shot benchmarks through lm-eval, or pass@k generation evals.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", metavar="DIR", help="checkpoint directory (config.json + model.safetensors + tokenizer)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tasks", help="comma-separated lm-eval task names (hub datasets need network)")
+    src.add_argument("--task-file", action="append", metavar="YAML", help="local lm-eval task YAML (repeatable)")
+    src.add_argument("--gen", metavar="JSONL", help="generation eval: JSONL of {prompt, ...fields}")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: DIR)")
+    p.add_argument("--limit", type=float, help="examples per task (an int, or a fraction < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompts")
+    p.add_argument("--batch-size", type=int, default=64, help="contexts per prefill batch / generation slots")
+    p.add_argument("--max-length", type=int, default=2048, help="forward window in tokens (state carried over)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--dtype", choices=["auto", "tf32", "bfloat16", "float32"], default="auto",
+                   help="auto: fp32 with TF32 matmuls on CUDA (exact for int8 x ternary), fp32 on CPU; "
+                        "bfloat16: autocast")
+    p.add_argument("--no-prefix-reuse", action="store_true", help="score every request by its own full forward")
+    p.add_argument("--backend", choices=["auto", "torch", "fast"], default="auto", help="decode backend")
+    p.add_argument("--reference", choices=["1b", "255m", "none"], default="1b",
+                   help="published BitMamba-2 numbers to print beside ours")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("generation eval (--gen)")
+    g.add_argument("--reward", action="append", help="reward spec (repeatable; see docs/rewards.md)")
+    g.add_argument("--samples", type=int, default=4, help="completions per prompt (n)")
+    g.add_argument("--k", default="1", help="comma-separated k values for pass@k (each <= --samples)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--correct-threshold", type=float, default=1.0, help="a sample is correct if reward >= this")
+    g.add_argument("--prompt-key", default="prompt")
+    g.add_argument("--reward-workers", type=int, default=2)
+    return p
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+    from model.convert_args import parser      # torch-free
+    return parser()
+
+
 def _generate_parser() -> argparse.ArgumentParser:
     from rollout.cli import _parser          # torch loads inside rollout.cli.main only
     return _parser()
@@ -80,5 +122,5 @@ def _info_parser() -> argparse.ArgumentParser:
 
 
 # command -> parser factory, for the router's fast path
-PARSERS = {"grpo": grpo_parser, "demo": demo_parser, **{s: (lambda s=s: stage_parser(s)) for s in STAGE_DESCRIPTIONS},
+PARSERS = {"grpo": grpo_parser, "demo": demo_parser, "eval": eval_parser, "convert": _convert_parser, **{s: (lambda s=s: stage_parser(s)) for s in STAGE_DESCRIPTIONS},
            "generate": _generate_parser, "info": _info_parser}

@@ -13,7 +13,6 @@ function the GRPO driver's held-out eval can call.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from model.errors import BitMambaError, ConfigError
+from rl.args import eval_parser
 
 log = logging.getLogger(__name__)
 
@@ -35,43 +35,6 @@ PUBLISHED: dict[str, dict[str, tuple[str, float]]] = {
     "255m": {"arc_easy": ("acc", 55.5), "wikitext": ("word_perplexity", 51.7)},
 }
 _PERCENT = ("acc", "acc_norm", "exact_match")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bitmamba eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", metavar="DIR", help="checkpoint directory (config.json + model.safetensors + tokenizer)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--tasks", help="comma-separated lm-eval task names (hub datasets need network)")
-    src.add_argument("--task-file", action="append", metavar="YAML", help="local lm-eval task YAML (repeatable)")
-    src.add_argument("--gen", metavar="JSONL", help="generation eval: JSONL of {prompt, ...fields}")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: DIR)")
-    p.add_argument("--limit", type=float, help="examples per task (an int, or a fraction < 1)")
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompts")
-    p.add_argument("--batch-size", type=int, default=64, help="contexts per prefill batch / generation slots")
-    p.add_argument("--max-length", type=int, default=2048, help="forward window in tokens (state carried over)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    p.add_argument("--dtype", choices=["auto", "tf32", "bfloat16", "float32"], default="auto",
-                   help="auto: fp32 with TF32 matmuls on CUDA (exact for int8 x ternary), fp32 on CPU; "
-                        "bfloat16: autocast")
-    p.add_argument("--no-prefix-reuse", action="store_true", help="score every request by its own full forward")
-    p.add_argument("--backend", choices=["auto", "torch", "fast"], default="auto", help="decode backend")
-    p.add_argument("--reference", choices=["1b", "255m", "none"], default="1b",
-                   help="published BitMamba-2 numbers to print beside ours")
-    p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("generation eval (--gen)")
-    g.add_argument("--reward", action="append", help="reward spec (repeatable; see docs/rewards.md)")
-    g.add_argument("--samples", type=int, default=4, help="completions per prompt (n)")
-    g.add_argument("--k", default="1", help="comma-separated k values for pass@k (each <= --samples)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--correct-threshold", type=float, default=1.0, help="a sample is correct if reward >= this")
-    g.add_argument("--prompt-key", default="prompt")
-    g.add_argument("--reward-workers", type=int, default=2)
-    return p
 
 
 # ---- local task files ------------------------------------------------------------------------
@@ -209,7 +172,7 @@ def _run_gen(args, device: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = eval_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

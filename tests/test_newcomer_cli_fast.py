@@ -31,7 +31,7 @@ def _probe(*argv: str) -> dict:
     return {**json.loads(line[len("PROBE "):]), "out": r.stdout, "err": r.stderr}
 
 
-@pytest.mark.parametrize("cmd", ["grpo", "pretrain", "sft", "distill", "generate", "info", "demo"])
+@pytest.mark.parametrize("cmd", ["grpo", "pretrain", "sft", "distill", "generate", "info", "demo", "eval", "convert"])
 def test_help_loads_no_heavy_module(cmd):
     got = _probe(cmd, "--help")
     assert got["rc"] == 0 and f"bitmamba {cmd}" in got["out"]
