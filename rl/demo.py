@@ -37,7 +37,7 @@ from rl.plot import plot_reward
 from rl.run_dir import DEMO_ENTRIES, check_run_dir, clear_run
 from rl.schedule import Schedule, ScheduleConfig
 from rl.tasks import make_task
-from rl.args import DEMO_CONFIG, WARM_LR, WARM_STEPS, demo_parser  # noqa: F401 (DEMO_CONFIG, WARM_STEPS: re-exported)
+from rl.args import DEMO_CONFIG, WARM_LR, demo_parser  # noqa: F401 (DEMO_CONFIG: re-exported for callers of rl.demo)
 from rl.train_common import LossOut, TrainConfig, Trainer
 from rollout.tokenizer import MIN_VOCAB, build_tiny_tokenizer
 
