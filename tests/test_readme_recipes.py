@@ -275,9 +275,17 @@ def test_install_pins_match_the_environment():
     assert f'gpu = ["{mamba}"]' in pyproject
 
 
+def make_dry_run(target: str) -> list[str]:
+    """The commands `make TARGET` would run, as this checkout's Makefile says; run outside any parent make
+    (CI calls the suite from `make test`, whose MAKEFLAGS/MAKELEVEL would add directory lines)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", target], cwd=ROOT,
+                         env=env, capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()
+
+
 def test_make_test_is_the_ci_command():
-    out = subprocess.run(["make", "-n", "-o", ".venv/.installed", "test"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = "\n".join(make_dry_run("test"))
     assert "pytest -q tests" in out
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
@@ -291,8 +299,7 @@ def test_listed_test_files_exist():
 # ------------------------------------------------------------------------------------------ make demo
 def test_make_demo_starts_its_scratch_dir_over():
     """`make demo` a second time starts runs/demo over (--overwrite): never a refusal, never a mix."""
-    out = subprocess.run(["make", "-n", "-o", ".venv/.installed", "demo"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout.strip().splitlines()
+    out = make_dry_run("demo")
     assert out[-1].split() == [".venv/bin/bitmamba", "demo", "--output-dir", "runs/demo", "--overwrite"]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "--overwrite" in readme.split("## Install by hand")[0]          # said where make demo is
