@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 from model.config import BitMambaConfig  # noqa: E402
 from model.lm import BitMambaLM  # noqa: E402
-from rollout.agent import Agent, AgentConfig, ToolMessageFormat  # noqa: E402
-from rollout.backend import make_backend  # noqa: E402
+from rollout.agent.loop import Agent, AgentConfig, ToolMessageFormat  # noqa: E402
+from rollout.backends import make_backend  # noqa: E402
 from rollout.engine import Engine  # noqa: E402
 from rollout.tokenizer import build_tiny_tokenizer  # noqa: E402
-from rollout.tools import Calculator, ToolSet  # noqa: E402
+from rollout.agent.tools import Calculator, ToolSet  # noqa: E402
 from rollout.types import GenRequest, SamplingParams  # noqa: E402
 
 

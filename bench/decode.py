@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from model.config import BitMambaConfig  # noqa: E402
 from model.lm import BitMambaLM  # noqa: E402
 from model.state import MambaState  # noqa: E402
-from rollout.fast import FastBackend  # noqa: E402
+from rollout.backends.triton_backend import FastBackend  # noqa: E402
 
 DEV = "cuda"
 

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rl.metrics import read_metrics  # noqa: E402
+from rl.train.metrics import read_metrics  # noqa: E402
 
 GOAL_GAIN, GOAL_FINAL, GOAL_WALL_S = 0.25, 0.6, 600.0
 

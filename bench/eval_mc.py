@@ -5,7 +5,7 @@
 
 Both models have random weights and the same dimensions (d_model, layers, heads, head dim, state size,
 groups, vocab): ours is `BitMambaLM` (ternary BitLinears, eval path) through the "bitmamba" adapter
-(`rl/eval_lm.py`: one prefill per question, the state copied to the 4 choices); the other is
+(`rl/eval/lm.py`: one prefill per question, the state copied to the 4 choices); the other is
 `transformers.Mamba2ForCausalLM` in bf16 through lm-eval's `hf` model (`HFLM(pretrained=<instance>)`,
 which runs every (context + choice) as its own sequence). Variants: ours, ours-noreuse (our adapter
 with one full forward per request), hf.
@@ -70,7 +70,7 @@ def make_task(directory: Path, tok, n_questions: int, context_tokens: int, seed:
                 words.append(rng.choice(WORDS))
             choices = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 2))) for _ in range(4)]
             f.write(json.dumps({"context": " ".join(words), "choices": choices, "label": rng.randrange(4)}) + "\n")
-    from rl.eval import load_task_file
+    from rl.eval.run import load_task_file
 
     yaml_path = directory / "bench_mc.yaml"
     yaml_path.write_text(TASK_YAML.format(path=path))
@@ -117,7 +117,7 @@ class Timer:
 
 
 def run_variant(name: str, make_lm, task: dict, n: int, warmup: int) -> dict:
-    from rl.eval import run_lm_eval
+    from rl.eval.run import run_lm_eval
 
     lm = make_lm()
     run_lm_eval(lm, [task], limit=warmup, include_defaults=False)          # compile / autotune / caches
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import lm_eval  # noqa: F401  (fail early: pip install lm-eval)
 
-    from rl.eval_lm import BitMambaEvalLM
+    from rl.eval.lm import BitMambaEvalLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = args.shape or ("tiny-bitmamba2" if args.quick else "bitmamba2-1b")

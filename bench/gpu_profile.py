@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from model.config import BitMambaConfig  # noqa: E402
 from model.lm import BitMambaLM  # noqa: E402
-from rollout.fast import FastBackend  # noqa: E402
+from rollout.backends.triton_backend import FastBackend  # noqa: E402
 
 
 def kernel_table(prof, steps: int, top: int) -> list[dict]:

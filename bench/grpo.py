@@ -5,7 +5,7 @@
     python bench/grpo.py --only step     # or --only memory
 
 1. step: step-time breakdown (generate / score / learn / sync, seconds per phase, tokens/s) of real
-   GRPO steps through the Ray driver (`rl.grpo.Driver`) for the `mini-agent-scout` shape: groups of
+   GRPO steps through the Ray driver (`rl.grpo.driver.Driver`) for the `mini-agent-scout` shape: groups of
    8, 64 prompts, 512 new tokens, learner and one generation worker sharing one GPU (0.5 each).
    The policy is randomly initialised (timing only), so completions run to the length limit.
 2. memory: learner peak GPU memory of one update of `bitmamba2-1b` at 64 sequences x 1024 tokens
@@ -29,10 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rl.grpo import Driver  # noqa: E402
-from rl.grpo_config import load_grpo_config  # noqa: E402
-from rl.learner import Learner, TrainBatch  # noqa: E402
-from rl.metrics import read_metrics  # noqa: E402
+from rl.grpo.driver import Driver  # noqa: E402
+from rl.grpo.config import load_grpo_config  # noqa: E402
+from rl.grpo.learner import Learner, TrainBatch  # noqa: E402
+from rl.train.metrics import read_metrics  # noqa: E402
 
 PHASES = ("time/generate", "time/score", "time/learn", "time/sync", "time/step", "tokens_per_s",
           "sync/bytes", "learn/tokens", "response_len_mean", "gen/engine_wall_s", "gen/engine_prefill_s",

@@ -36,7 +36,7 @@ Run on the H100 (session 3): 135.6 s for the first step, 24.21 s for the second,
 Tested: trl 1.16.0 with transformers 5.23.0, accelerate 1.15.0, torch 2.13 (CPU), `--quick` only; the
 GPU shape has not been run yet. TRL is optional: `pip install -e .[bench]` (pins trl==1.16.0).
 Nothing is downloaded at run time: the tokenizer is the repo's offline tiny BPE (rollout/tokenizer.py,
-as bench/grpo.py uses) and the prompts come from rl/tasks.py's ArithmeticTask (max_operand 99).
+as bench/grpo.py uses) and the prompts come from rl/grpo/tasks.py's ArithmeticTask (max_operand 99).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from model import _mamba_ssm  # noqa: E402
 from model.config import BitMambaConfig  # noqa: E402
-from rl.tasks import ArithmeticTask, arithmetic_reward  # noqa: E402
+from rl.grpo.tasks import ArithmeticTask, arithmetic_reward  # noqa: E402
 from rollout.tokenizer import build_tiny_tokenizer  # noqa: E402
 
 TRL_VERSION_TESTED = "1.16.0"

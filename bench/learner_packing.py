@@ -44,8 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rl.grpo_config import load_grpo_config  # noqa: E402
-from rl.learner import Learner, TrainBatch, micro_batches  # noqa: E402
+from rl.grpo.config import load_grpo_config  # noqa: E402
+from rl.grpo.learner import Learner, TrainBatch, micro_batches  # noqa: E402
 
 MODES = ("packed", "padded", "padded-sorted")
 CPU_SMALL = {"preset": "tiny", "overrides": {"d_model": 128, "n_layers": 4, "vocab_size": 512, "chunk_size": 64},

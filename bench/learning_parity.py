@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.lm import BitMambaLM  # noqa: E402
-from rl.tasks import exact_digits, make_task  # noqa: E402
+from rl.grpo.tasks import exact_digits, make_task  # noqa: E402
 
 
 @dataclass
@@ -57,13 +57,13 @@ class Setup:
 
 
 def grpo_config(s: Setup, work: Path, seed: int, on_gpu: bool):
-    from rl.grpo_config import load_grpo_config
+    from rl.grpo.config import load_grpo_config
 
     return load_grpo_config(data={
         "model": {"path": str(work / "warmstart"), "tokenizer": str(work / "warmstart"), "max_seq_len": 32,
                   "backend": "auto"},
         "task": {"name": "digits", "kwargs": dict(s.task_kwargs), "eval_size": s.eval_prompts},
-        "rewards": [{"spec": "rl.tasks:exact_digits"}], "reward_pool": {"num_workers": 1},
+        "rewards": [{"spec": "rl.grpo.tasks:exact_digits"}], "reward_pool": {"num_workers": 1},
         "group_size": s.group_size, "prompts_per_step": s.prompts_per_step, "steps": s.steps,
         "sampling": {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature},
         "algo": {"clip_low": 0.2, "clip_high": 0.28, "aggregation": "token-mean", "kl_coef": 0.0},
@@ -80,15 +80,15 @@ def grpo_config(s: Setup, work: Path, seed: int, on_gpu: bool):
 def heldout(model: BitMambaLM, tok, s: Setup, seed: int = 0) -> dict[str, float]:
     """Held-out pass@1 (and its standard error over prompts) of `model` with our engine."""
     from rewards import RewardPool
-    from rl.eval_gen import evaluate_generation
-    from rollout.backend import make_backend
+    from rl.eval.gen import evaluate_generation
+    from rollout.backends import make_backend
     from rollout.engine import Engine
     from rollout.types import SamplingParams
 
     task = make_task("digits", seed=0, **dict(s.task_kwargs))
     rows = [task.row("eval", i) for i in range(s.eval_prompts)]
     engine = Engine(make_backend(model.eval(), "torch"), slots=256)
-    with RewardPool([{"spec": "rl.tasks:exact_digits"}], num_workers=0) as pool:
+    with RewardPool([{"spec": "rl.grpo.tasks:exact_digits"}], num_workers=0) as pool:
         m = evaluate_generation(engine, tok, rows, pool, s.eval_samples, k_values=[1], seed=seed,
                                 params=SamplingParams(temperature=s.temperature, max_new_tokens=s.max_new_tokens),
                                 return_samples=True)
@@ -191,7 +191,7 @@ def stage_trl(s: Setup, work: Path, seed: int) -> dict:
 
 
 def stage_ours(s: Setup, work: Path, seed: int) -> dict:
-    from rl.grpo import Driver
+    from rl.grpo.driver import Driver
     from rollout.tokenizer import load_tokenizer
 
     on_gpu = torch.cuda.is_available()

@@ -26,9 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rl.grpo_config import load_grpo_config  # noqa: E402
-from rl import algo  # noqa: E402
-from rl.learner import Learner, TrainBatch  # noqa: E402
+from rl.grpo.config import load_grpo_config  # noqa: E402
+from rl.grpo import algo  # noqa: E402
+from rl.grpo.learner import Learner, TrainBatch  # noqa: E402
 
 
 def first_minibatch_gaps(learner: Learner, batch: TrainBatch) -> tuple[float, float, float]:

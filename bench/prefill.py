@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from model.config import BitMambaConfig  # noqa: E402
 from model.lm import BitMambaLM  # noqa: E402
-from rollout.backend import make_backend  # noqa: E402
+from rollout.backends import make_backend  # noqa: E402
 
 
 def timed(fn) -> float:

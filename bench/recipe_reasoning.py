@@ -3,7 +3,7 @@
     python bench/recipe_reasoning.py [--run-dir runs/recipe_reasoning] [--budget-s 510] [--results-dir DIR]
 
 A 62M-parameter ternary BitMamba learns multi-step arithmetic word problems (`wordproblems` in
-`rl/reasoning_tasks.py`): supervised on worked solutions of 1-3 operation problems
+`rl/grpo/reasoning_tasks.py`): supervised on worked solutions of 1-3 operation problems
 (`configs/recipe_reasoning_sft.yaml`), then GRPO on 2-4 operation problems with the built-in math reward
 (`configs/recipe_reasoning_grpo.yaml`), judged on held-out 3-4 operation problems that neither stage
 trains on. Every invocation continues where the last one stopped and returns before `--budget-s` seconds
@@ -13,7 +13,7 @@ trains on. Every invocation continues where the last one stopped and returns bef
 2. SFT: `bitmamba sft` in a subprocess (it resumes its checkpoints by default), with `train.stop_after`
    sized from the step time measured by earlier invocations; without a measurement it runs until the
    budget's end and is interrupted (SIGINT), losing at most `train.save_every` steps;
-3. GRPO, in this process (`rl.grpo.Driver`): held-out pass@1 of the SFT model first (logged as step 0 of
+3. GRPO, in this process (`rl.grpo.driver.Driver`): held-out pass@1 of the SFT model first (logged as step 0 of
    the run's metrics.jsonl), then the loop in windows of `eval_every` steps, each ending on a held-out
    eval and a checkpoint; a window starts only when the step and eval times measured so far say it ends
    before the budget (a SIGALRM at the budget's end stops an overrunning one; `--resume` then continues
@@ -53,10 +53,10 @@ sys.path.insert(0, str(ROOT))
 
 from model.errors import ConfigError  # noqa: E402
 from model.info import checkpoint_info  # noqa: E402
-from rl.checkpoint import CheckpointManager, read_manifest  # noqa: E402
-from rl.grpo_config import load_grpo_config  # noqa: E402
-from rl.metrics import read_metrics  # noqa: E402
-from rl.reasoning_tasks import WordProblemTask, write_sft_corpus  # noqa: E402
+from rl.train.checkpoint import CheckpointManager, read_manifest  # noqa: E402
+from rl.grpo.config import load_grpo_config  # noqa: E402
+from rl.train.metrics import read_metrics  # noqa: E402
+from rl.grpo.reasoning_tasks import WordProblemTask, write_sft_corpus  # noqa: E402
 
 SFT_CONFIG = ROOT / "configs" / "recipe_reasoning_sft.yaml"
 GRPO_CONFIG = ROOT / "configs" / "recipe_reasoning_grpo.yaml"
@@ -142,7 +142,7 @@ def run_sft(run: Path, overrides: list[str], sft_config: Path, deadline: float) 
             log(f"SFT: {left:.0f} s left, not enough for a step ({per_step:.2f} s/step + start-up); next invocation")
             return False
         extra.append(f"train.stop_after={steps}")
-    cmd = [sys.executable, "-m", "rl.sft", "--config", str(sft_config), *overrides, *extra]
+    cmd = [sys.executable, "-m", "rl.train.sft", "--config", str(sft_config), *overrides, *extra]
     log(f"SFT: {' '.join(cmd[1:3])} ... {' '.join(extra) or '(until the budget ends)'}; {left:.0f} s left")
     launched = time.time()
     proc = subprocess.Popen(cmd)
@@ -228,7 +228,7 @@ def run_grpo(run: Path, grpo_yaml: Path, user: list[str], deadline: float) -> bo
         log("GRPO: Ray is not installed (yet; on the GPU machine the second setup run completes it); "
             "next invocation")
         return False
-    from rl.grpo import RAY_LOST, Driver, RunAborted, aborted_message   # imports Ray: only once it is there
+    from rl.grpo.driver import RAY_LOST, Driver, RunAborted, aborted_message   # imports Ray: only once it is there
 
     need = window_seconds(_records(out) if done else [], window, warm=False)
     left = deadline - time.time() - CLOSE_S
@@ -283,7 +283,7 @@ def run_bf16_state(run: Path, grpo_yaml: Path, user: list[str], steps: int, dead
         return True
     if importlib.util.find_spec("ray") is None:
         return False
-    from rl.grpo import run as grpo_run
+    from rl.grpo.driver import run as grpo_run
     left = deadline - time.time() - CLOSE_S
     main = _records(run / "grpo")
     med = statistics.median([r["time/step"] for r in main if r["step"] >= 1]) if main else 0.0
@@ -554,6 +554,6 @@ def _fmt_kl(s: dict | None) -> str:
 
 
 if __name__ == "__main__":
-    from rl.cli import run_main
+    from rl.args import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

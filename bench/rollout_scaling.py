@@ -4,12 +4,12 @@
     python bench/rollout_scaling.py --quick              # tiny model, CPU workers, about a minute
                                                          # -> bench/results/rollout_scaling_quick.json
 
-What runs: local Ray is started the way `rl.grpo` starts it (`rl.grpo.local_ray_kwargs`: dashboard
+What runs: local Ray is started the way `rl.grpo.driver` starts it (`rl.grpo.driver.local_ray_kwargs`: dashboard
 off and bound to 127.0.0.1) with `num_gpus` = the visible GPU count. For each worker count k, k
-generation actors are created exactly as `rl.grpo.Driver` creates them (`rl.grpo.worker_class`,
-`ray.remote(num_cpus=workers.num_cpus, num_gpus=workers.num_gpus)`, `rl.workers.WorkerGroup`), with
+generation actors are created exactly as `rl.grpo.driver.Driver` creates them (`rl.grpo.driver.worker_class`,
+`ray.remote(num_cpus=workers.num_cpus, num_gpus=workers.num_gpus)`, `rl.grpo.workers.WorkerGroup`), with
 num_gpus=1 each (so each gets its own GPU); they all load the same exported policy
-(`rl.weight_sync.export_policy` of a randomly initialised `--preset`, default `mini-agent-scout`, put
+(`rl.grpo.weight_sync.export_policy` of a randomly initialised `--preset`, default `mini-agent-scout`, put
 into the object store once, as the learner's weights are). The same prompts (default 64 prompts of
 `--prompt-len` random tokens, a group of 8 completions each, 512 new tokens) go through
 `WorkerGroup.generate`, the driver's own path, which shards them round-robin (`jobs[w::k]`) over the
@@ -49,10 +49,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rl.grpo import job_seed, local_ray_kwargs, worker_class  # noqa: E402
-from rl.grpo_config import GRPOConfig, build_model, build_tokenizer, load_grpo_config  # noqa: E402
-from rl.weight_sync import export_policy  # noqa: E402
-from rl.workers import PromptJob, WorkerGroup  # noqa: E402
+from rl.grpo.driver import job_seed, local_ray_kwargs, worker_class  # noqa: E402
+from rl.grpo.config import GRPOConfig, build_model, build_tokenizer, load_grpo_config  # noqa: E402
+from rl.grpo.weight_sync import export_policy  # noqa: E402
+from rl.grpo.workers import PromptJob, WorkerGroup  # noqa: E402
 from rollout.types import SamplingParams  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def make_config(args, k: int, slots: int, gpu: bool) -> GRPOConfig:
 
 
 def make_workers(cfg: GRPOConfig, model_config: dict) -> WorkerGroup:
-    """The generation actors, created as `rl.grpo.Driver._setup` creates them (same class, options, kwargs)."""
+    """The generation actors, created as `rl.grpo.driver.Driver._setup` creates them (same class, options, kwargs)."""
     worker_cls, worker_kwargs = worker_class(cfg)
     RemoteWorker = ray.remote(num_cpus=cfg.workers.num_cpus, num_gpus=cfg.workers.num_gpus)(worker_cls)
     return WorkerGroup(RemoteWorker, {"model_config": model_config, "model_section": cfg.model,
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {"preset": args.preset, "vocab_size": model_config["vocab_size"], "prompts": args.prompts,
                   "group": args.group, "new_tokens": args.new, "prompt_len": args.prompt_len,
                   "backend": args.backend, "gpus_per_worker": 1 if gpu else 0, "repeat": args.repeat,
-                  "sharding": "rl.workers.WorkerGroup.generate: round-robin jobs[w::k]; k divides the prompts",
+                  "sharding": "rl.grpo.workers.WorkerGroup.generate: round-robin jobs[w::k]; k divides the prompts",
                   "eos": "disabled (every sample runs to new_tokens)", "weights_bytes": weights.nbytes,
                   "export_s": export_s},
         "results": [],

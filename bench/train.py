@@ -4,9 +4,9 @@
     python bench/train.py --quick               # smoke run: 2 layers, 1K context, 1 timed step
     python bench/train.py --offload none,cpu    # also measure the CPU-offloaded optimizer
 
-Each row runs `rl.train_common.Trainer.step` (the step every stage uses): batch 1, bf16 autocast over
+Each row runs `rl.train.loop.Trainer.step` (the step every stage uses): batch 1, bf16 autocast over
 fp32 parameters, gradient checkpointing over blocks, chunked cross-entropy, gradient clipping 1.0,
-and the routed optimizer of `rl.optim` (Muon for the ternary matrices, AdamW for the rest, the SSM
+and the routed optimizer of `rl.train.optim` (Muon for the ternary matrices, AdamW for the rest, the SSM
 group), optionally with `cpu_offload` (fp32 masters + optimizer state on the CPU). One warm-up step
 (Triton autotune, optimizer state allocation) is excluded from the timing; then `--steps` timed steps
 with torch.cuda.synchronize. Peak memory = torch.cuda.max_memory_allocated / max_memory_reserved over
@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from model.config import BitMambaConfig  # noqa: E402
 from model.lm import BitMambaLM  # noqa: E402
-from rl.optim import OptimConfig, build_optimizer  # noqa: E402
-from rl.schedule import Schedule, ScheduleConfig  # noqa: E402
-from rl.train_common import LossOut, TrainConfig, Trainer  # noqa: E402
+from rl.train.optim import OptimConfig, build_optimizer  # noqa: E402
+from rl.train.schedule import Schedule, ScheduleConfig  # noqa: E402
+from rl.train.loop import LossOut, TrainConfig, Trainer  # noqa: E402
 
 GB = 1e9
 BUDGET = 24e9

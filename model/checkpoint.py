@@ -7,7 +7,7 @@ config.json holds the full BitMambaConfig plus "format": "bitmamba-rl" and "form
 With tie_embeddings the tied `lm_head.weight` is not stored (it is `embedding.weight`).
 Every problem raises CheckpointError naming the file and the key / tensor / shapes.
 
-A training checkpoint (`rl.checkpoint`, e.g. `runs/x/checkpoints/step_00000010/`) is also a model
+A training checkpoint (`rl.train.checkpoint`, e.g. `runs/x/checkpoints/step_00000010/`) is also a model
 directory and carries `manifest.json` (size and sha256 of every file). Loading one checks the manifest
 first (`verify_manifest`), so a corrupt or truncated file is an error naming it, never silently wrong
 weights; BITMAMBA_SKIP_VERIFY=1 skips the checksums (sizes are still checked) for speed.

@@ -1,5 +1,6 @@
-"""Argument parsers of the `bitmamba` sub-commands that load torch / DeepSpeed, declared here without
-importing either, so that `bitmamba COMMAND --help` and argument errors answer at once (the router in
+"""Argument parsers of the `bitmamba` sub-commands that load torch / DeepSpeed, and `run_main`, the one
+way a sub-command exits (a user error is one line on stderr, exit 2). Parsers are declared here without
+importing torch, so that `bitmamba COMMAND --help` and argument errors answer at once (the router in
 `rl.cli` parses with these first; each stage's `main` parses with the same parser).
 
 Nothing here may import torch, Ray, DeepSpeed or a module of ours that does (the generate and info
@@ -9,6 +10,9 @@ parsers come from `rollout.cli` and `model.info`, which load torch only when the
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 STAGE_DESCRIPTIONS = {
@@ -124,3 +128,20 @@ def _info_parser() -> argparse.ArgumentParser:
 # command -> parser factory, for the router's fast path
 PARSERS = {"grpo": grpo_parser, "demo": demo_parser, "eval": eval_parser, "convert": _convert_parser, **{s: (lambda s=s: stage_parser(s)) for s in STAGE_DESCRIPTIONS},
            "generate": _generate_parser, "info": _info_parser}
+
+
+def run_main(fn: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Run a sub-command, turning user errors into one clean line on stderr (exit 2)."""
+    from model.errors import BitMambaError
+    from rewards.errors import RewardError  # rewards/ is standalone, so its errors are not BitMambaErrors
+
+    try:
+        return int(fn(argv) or 0)
+    except (BitMambaError, RewardError) as e:
+        if os.environ.get("BITMAMBA_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -8,20 +8,21 @@ parses with it first, so `--help` and argument errors answer before the heavy im
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
+
+from rl.args import PARSERS, run_main
 
 
 def _convert(argv): from model.convert import main; return main(argv)  # noqa: E702
 def _info(argv): from model.info import main; return main(argv)  # noqa: E702
 def _generate(argv): from rollout.cli import main; return main(argv)  # noqa: E702
-def _pretrain(argv): from rl.pretrain import main; return main(argv)  # noqa: E702
-def _sft(argv): from rl.sft import main; return main(argv)  # noqa: E702
-def _distill(argv): from rl.distill import main; return main(argv)  # noqa: E702
-def _grpo(argv): from rl.grpo import main; return main(argv)  # noqa: E702
+def _pretrain(argv): from rl.train.pretrain import main; return main(argv)  # noqa: E702
+def _sft(argv): from rl.train.sft import main; return main(argv)  # noqa: E702
+def _distill(argv): from rl.train.distill import main; return main(argv)  # noqa: E702
+def _grpo(argv): from rl.grpo.driver import main; return main(argv)  # noqa: E702
 def _demo(argv): from rl.demo import main; return main(argv)  # noqa: E702
-def _eval(argv): from rl.eval import main; return main(argv)  # noqa: E702
+def _eval(argv): from rl.eval.run import main; return main(argv)  # noqa: E702
 def _reward_check(argv): from rewards.check import main; return main(argv)  # noqa: E702
 
 
@@ -45,23 +46,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def run_main(fn: Callable[[list[str]], int], argv: list[str]) -> int:
-    """Run a sub-command, turning user errors into one clean line on stderr (exit 2)."""
-    from model.errors import BitMambaError
-    from rewards.errors import RewardError  # rewards/ is standalone, so its errors are not BitMambaErrors
-
-    try:
-        return int(fn(argv) or 0)
-    except (BitMambaError, RewardError) as e:
-        if os.environ.get("BITMAMBA_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -71,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from rl.args import PARSERS
-
     if name in PARSERS:
         PARSERS[name]().parse_args(rest)     # --help / a bad argument exits here, before torch loads
     return run_main(COMMANDS[name][0], rest)

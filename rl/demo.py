@@ -2,13 +2,13 @@
 
     bitmamba demo --output-dir runs/demo          # about 5-8 minutes on 2 CPU cores
 
-The task (`digits` in `rl/tasks.py`): addition and subtraction of 1-3 digit numbers written least
-significant digit first (`036-3=726` is 630 - 3 = 627), scored by `rl.tasks:exact_digits`. Held-out
+The task (`digits` in `rl/grpo/tasks.py`): addition and subtraction of 1-3 digit numbers written least
+significant digit first (`036-3=726` is 630 - 3 = 627), scored by `rl.grpo.tasks:exact_digits`. Held-out
 problems (operand pairs never trained on, about 10% of all) are what the demo reports: solving them
 takes the carry/borrow algorithm, not recall.
 
 1. warm start: the tiny model (preset `tiny`, a byte tokenizer: one token per digit) learns the format
-   through the shared training step (`rl.train_common.Trainer`), on purpose too briefly to be good
+   through the shared training step (`rl.train.loop.Trainer`), on purpose too briefly to be good
    at it: held-out pass@1 (sampled at temperature 1) starts around 0.2-0.35, so GRPO's groups have
    mixed rewards to learn from;
 2. held-out pass@1 of that model (eval/pass@1 with its standard error, logged as step 0);
@@ -29,16 +29,16 @@ import torch
 
 from model.config import BitMambaConfig
 from model.lm import BitMambaLM
-from rl.data import collate_sft
-from rl.grpo import RAY_LOST, Driver, RunAborted, aborted_message
-from rl.grpo_config import GRPOConfig, load_grpo_config
-from rl.optim import OptimConfig, build_optimizer
+from rl.train.data import collate_sft
+from rl.grpo.driver import RAY_LOST, Driver, RunAborted, aborted_message
+from rl.grpo.config import GRPOConfig, load_grpo_config
+from rl.train.optim import OptimConfig, build_optimizer
 from rl.plot import plot_reward
-from rl.run_dir import DEMO_ENTRIES, check_run_dir, clear_run
-from rl.schedule import Schedule, ScheduleConfig
-from rl.tasks import make_task
+from rl.train.run_dir import DEMO_ENTRIES, check_run_dir, clear_run
+from rl.train.schedule import Schedule, ScheduleConfig
+from rl.grpo.tasks import make_task
 from rl.args import DEMO_CONFIG, WARM_LR, demo_parser  # noqa: F401 (DEMO_CONFIG: re-exported for callers of rl.demo)
-from rl.train_common import LossOut, TrainConfig, Trainer
+from rl.train.loop import LossOut, TrainConfig, Trainer
 from rollout.tokenizer import MIN_VOCAB, build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +135,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from rl.cli import run_main
+    from rl.args import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

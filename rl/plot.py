@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from rl.metrics import read_metrics  # noqa: E402
+from rl.train.metrics import read_metrics  # noqa: E402
 
 
 def smooth(values: list[float], window: int) -> list[float]:

@@ -13,7 +13,8 @@ _EXPORTS = {
     "SamplingParams": "rollout.types", "GenRequest": "rollout.types", "GenResult": "rollout.types",
     "GenStats": "rollout.types",
     "Engine": "rollout.engine", "PauseView": "rollout.engine",
-    "DecodeBackend": "rollout.backend", "TorchBackend": "rollout.backend", "make_backend": "rollout.backend",
+    "DecodeBackend": "rollout.backends.base", "TorchBackend": "rollout.backends.torch_backend",
+    "make_backend": "rollout.backends",
     "naive_generate": "rollout.reference",
     "build_tiny_tokenizer": "rollout.tokenizer", "load_tokenizer": "rollout.tokenizer",
 }

@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from model.lm import BitMambaLM
-    from rollout.backend import make_backend
+    from rollout.backends import make_backend
     from rollout.engine import Engine
     from rollout.tokenizer import has_tokenizer, load_tokenizer
     from rollout.types import GenRequest, SamplingParams

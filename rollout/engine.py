@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from model.errors import BitMambaError
-from rollout.backend import RowSnapshot
+from rollout.backends.base import RowSnapshot
 from rollout.tokenizer import FastCodec
 from rollout.sampling import SamplingTensors, make_generator, sample, sample_seed, seen_mask
 from rollout.types import GenRequest, GenResult, GenStats, SamplingParams

@@ -15,10 +15,10 @@ import torch
 
 from model.config import BitMambaConfig
 from model.lm import BitMambaLM
-from rollout.agent import Agent, AgentConfig, ToolMessageFormat, agent_metrics, batch_fields
-from rollout.backend import make_backend
+from rollout.agent.loop import Agent, AgentConfig, ToolMessageFormat, agent_metrics, batch_fields
+from rollout.backends import make_backend
 from rollout.tokenizer import build_tiny_tokenizer
-from rollout.tools import Calculator, tool
+from rollout.agent.tools import Calculator, tool
 from rollout.types import GenRequest, SamplingParams
 
 
@@ -178,7 +178,7 @@ def test_state_after_injection_equals_a_full_prefill(model, tok, kind, force_max
     script = script_for(tok, p, c1, fmt.ids(str(2 ** 40)), c2, fmt.ids(str(3 ** 30)), enc(tok, "done<|im_end|>"))
     # sync_every 8: the calls end mid-window, so the engine rewinds to its snapshot and replays
     if kind == "fast":
-        pytest.importorskip("rollout.fast")
+        pytest.importorskip("rollout.backends.triton_backend")
     (tr,), be, _ = run(model, tok, script, [Calculator()], sync_every=8, kind=kind, force_max=force_max)
     assert type(be.inner).__name__ == {"torch": "TorchBackend", "fast": "FastBackend"}[kind]
     assert be.n_extend == (0 if force_max else 2)      # which way the tool messages went in
@@ -299,8 +299,8 @@ def test_other_sequences_keep_decoding_while_a_tool_runs(model, tok):
 
 
 def test_batch_fields_match_the_learner_collate_and_mask_injected_tokens(model, tok):
-    from rl import algo
-    from rl.learner import TrainBatch, collate
+    from rl.grpo import algo
+    from rl.grpo.learner import TrainBatch, collate
 
     p = prompt_ids(tok, "Compute 99 * 99.")
     fmt = ToolMessageFormat(tok)

@@ -6,8 +6,8 @@ import torch
 
 from model.typed import load_config
 from rewards import load_reward
-from rl.tool_tasks import BigMultiplyTask, ToolExperimentConfig, demonstration, run_experiment, tool_answer_reward
-from rollout.agent import ToolMessageFormat
+from rl.grpo.tool_tasks import BigMultiplyTask, ToolExperimentConfig, demonstration, run_experiment, tool_answer_reward
+from rollout.agent.loop import ToolMessageFormat
 from rollout.tokenizer import build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_reward_reads_only_the_final_turn():
     assert tool_answer_reward("p", tool_turn + "x", ans, final_text="It is 418444.") == 1.0
     assert tool_answer_reward("p", "", ans, final_text='<tool_call>{"name": "c", "arguments": {"e": "418444"}}'
                                                        "</tool_call>") == 0.0
-    fn = load_reward("rl.tool_tasks:tool_answer_reward")                    # loadable as a YAML reward spec
+    fn = load_reward("rl.grpo.tool_tasks:tool_answer_reward")                    # loadable as a YAML reward spec
     assert fn(["p", "p"], ["x", "y"], [{"answer": ans, "final_text": "418444"}, {"answer": ans, "final_text": "1"}]) \
         == [1.0, 0.0]
 
@@ -78,9 +78,9 @@ def test_experiment_runs_end_to_end_and_updates_the_policy(tmp_path):
 
 def test_agent_generation_worker_returns_results_with_masks_and_reward_fields():
     from model.config import BitMambaConfig
-    from rl.grpo_config import ModelSection
-    from rl.tool_tasks import AgentGenerationWorker
-    from rl.workers import PromptJob
+    from rl.grpo.config import ModelSection
+    from rl.grpo.tool_tasks import AgentGenerationWorker
+    from rl.grpo.workers import PromptJob
     from rollout.types import SamplingParams
 
     tok = build_tiny_tokenizer(384)

@@ -1,4 +1,4 @@
-"""rl/algo.py on hand-computed cases."""
+"""rl/grpo/algo.py on hand-computed cases."""
 
 import math
 import sys
@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-from rl import algo
-from rl.algo import LossConfig
+from rl.grpo import algo
+from rl.grpo.algo import LossConfig
 
 
 def test_algo_imports_neither_ray_nor_deepspeed():
     import subprocess
 
-    code = "import sys, rl.algo; print('ray' in sys.modules, 'deepspeed' in sys.modules)"
+    code = "import sys, rl.grpo.algo; print('ray' in sys.modules, 'deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 

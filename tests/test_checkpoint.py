@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from model.errors import CheckpointError
-from rl.checkpoint import (
+from rl.train.checkpoint import (
     CheckpointManager,
     CheckpointWarning,
     capture_rng_state,
@@ -22,7 +22,7 @@ from rl.checkpoint import (
     safe_torch_load,
     set_generator_state,
 )
-from rl.metrics import MetricsWriter, read_metrics
+from rl.train.metrics import MetricsWriter, read_metrics
 
 
 def _model_and_opt():
@@ -138,7 +138,7 @@ def test_unwritable_root_raises_checkpoint_error(tmp_path, monkeypatch):
 def test_disk_full_raises_and_previous_intact(tmp_path, monkeypatch):
     mgr = CheckpointManager(tmp_path)
     prev = mgr.save(1, {"w": torch.ones(4)})
-    import rl.checkpoint as ck
+    import rl.train.checkpoint as ck
 
     def full(path, data):
         raise OSError(28, "No space left on device")

@@ -1,4 +1,4 @@
-"""rl.data (loading, packing with seq_idx, exact resume, SFT collation) and rl.chat (ChatML + mask)."""
+"""rl.train.data (loading, packing with seq_idx, exact resume, SFT collation) and rl.train.chat (ChatML + mask)."""
 
 import json
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from model.errors import DataError
-from rl.chat import encode_chat, render_chat
-from rl.data import (
+from rl.train.chat import encode_chat, render_chat
+from rl.train.data import (
     IGNORE_INDEX,
     DataSource,
     PackedLoader,

@@ -6,17 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from rl import demo, plot
-from rl.grpo_config import load_grpo_config
-from rl.metrics import read_metrics
-from rl.tasks import DigitsTask
+from rl import demo
+from rl import plot
+from rl.grpo.config import load_grpo_config
+from rl.train.metrics import read_metrics
+from rl.grpo.tasks import DigitsTask
 from rollout.tokenizer import MIN_VOCAB, build_tiny_tokenizer
 
 
 def test_demo_config_is_the_heldout_digits_task():
     cfg = load_grpo_config(demo.DEMO_CONFIG, ["wandb=false"])
     assert cfg.task.name == "digits" and cfg.task.kwargs["max_digits"] >= 3
-    assert [r.spec for r in cfg.rewards] and all(r.spec.startswith("rl.tasks:") for r in cfg.rewards)
+    assert [r.spec for r in cfg.rewards] and all(r.spec.startswith("rl.grpo.tasks:") for r in cfg.rewards)
     assert cfg.eval_correct_threshold == 1.0                # pass@1 counts exact answers only
     assert cfg.task.eval_size * cfg.eval_samples >= 1024     # one standard error ~0.015, not 0.08
     assert cfg.eval_every > 0

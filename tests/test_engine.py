@@ -12,7 +12,8 @@ import torch
 from model.config import BitMambaConfig
 from model.errors import BitMambaError
 from model.lm import BitMambaLM
-from rollout.backend import TorchBackend, make_backend, prefill_many
+from rollout.backends import TorchBackend, make_backend
+from rollout.backends.base import prefill_many
 from rollout.engine import Engine
 from rollout.reference import naive_generate
 from rollout.sampling import SamplingTensors, process_logits, seen_mask
@@ -218,7 +219,7 @@ def test_make_backend_choices(monkeypatch):
     fp_model = BitMambaLM(BitMambaConfig.preset("tiny", quant=dict(ternary=False)))
     with pytest.raises(BitMambaError, match="fast.*ternary"):
         make_backend(fp_model, "fast")                               # refused: loud, no fallback
-    monkeypatch.setitem(sys.modules, "rollout.fast", None)           # not importable
+    monkeypatch.setitem(sys.modules, "rollout.backends.triton_backend", None)           # not importable
     with pytest.raises(BitMambaError, match="cannot import"):
         make_backend(model, "fast")
     with pytest.raises(BitMambaError, match="unknown"):
@@ -228,7 +229,7 @@ def test_make_backend_choices(monkeypatch):
 @pytest.mark.parametrize("name", PRESETS)
 def test_engine_on_fast_backend_cpu_matches_naive(name):
     """The engine drives FastBackend (eager reference kernels on CPU) like TorchBackend."""
-    pytest.importorskip("rollout.fast")
+    pytest.importorskip("rollout.backends.triton_backend")
     model = _model(name, activation="int8")
     be = make_backend(model, "fast")
     assert type(be).__name__ == "FastBackend"

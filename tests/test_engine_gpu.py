@@ -11,7 +11,7 @@ import torch
 
 from model.config import BitMambaConfig
 from model.lm import BitMambaLM
-from rollout.backend import TorchBackend, make_backend
+from rollout.backends import TorchBackend, make_backend
 from rollout.engine import Engine
 from rollout.reference import naive_generate
 from rollout.sampling import hash_exponential_noise, sample_seed

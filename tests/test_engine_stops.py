@@ -5,7 +5,7 @@ import torch
 
 from model.config import BitMambaConfig
 from model.lm import BitMambaLM
-from rollout.backend import TorchBackend, make_backend
+from rollout.backends import TorchBackend, make_backend
 from rollout.engine import Engine
 from rollout.reference import naive_generate
 from rollout.tokenizer import build_tiny_tokenizer
@@ -117,7 +117,7 @@ def test_length_window_is_capped_so_no_steps_are_wasted(model, prompt):
 @pytest.mark.parametrize("kind", ["torch", "fast"])
 def test_pause_hook_injects_tokens_and_resumes_like_a_full_prefill(model, tok, prompt, greedy_ref, kind):
     if kind == "fast":
-        pytest.importorskip("rollout.fast")
+        pytest.importorskip("rollout.backends.triton_backend")
     i = _first_new(greedy_ref, 4)
     stop_tok = greedy_ref[i]
     inject = tok.encode("<tool_response>47</tool_response>", add_special_tokens=False)

@@ -1,4 +1,4 @@
-"""Generation evals (rl/eval_gen.py): pass@k with the unbiased estimator, and `bitmamba eval --gen`."""
+"""Generation evals (rl/eval/gen.py): pass@k with the unbiased estimator, and `bitmamba eval --gen`."""
 
 import json
 import math
@@ -11,8 +11,8 @@ from model.config import BitMambaConfig
 from model.errors import ConfigError, DataError
 from model.lm import BitMambaLM
 from rewards import RewardPool
-from rl.eval_gen import evaluate_generation, load_prompt_rows, pass_at_k_summary
-from rollout.backend import make_backend
+from rl.eval.gen import evaluate_generation, load_prompt_rows, pass_at_k_summary
+from rollout.backends import make_backend
 from rollout.engine import Engine
 from rollout.tokenizer import build_tiny_tokenizer
 from rollout.types import GenResult, SamplingParams
@@ -111,7 +111,7 @@ def test_load_prompt_rows_errors(tmp_path):
 
 
 def test_cli_gen_eval_writes_pass_at_k(tmp_path, capsys):
-    from rl.eval import main
+    from rl.eval.run import main
 
     tok = build_tiny_tokenizer(384)
     torch.manual_seed(0)
@@ -132,7 +132,7 @@ def test_cli_gen_eval_writes_pass_at_k(tmp_path, capsys):
 
 def test_cli_gen_rejects_k_above_samples(tmp_path):
     from model.errors import BitMambaError
-    from rl.eval import main
+    from rl.eval.run import main
 
     with pytest.raises(BitMambaError, match="--k"):
         main([str(tmp_path), "--gen", str(FIX / "gen_prompts.jsonl"), "--reward", "length", "--samples", "2",

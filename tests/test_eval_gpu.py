@@ -5,7 +5,7 @@ import torch
 
 from model.config import BitMambaConfig
 from model.lm import BitMambaLM
-from rl.eval_lm import LogLikelihoodScorer
+from rl.eval.lm import LogLikelihoodScorer
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""The lm-eval adapter (rl/eval_lm.py) against direct computations with the model, offline.
+"""The lm-eval adapter (rl/eval/lm.py) against direct computations with the model, offline.
 
 Direct computation = one full forward over context + continuation, log_softmax, gather.
 """
@@ -15,8 +15,8 @@ from lm_eval.api.instance import Instance  # the optional extra `eval` (pyprojec
 
 from model.config import BitMambaConfig
 from model.lm import BitMambaLM
-from rl.eval import load_task_file, result_rows, run_lm_eval
-from rl.eval_lm import BitMambaEvalLM, LogLikelihoodScorer
+from rl.eval.run import load_task_file, result_rows, run_lm_eval
+from rl.eval.lm import BitMambaEvalLM, LogLikelihoodScorer
 from rollout.reference import naive_generate
 from rollout.tokenizer import build_tiny_tokenizer
 from rollout.types import SamplingParams
@@ -201,7 +201,7 @@ def test_registered_as_bitmamba_and_builds_from_a_directory(tok, tmp_path):
 
 
 def test_cli_task_file_prints_table_and_writes_json(tok, tmp_path, capsys):
-    from rl.eval import main
+    from rl.eval.run import main
 
     model = _model("tiny-bitmamba2")
     model.save_pretrained(tmp_path / "ckpt")
@@ -232,7 +232,7 @@ def test_task_file_errors(tmp_path):
 
 def test_cli_unknown_task_is_a_user_error(tok, tmp_path):
     from model.errors import BitMambaError
-    from rl.eval import main
+    from rl.eval.run import main
 
     _model("tiny-bitmamba2").save_pretrained(tmp_path / "ckpt")
     tok.save_pretrained(tmp_path / "ckpt")

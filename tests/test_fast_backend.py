@@ -1,4 +1,4 @@
-"""FastBackend (rollout/fast.py) on CPU: same Python step as on the GPU, reference kernels, no graphs.
+"""FastBackend (rollout/backends/triton_backend.py) on CPU: same Python step as on the GPU, reference kernels, no graphs.
 
 Teacher-forced: prefill (parallel forward) + step-by-step logits == the model's full forward logits
 (fp32, 1e-4) and == TorchBackend's step logits, for pure-Mamba, hybrid and BitMamba-2-layout models,
@@ -13,8 +13,8 @@ import torch  # noqa: E402
 
 from model.config import BitMambaConfig  # noqa: E402
 from model.lm import BitMambaLM  # noqa: E402
-from rollout.backend import TorchBackend  # noqa: E402
-from rollout.fast import FastBackend, bucket_for  # noqa: E402
+from rollout.backends import TorchBackend  # noqa: E402
+from rollout.backends.triton_backend import FastBackend, bucket_for  # noqa: E402
 from rollout.kernels import _dispatch  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -198,7 +198,7 @@ def test_make_backend_ssm_dtype_sets_only_the_ssm_state():
 
     from model.config import BitMambaConfig
     from model.lm import BitMambaLM
-    from rollout.backend import make_backend
+    from rollout.backends import make_backend
     from rollout.engine import Engine
     from rollout.types import GenRequest, SamplingParams
 

@@ -68,7 +68,7 @@ def test_user_errors(dirs, capsys):
 
 
 def test_fast_backend_flag(dirs, capsys):
-    pytest.importorskip("rollout.fast")
+    pytest.importorskip("rollout.backends.triton_backend")
     model, _, _, bare = dirs
     assert main([str(bare), "--prompt-ids", "5 17 42 9", "--max-new-tokens", "5", "--temperature", "0",
                  "--backend", "fast"]) == 0

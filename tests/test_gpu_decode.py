@@ -183,8 +183,8 @@ def test_fast_backend_graph_vs_model_fp32(kind, monkeypatch):
     SDPA kernel choice, bucket padding 5 -> 8 rows are the suspects) and a one-ulp change can move an
     int8 activation code, which cascades. Hence scale-relative bounds for both the reference-kernel
     path and the Triton + CUDA-graph path; tightening this is an open item."""
-    from rollout.backend import TorchBackend
-    from rollout.fast import FastBackend
+    from rollout.backends import TorchBackend
+    from rollout.backends.triton_backend import FastBackend
 
     for var, val in (("BITMAMBA_NORM", "torch"), ("BITMAMBA_ACTQ", "torch"), ("BITMAMBA_SSD", "ref")):
         monkeypatch.setenv(var, val)
@@ -206,8 +206,8 @@ def test_fast_backend_graph_vs_model_bf16(kind):
     same (bf16-rounded) weights; the fast path must be no worse than the model's bf16 path.
     Seen on CPU (hybrid): fast 0.0154 mean / 0.099 max abs error, torch bf16 0.0178 / 0.111
     (logit std 0.45), i.e. fast vs torch-bf16 differ by up to ~0.25 std at single positions."""
-    from rollout.backend import TorchBackend
-    from rollout.fast import FastBackend
+    from rollout.backends import TorchBackend
+    from rollout.backends.triton_backend import FastBackend
 
     m = _gpu_model(kind, torch.bfloat16)
     m32 = _gpu_model(kind, torch.float32)
@@ -228,7 +228,7 @@ def test_fast_backend_graph_vs_model_bf16(kind):
 
 @pytest.mark.parametrize("slots", [1, 3, 16, 50])
 def test_graph_replay_matches_eager_across_buckets(slots):
-    from rollout.fast import FastBackend
+    from rollout.backends.triton_backend import FastBackend
 
     m = _gpu_model("hybrid", torch.float32)
     gen = torch.Generator(device=DEV).manual_seed(slots)

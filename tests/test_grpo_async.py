@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from model.errors import ConfigError
-from rl.async_rollout import RolloutProducer
-from rl.grpo_config import load_grpo_config
+from rl.grpo.async_rollout import RolloutProducer
+from rl.grpo.config import load_grpo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "grpo_tiny.yaml")
@@ -136,8 +136,8 @@ def length_reward(tmp_path) -> str:
 
 
 def grpo_run(out, *args):
-    from rl import grpo
-    from rl.metrics import read_metrics
+    from rl.grpo import driver as grpo
+    from rl.train.metrics import read_metrics
 
     flags = [a for a in args if a.startswith("--")]
     overrides = [a for a in args if not a.startswith("--")]
@@ -156,7 +156,7 @@ def test_max_staleness_zero_is_on_policy(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_max_staleness_runs_ahead_within_the_bound_and_resumes_the_same_prompts(ray_local, tmp_path):
-    from rl.checkpoint import CheckpointManager, load_checkpoint
+    from rl.train.checkpoint import CheckpointManager, load_checkpoint
 
     rew = length_reward(tmp_path)
     full = grpo_run(tmp_path / "full", "steps=4", "checkpoint_every=2", "max_staleness=2", rew)

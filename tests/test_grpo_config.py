@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 
 from model.errors import ConfigError, DataError
-from rl.grpo_config import GRPOConfig, load_grpo_config
-from rl.tasks import ArithmeticTask, arithmetic_reward, first_integer, make_task
+from rl.grpo.config import GRPOConfig, load_grpo_config
+from rl.grpo.tasks import ArithmeticTask, arithmetic_reward, first_integer, make_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# the configs of `python -m rl.grpo` (configs/tools_experiment_tiny.yaml belongs to rl.tool_tasks, another
+# the configs of `python -m rl.grpo.driver` (configs/tools_experiment_tiny.yaml belongs to rl.grpo.tool_tasks, another
 # schema: tests/test_agent_tool_task.py loads it)
 GRPO_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("grpo_*.yaml"))
 
@@ -97,7 +97,7 @@ def test_cli_config_error_is_one_clean_line():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "rl.grpo", "--config", str(ROOT / "configs/grpo_tiny.yaml"),
+    out = subprocess.run([sys.executable, "-m", "rl.grpo.driver", "--config", str(ROOT / "configs/grpo_tiny.yaml"),
                           "learner.bogus=1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2
     err = [l for l in out.stderr.splitlines() if l.startswith("error:")]
@@ -107,7 +107,7 @@ def test_cli_config_error_is_one_clean_line():
 
 def test_tools_section_loads_and_resolves_files_against_the_config_dir(tmp_path, monkeypatch):
     (tmp_path / "my_tools.py").write_text(
-        "from rollout.tools import tool\n\n@tool\ndef echo(text: str) -> str:\n    'Echo.'\n    return text\n")
+        "from rollout.agent.tools import tool\n\n@tool\ndef echo(text: str) -> str:\n    'Echo.'\n    return text\n")
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text("model: {preset: tiny}\ntools: [calculator, {spec: my_tools.py:echo, name: say}]\n"
                         "agent: {max_tool_calls: 3, tool_timeout_s: 2.5}\n")

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from rl import grpo
-from rl.checkpoint import CheckpointManager
-from rl.metrics import read_metrics
+from rl.grpo import driver as grpo
+from rl.train.checkpoint import CheckpointManager
+from rl.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "grpo_tiny.yaml")

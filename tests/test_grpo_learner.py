@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from model.bitlinear import weight_quant
-from rl.grpo_config import build_model, load_grpo_config, model_from_config
-from rl.learner import Learner, TrainBatch, collate, pack_micro_batches
-from rl.weight_sync import export_policy, load_into
-from rl.workers import GenerationWorker, PromptJob
-from rollout.backend import make_backend
+from rl.grpo.config import build_model, load_grpo_config, model_from_config
+from rl.grpo.learner import Learner, TrainBatch, collate, pack_micro_batches
+from rl.grpo.weight_sync import export_policy, load_into
+from rl.grpo.workers import GenerationWorker, PromptJob
+from rollout.backends import make_backend
 from rollout.engine import Engine
 from rollout.types import GenRequest, SamplingParams
 
@@ -178,7 +178,7 @@ def test_bf16_learner_accumulates_gradients_in_fp32_on_the_device():
     ZeRO-2 with CPU offload on its device-side accumulation path (one copy to the CPU per optimizer
     step, not a round trip per micro-batch); several micro-batches then give the gradient of the
     whole batch, as in fp32."""
-    from rl.learner import deepspeed_config
+    from rl.grpo.learner import deepspeed_config
 
     assert deepspeed_config(make_cfg().learner, on_gpu=True)["data_types"] == {"grad_accum_dtype": "fp32"}
     assert "data_types" not in deepspeed_config(make_cfg().learner, on_gpu=False)

@@ -1,4 +1,4 @@
-"""GRPO with tools through the real driver (rl/grpo.py): agent rollouts on the Ray workers, rewards that
+"""GRPO with tools through the real driver (rl/grpo/driver.py): agent rollouts on the Ray workers, rewards that
 see the trajectory, the tool counts in the metrics, and injected tokens out of the loss."""
 
 from pathlib import Path
@@ -7,11 +7,11 @@ import pytest
 import ray
 
 from model.errors import ConfigError
-from rl import grpo
-from rl.grpo_config import load_grpo_config
-from rl.metrics import read_metrics
-from rl.tool_tasks import AgentGenerationWorker, ToolExperimentConfig, save_warm_start
-from rl.workers import GenerationWorker
+from rl.grpo import driver as grpo
+from rl.grpo.config import load_grpo_config
+from rl.train.metrics import read_metrics
+from rl.grpo.tool_tasks import AgentGenerationWorker, ToolExperimentConfig, save_warm_start
+from rl.grpo.workers import GenerationWorker
 from rollout.types import GenResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_grpo_driver_with_tools(tmp_path):
         "group_size=4", "sampling.max_new_tokens=64", "agent.max_total_tokens=64", "eval_every=0",
         "checkpoint_every=0", "wandb=false", "workers.engine_slots=16",
         f"output_dir={tmp_path / 'run'}",
-        f"rewards=[{{spec: rl.tool_task_defs:tool_answer_reward}}, {{spec: '{tmp_path / 'probe.py'}:probe'}}]"])
+        f"rewards=[{{spec: rl.grpo.tasks:tool_answer_reward}}, {{spec: '{tmp_path / 'probe.py'}:probe'}}]"])
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         driver = grpo.Driver(cfg, init_dir=str(init))
@@ -119,15 +119,15 @@ def test_bad_tool_spec_fails_at_load_naming_it(tmp_path):
 
 
 def test_task_and_reward_import_without_torch():
-    # reward pool workers load rl.tool_task_defs:tool_answer_reward, and rl.tasks builds the task: neither
+    # reward pool workers load rl.grpo.tasks:tool_answer_reward, and rl.grpo.tasks builds the task: neither
     # may pull in torch or the experiment's training code
     import subprocess
     import sys
 
-    code = ("import sys; from rl.tasks import make_task; from rewards import load_reward; "
+    code = ("import sys; from rl.grpo.tasks import make_task; from rewards import load_reward; "
             "t = make_task('bigmul', digits=3); r = t.row('train', 0); "
-            "f = load_reward('rl.tool_task_defs:tool_answer_reward'); "
+            "f = load_reward('rl.grpo.tasks:tool_answer_reward'); "
             "assert f([r['prompt']], [r['answer'] + '<|im_end|>'], [r]) == [1.0]; "
-            "assert 'torch' not in sys.modules and 'rl.tool_tasks' not in sys.modules, 'heavy import'")
+            "assert 'torch' not in sys.modules and 'rl.grpo.tool_tasks' not in sys.modules, 'heavy import'")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

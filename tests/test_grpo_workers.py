@@ -4,9 +4,9 @@ import pytest
 import ray
 import torch
 
-from rl.grpo_config import build_model, load_grpo_config
-from rl.weight_sync import export_policy
-from rl.workers import GenerationWorker, PromptJob, WorkerGroup, sample_id
+from rl.grpo.config import build_model, load_grpo_config
+from rl.grpo.weight_sync import export_policy
+from rl.grpo.workers import GenerationWorker, PromptJob, WorkerGroup, sample_id
 from rollout.types import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def test_dead_worker_is_restarted_resynced_and_only_its_prompts_regenerated(ray_
 def test_a_worker_that_cannot_map_the_shared_policy_loads_the_fallback_and_stays_off_ipc(ray_local):
     """A `SharedPolicy` for a GPU the worker is not on (here: a CPU worker) fails to map; the group loads
     the fallback reference instead, says so, and plans the object store for that worker from then on."""
-    from rl.weight_sync import SharedPolicy, plan_sync
+    from rl.grpo.weight_sync import SharedPolicy, plan_sync
 
     cfg = load_grpo_config(data={"model": {"preset": "tiny", "overrides": {"vocab_size": 384},
                                            "backend": "torch"}})

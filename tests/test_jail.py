@@ -1,4 +1,4 @@
-"""Hostile model code against the jail (`sandbox: jail`, rollout.jail), as a completion would try it
+"""Hostile model code against the jail (`sandbox: jail`, rollout.agent.jail), as a completion would try it
 through the python tool. Each attempt must come back as the tool's error text before the timeout, leave
 no process of the run behind, and change nothing outside the jail.
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from rollout.jail import jail_problem, reap_orphaned_jails
-from rollout.sandbox import SandboxConfig, SandboxResult, run_python
-from rollout.tools import PythonTool
+from rollout.agent.jail import jail_problem, reap_orphaned_jails
+from rollout.agent.sandbox import SandboxConfig, SandboxResult, run_python
+from rollout.agent.tools import PythonTool
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_JAIL = jail_problem()
@@ -253,7 +253,7 @@ def test_the_jail_dies_with_the_trainer(tmp_path, when):
     script.write_text(textwrap.dedent(f"""
         import sys, uuid
         sys.path.insert(0, {str(ROOT)!r})
-        from rollout import sandbox
+        from rollout.agent import sandbox
         sandbox.uuid.uuid4 = lambda: uuid.UUID({token!r})
         print("start", flush=True)
         sandbox.run_python("import time\\nwhile True: time.sleep(0.05)", sandbox.SandboxConfig(timeout_s=60))

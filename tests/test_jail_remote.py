@@ -1,4 +1,4 @@
-"""The python tool's remote runner (`sandbox: remote`, rollout.remote_sandbox) against a stub of
+"""The python tool's remote runner (`sandbox: remote`, rollout.agent.remote_sandbox) against a stub of
 SandboxFusion's /run_code API on 127.0.0.1. The stub runs the code locally (host mode: the test's own
 snippets) or answers as a failing service would."""
 
@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from model.errors import ConfigError
-from rollout.remote_sandbox import RemoteSandboxConfig, RemoteSandboxError, run_remote
-from rollout.sandbox import SandboxConfig, run_python
-from rollout.tools import PythonTool, ToolSet, load_tools
+from rollout.agent.remote_sandbox import RemoteSandboxConfig, RemoteSandboxError, run_remote
+from rollout.agent.sandbox import SandboxConfig, run_python
+from rollout.agent.tools import PythonTool, ToolSet, load_tools
 
 
 class Stub(ThreadingHTTPServer):

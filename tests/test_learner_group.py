@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from model.errors import ConfigError
-from rl import grpo
-from rl.checkpoint import CheckpointManager, load_checkpoint
-from rl.metrics import read_metrics
-from rl.grpo_config import load_grpo_config
-from rl.learner import Learner, TrainBatch, split_by_tokens
-from rl.learner_group import LearnerGroup, LearnerGroupError
+from rl.grpo import driver as grpo
+from rl.train.checkpoint import CheckpointManager, load_checkpoint
+from rl.train.metrics import read_metrics
+from rl.grpo.config import load_grpo_config
+from rl.grpo.learner import Learner, TrainBatch, split_by_tokens
+from rl.grpo.learner_group import LearnerGroup, LearnerGroupError
 
 TINY = {"preset": "tiny", "overrides": {"vocab_size": 384}, "max_seq_len": 64, "backend": "torch"}
 

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from model.attention import Attention
 from model.ssd import ssd_scan as real_ssd_scan
-from rl import algo
-from rl.grpo_config import build_model, load_grpo_config
-from rl.learner import Learner, TrainBatch, collate, collate_packed, micro_batches, pack_samples
+from rl.grpo import algo
+from rl.grpo.config import build_model, load_grpo_config
+from rl.grpo.learner import Learner, TrainBatch, collate, collate_packed, micro_batches, pack_samples
 
 PRESETS = ["tiny", "tiny-bitmamba2", "tiny-hybrid"]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from rl import grpo
-from rl.checkpoint import verify_checkpoint
-from rl.cli import run_main
+from rl.grpo import driver as grpo
+from rl.train.checkpoint import verify_checkpoint
+from rl.args import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPO_TINY = str(ROOT / "configs" / "grpo_tiny.yaml")

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from rl import grpo, pretrain
-from rl.checkpoint import CheckpointManager, publish_final, verify_checkpoint
+from rl.grpo import driver as grpo
+from rl.train import pretrain
+from rl.train.checkpoint import CheckpointManager, publish_final, verify_checkpoint
 from rl.cli import main as cli
-from rl.metrics import read_metrics
+from rl.train.metrics import read_metrics
 from rollout.tokenizer import has_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

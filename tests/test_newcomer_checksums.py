@@ -9,9 +9,9 @@ from model.checkpoint import verify_manifest
 from model.config import BitMambaConfig
 from model.errors import CheckpointError
 from model.lm import BitMambaLM
-from rl.checkpoint import CheckpointManager
+from rl.train.checkpoint import CheckpointManager
 from rl.cli import main as cli
-from rl.train_common import model_config_file, model_state_for_save
+from rl.train.loop import model_config_file, model_state_for_save
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from model.errors import ConfigError
-from rl.grpo import preflight
-from rl.grpo_config import load_grpo_config
+from rl.grpo.driver import preflight
+from rl.grpo.config import load_grpo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPO_TINY = str(ROOT / "configs" / "grpo_tiny.yaml")
@@ -49,8 +49,8 @@ def test_sft_init_from_a_pretraining_final_with_the_shipped_overrides(tmp_path):
     from model.config import BitMambaConfig
     from model.lm import BitMambaLM
     from model.typed import load_config
-    from rl.sft import SFTConfig
-    from rl.train_common import build_model_from_spec
+    from rl.train.sft import SFTConfig
+    from rl.train.loop import build_model_from_spec
 
     final = tmp_path / "final"
     BitMambaLM(BitMambaConfig.preset("tiny", vocab_size=384)).save_pretrained(final)

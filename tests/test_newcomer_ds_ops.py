@@ -1,5 +1,5 @@
 """DeepSpeed's C++ ops: the tools a build needs are checked before anything compiles (one error naming the
-missing one), a build says so before and after, and builds are cached per environment (rl/ds_ops.py)."""
+missing one), a build says so before and after, and builds are cached per environment (rl/grpo/ds_ops.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from rl import ds_ops
-from rl.cli import run_main
-from rl.grpo_config import LearnerSection
-from rl.learner import deepspeed_config
+from rl.grpo import ds_ops
+from rl.args import run_main
+from rl.grpo.config import LearnerSection
+from rl.grpo.learner import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_OFFLOAD = deepspeed_config(LearnerSection(), on_gpu=False)          # the learner's default on CPU
@@ -105,7 +105,7 @@ def test_cached_ops_need_no_compiler(no_compiler):
 
 def test_grpo_without_a_compiler_fails_before_ray_with_one_line(no_compiler, capsys):
     """The driver checks up front (preflight): no cluster started, nothing written, one `error:` line."""
-    from rl.grpo import main
+    from rl.grpo.driver import main
 
     out = no_compiler / "run"
     rc = run_main(main, ["--config", str(ROOT / "configs" / "grpo_tiny.yaml"), "--output-dir", str(out)])
@@ -199,8 +199,8 @@ def test_the_build_cache_is_per_toolchain(monkeypatch, tmp_path):
 
 def test_the_learner_builds_the_ops_before_deepspeed_initialize(monkeypatch):
     """The learner's DeepSpeed path goes through build_ops with its own config, before the engine exists."""
-    import rl.learner as learner_mod
-    from rl.grpo_config import load_grpo_config
+    import rl.grpo.learner as learner_mod
+    from rl.grpo.config import load_grpo_config
 
     seen = []
 

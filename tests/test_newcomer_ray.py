@@ -26,8 +26,8 @@ RAY = Path(sys.executable).with_name("ray")
 
 PROBE = """
 import json, sys, ray
-from rl.grpo import connect_ray
-from rl.grpo_config import load_grpo_config
+from rl.grpo.driver import connect_ray
+from rl.grpo.config import load_grpo_config
 cfg = load_grpo_config(sys.argv[1], sys.argv[2:])
 owns = connect_ray(cfg)
 print("PROBE " + json.dumps({"gcs": ray.get_runtime_context().gcs_address, "owns": owns,
@@ -103,8 +103,8 @@ def test_tests_start_their_own_ray_never_attach_to_a_running_one():
 
 
 def test_local_ray_kwargs_ask_for_a_new_local_instance():
-    from rl.grpo import local_ray_kwargs
-    from rl.grpo_config import load_grpo_config
+    from rl.grpo.driver import local_ray_kwargs
+    from rl.grpo.config import load_grpo_config
 
     assert local_ray_kwargs(load_grpo_config(CONFIG))["address"] == "local"
 

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from model.errors import ConfigError
-from rl import demo, grpo, pretrain
-from rl.metrics import read_metrics
-from rl.run_dir import (GRPO_ENTRIES, RunDirError, check_run_dir, clear_run, config_changes)
+from rl import demo
+from rl.grpo import driver as grpo
+from rl.train import pretrain
+from rl.train.metrics import read_metrics
+from rl.train.run_dir import (GRPO_ENTRIES, RunDirError, check_run_dir, clear_run, config_changes)
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPO_TINY = str(ROOT / "configs" / "grpo_tiny.yaml")

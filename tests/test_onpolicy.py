@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from model.errors import ConfigError
-from rl import algo
-from rl.algo import LossConfig
-from rl.grpo import Driver, PromptSource
-from rl.grpo_config import build_model, load_grpo_config
-from rl.learner import Learner, TrainBatch, micro_batches
-from rollout.backend import make_backend
+from rl.grpo import algo
+from rl.grpo.algo import LossConfig
+from rl.grpo.driver import Driver, PromptSource
+from rl.grpo.config import build_model, load_grpo_config
+from rl.grpo.learner import Learner, TrainBatch, micro_batches
+from rollout.backends import make_backend
 from rollout.engine import Engine
 from rollout.types import GenRequest, GenResult, SamplingParams
 
@@ -262,7 +262,7 @@ def test_learning_rate_warmup_then_cosine_decay():
     cfg = make_cfg(lr=1e-3, lr_schedule="cosine", warmup_steps=2, min_lr_ratio=0.1, backend="torch")
     cfg.steps = 6
     learner = Learner(cfg)
-    from rl.learner import lr_schedule
+    from rl.grpo.learner import lr_schedule
     learner.schedule = lr_schedule(learner.sec, 6)
     P = [[5, 17, 40, 9], [6, 17, 41, 9]]
     C = [[20, 30, 40], [21, 31, 41]]

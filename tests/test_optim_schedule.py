@@ -9,8 +9,8 @@ from model.config import BitMambaConfig
 from model.errors import ConfigError
 from model.lm import BitMambaLM
 from model.typed import load_config
-from rl.optim import OptimConfig, build_optimizer, route_parameters
-from rl.schedule import Schedule, ScheduleConfig
+from rl.train.optim import OptimConfig, build_optimizer, route_parameters
+from rl.train.schedule import Schedule, ScheduleConfig
 
 
 def _model(preset="tiny", **kw):

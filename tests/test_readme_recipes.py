@@ -63,13 +63,13 @@ COVERAGE = {
     "tests/test_stages_sft.py tests/test_stages_distill.py tests/test_stages_resume.py":
         "test_listed_test_files_exist (not run: part of this suite)",
     "bitmamba demo --output-dir runs/demo": "test_make_demo_twice (slow; make demo runs it with --overwrite)",
-    "python -m rl.grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny": "test_grpo_quick_start (slow)",
+    "python -m rl.grpo.driver --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny": "test_grpo_quick_start (slow)",
     "bitmamba grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_lr3e-4 learner.lr=3.0e-4 steps=50":
         "test_grpo_quick_start (slow; parsed and its config loaded, not run: the same code as the line before)",
-    "python -m rl.grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny --resume":
+    "python -m rl.grpo.driver --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny --resume":
         "test_grpo_quick_start (slow)",
-    "python -m rl.tool_tasks --warm-only runs/tool_warm": "test_tool_use_recipe_arguments (not run: minutes)",
-    "python -m rl.grpo --config configs/grpo_tools.yaml --init runs/tool_warm --output-dir runs/grpo_tools":
+    "python -m rl.grpo.tool_tasks --warm-only runs/tool_warm": "test_tool_use_recipe_arguments (not run: minutes)",
+    "python -m rl.grpo.driver --config configs/grpo_tools.yaml --init runs/tool_warm --output-dir runs/grpo_tools":
         "test_tool_use_recipe_arguments",
 }
 
@@ -359,9 +359,9 @@ def test_grpo_quick_start(box, shell):
     """docs/grpo.md's quick start in order, one step each: a run, `--resume` of it to step 2; the line
     between them (another learning rate) is not run, but must name its own output directory."""
     from rl.args import grpo_parser
-    from rl.grpo_config import load_grpo_config
+    from rl.grpo.config import load_grpo_config
 
-    first = recipe("python -m rl.grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny")
+    first = recipe("python -m rl.grpo.driver --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny")
     out = shell(first + ["steps=1"], box)
     assert metrics_steps(box / "runs" / "grpo_tiny") == [1]
     assert (box / "runs" / "grpo_tiny" / "final").is_dir()
@@ -372,7 +372,7 @@ def test_grpo_quick_start(box, shell):
     cfg = load_grpo_config(box / args.config, list(args.overrides) + [f"output_dir={args.output_dir}"])
     assert cfg.learner.lr == 3.0e-4 and cfg.steps == 50
     assert not (box / args.output_dir).exists()          # its own directory: not refused as a reused one
-    resume = recipe("python -m rl.grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny --resume")
+    resume = recipe("python -m rl.grpo.driver --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny --resume")
     shell(resume + ["steps=2"], box)
     assert metrics_steps(box / "runs" / "grpo_tiny") == [1, 2]
 
@@ -380,13 +380,13 @@ def test_grpo_quick_start(box, shell):
 def test_tool_use_recipe_arguments():
     """docs/grpo.md's tool-use recipe (minutes of CPU, not run): both commands parse, the config loads."""
     from rl.args import grpo_parser
-    from rl.grpo_config import load_grpo_config
+    from rl.grpo.config import load_grpo_config
 
-    warm = recipe("python -m rl.tool_tasks --warm-only runs/tool_warm")
-    out = subprocess.run([sys.executable, "-m", "rl.tool_tasks", "--help"], cwd=ROOT, capture_output=True,
+    warm = recipe("python -m rl.grpo.tool_tasks --warm-only runs/tool_warm")
+    out = subprocess.run([sys.executable, "-m", "rl.grpo.tool_tasks", "--help"], cwd=ROOT, capture_output=True,
                          text=True, env=tool_env(), timeout=300)
     assert out.returncode == 0 and warm[3] in out.stdout
-    grpo = recipe("python -m rl.grpo --config configs/grpo_tools.yaml --init runs/tool_warm --output-dir runs/grpo_tools")
+    grpo = recipe("python -m rl.grpo.driver --config configs/grpo_tools.yaml --init runs/tool_warm --output-dir runs/grpo_tools")
     args = grpo_parser().parse_args(grpo[3:])
     assert args.init == "runs/tool_warm"
     assert load_grpo_config(ROOT / args.config).tools
@@ -475,7 +475,7 @@ def test_reward_function_recipe(box, monkeypatch, capsys):
     assert re.search(r"mean\D+0\.5", out), out[-2000:]
     listed = re.search(r"`(rewards: \[.*?\])`", readme).group(1)
     from rewards import RewardSpec
-    from rl.grpo_config import load_grpo_config
+    from rl.grpo.config import load_grpo_config
     from model.typed import to_dict
 
     cfg = load_grpo_config(box / "configs" / "grpo_tiny.yaml", [listed.replace(": ", "=", 1)])

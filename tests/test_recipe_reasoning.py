@@ -10,9 +10,9 @@ import pytest
 
 from model.errors import ConfigError
 from rewards import load_reward
-from rl.chat import encode_chat
-from rl.reasoning_tasks import WordProblemTask, chat_prompt, sft_record, write_sft_corpus
-from rl.tasks import make_task
+from rl.train.chat import encode_chat
+from rl.grpo.reasoning_tasks import WordProblemTask, chat_prompt, sft_record, write_sft_corpus
+from rl.grpo.tasks import make_task
 from rollout.tokenizer import MIN_VOCAB, build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +116,8 @@ def test_recipe_configs_load_and_describe_a_model_of_at_least_50m_parameters():
     from model.config import BitMambaConfig
     from model.info import size_summary
     from model.typed import load_config
-    from rl.grpo_config import load_grpo_config
-    from rl.sft import SFTConfig
+    from rl.grpo.config import load_grpo_config
+    from rl.train.sft import SFTConfig
 
     sft = load_config(SFTConfig, ROOT / "configs" / "recipe_reasoning_sft.yaml")
     grpo = load_grpo_config(ROOT / "configs" / "recipe_reasoning_grpo.yaml")

@@ -154,7 +154,7 @@ def test_composite_weights_names_and_none(user_file):
 
 
 def test_driver_style_mappings_with_nulls():
-    """rl/grpo.py passes each YAML entry as a dict with every key, unset ones None."""
+    """rl/grpo/driver.py passes each YAML entry as a dict with every key, unset ones None."""
     specs = parse_reward_specs([{"spec": "math", "weight": 1.0, "kwargs": {}, "timeout_s": None,
                                  "fallback": None, "name": None}])
     assert specs == [RewardSpec(spec="math")]

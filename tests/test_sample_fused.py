@@ -142,7 +142,7 @@ def test_engine_hash_temperature_only_matches_naive_and_replays(monkeypatch):
     the same tokens as `naive_generate(noise="hash")` whatever the batching, through the fused path."""
     from model.config import BitMambaConfig
     from model.lm import BitMambaLM
-    from rollout.backend import TorchBackend
+    from rollout.backends import TorchBackend
     from rollout.engine import Engine
     from rollout.reference import naive_generate
     from rollout.types import GenRequest

@@ -1,4 +1,4 @@
-"""rl.train_common.Trainer: gradient accumulation equals one big batch, gradient checkpointing changes
+"""rl.train.loop.Trainer: gradient accumulation equals one big batch, gradient checkpointing changes
 nothing, a non-finite gradient skips the step without touching the weights."""
 
 import pytest
@@ -7,10 +7,10 @@ import torch
 from model.config import BitMambaConfig
 from model.errors import ConfigError
 from model.lm import BitMambaLM
-from rl.data import PackedBatch, pack_documents
-from rl.optim import OptimConfig, build_optimizer
-from rl.schedule import Schedule, ScheduleConfig
-from rl.train_common import LossOut, TrainConfig, Trainer
+from rl.train.data import PackedBatch, pack_documents
+from rl.train.optim import OptimConfig, build_optimizer
+from rl.train.schedule import Schedule, ScheduleConfig
+from rl.train.loop import LossOut, TrainConfig, Trainer
 
 
 def _loss(model, b):

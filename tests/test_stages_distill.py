@@ -8,11 +8,11 @@ import torch
 
 from model.errors import ConfigError
 from model.typed import load_config
-from rl.data import DataSource, PackedLoader, load_records
-from rl.distill import DistillConfig, ZeroRatioExceeded, load_teacher, make_student, mean_kl, run
-from rl.metrics import read_metrics
-from rl.pretrain import PretrainConfig
-from rl.pretrain import run as pretrain
+from rl.train.data import DataSource, PackedLoader, load_records
+from rl.train.distill import DistillConfig, ZeroRatioExceeded, load_teacher, make_student, mean_kl, run
+from rl.train.metrics import read_metrics
+from rl.train.pretrain import PretrainConfig
+from rl.train.pretrain import run as pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "distill_tiny.yaml"

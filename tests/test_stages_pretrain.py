@@ -7,9 +7,9 @@ import torch
 
 from model.errors import ConfigError
 from model.typed import load_config
-from rl.metrics import read_metrics
-from rl.pretrain import PretrainConfig, run
-from rl.train_common import TrainingDiverged
+from rl.train.metrics import read_metrics
+from rl.train.pretrain import PretrainConfig, run
+from rl.train.loop import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain_tiny.yaml"
@@ -41,7 +41,7 @@ def test_pretrain_tiny_config_lowers_loss(tmp_path):
 
 
 def test_resume_after_crash_logs_identical_losses(tmp_path, monkeypatch):
-    import rl.pretrain as pt
+    import rl.train.pretrain as pt
 
     steps = dict(max_steps=12, save_every=4, log_every=1, batch_size=4)
     run(_cfg(tmp_path / "a", **steps), str(TINY))
@@ -83,7 +83,7 @@ def test_stop_after_then_resume(tmp_path):
 
 
 def test_nan_steps_skipped_then_stop(tmp_path, monkeypatch):
-    import rl.pretrain as pt
+    import rl.train.pretrain as pt
 
     real = pt.pretrain_loss
     calls = {"n": 0}
@@ -133,8 +133,8 @@ def test_cli_main_reports_config_error(tmp_path, capsys):
 
 
 def test_every_yaml_in_configs_loads():
-    from rl.distill import DistillConfig
-    from rl.sft import SFTConfig
+    from rl.train.distill import DistillConfig
+    from rl.train.sft import SFTConfig
 
     kinds = {"pretrain": PretrainConfig, "sft": SFTConfig, "distill": DistillConfig}
     seen = 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.metrics import read_metrics
+from rl.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain_tiny.yaml"

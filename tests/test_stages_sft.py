@@ -7,15 +7,15 @@ import pytest
 
 from model.errors import ConfigError
 from model.typed import load_config
-from rl.metrics import read_metrics
-from rl.sft import SFTConfig, assistant_loss, run
+from rl.train.metrics import read_metrics
+from rl.train.sft import SFTConfig, assistant_loss, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "sft_tiny.yaml"
 
 
 def _held_out_batches(tok, n=3):
-    from rl.data import DataSource, SFTLoader, load_records
+    from rl.train.data import DataSource, SFTLoader, load_records
 
     ds = load_records(DataSource(path=str(ROOT / "data" / "tiny" / "sft.jsonl")))
     ds = ds.select(range(len(ds) - 24, len(ds)))
@@ -29,7 +29,7 @@ def test_sft_stages_lower_assistant_loss_and_chain(tmp_path):
     cfg = load_config(SFTConfig, TINY, over)
     cfg.stages[0].max_steps, cfg.stages[1].max_steps, cfg.stages[2].max_steps = 40, 8, 6
     from model.lm import BitMambaLM
-    from rl.train_common import build_model_from_spec, seed_everything
+    from rl.train.loop import build_model_from_spec, seed_everything
 
     final = run(cfg, str(TINY))
     from rollout.tokenizer import load_tokenizer

@@ -8,7 +8,8 @@ import torch
 from model.config import BitMambaConfig
 from model.lm import BitMambaLM
 from model.state import ModelState
-from rollout.backend import RowSnapshot, TorchBackend, make_backend, write_rows
+from rollout.backends import TorchBackend, make_backend
+from rollout.backends.base import RowSnapshot, write_rows
 
 
 def _rand_state(model, B, max_len=32):

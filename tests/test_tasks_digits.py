@@ -4,7 +4,7 @@ import pytest
 
 from model.errors import ConfigError
 from rewards import load_reward
-from rl.tasks import DigitsTask, digit_credit, exact_digits, make_task, rev
+from rl.grpo.tasks import DigitsTask, digit_credit, exact_digits, make_task, rev
 
 
 def parse(prompt: str) -> tuple[int, str, int]:
@@ -70,7 +70,7 @@ def test_exact_digits_compares_digit_strings():
     assert exact_digits("", "0750", answer="075") == 0.0
     assert exact_digits("", "x975", answer="975") == 0.0
     assert exact_digits("", "", answer="0") == 0.0
-    fn = load_reward("rl.tasks:exact_digits")                 # the spec the demo config uses
+    fn = load_reward("rl.grpo.tasks:exact_digits")                 # the spec the demo config uses
     assert fn(["1+1="] * 2, ["2", "3"], [{"answer": "2", "id": "a"}, {"answer": "2", "id": "b"}]) == [1.0, 0.0]
 
 

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from model.errors import ConfigError
-from rollout.toolcall import ToolCallStream, find_calls, last_call, parse_call_body
-from rollout.tools import (CalcError, Calculator, FunctionTool, PythonTool, ToolSet, load_tool, load_tools,
+from rollout.agent.toolcall import ToolCallStream, find_calls, last_call, parse_call_body
+from rollout.agent.tools import (CalcError, Calculator, FunctionTool, PythonTool, ToolSet, load_tool, load_tools,
                            tool, tool_schema)
 
 
@@ -78,7 +78,7 @@ def test_last_call_takes_the_call_closed_at_the_end():
 # ----------------------------------------------------------------------------- loading
 def test_load_builtin_file_and_module_specs(tmp_path):
     (tmp_path / "my_tools.py").write_text(textwrap.dedent('''
-        from rollout.tools import tool
+        from rollout.agent.tools import tool
 
         @tool(parameters={"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]})
         def search(q):
@@ -103,7 +103,7 @@ def test_load_builtin_file_and_module_specs(tmp_path):
     tools = load_tools(["calculator", {"spec": "python", "kwargs": {"timeout_s": 2}},
                         {"spec": "my_tools.py:search"}, {"spec": "my_tools.py:echo"},
                         {"spec": "my_tools.py:Lookup", "kwargs": {"table": {"a": "1"}}, "name": "kv"},
-                        {"spec": "rollout.tools:Calculator", "name": "calc2"}], base_dir=str(tmp_path))
+                        {"spec": "rollout.agent.tools:Calculator", "name": "calc2"}], base_dir=str(tmp_path))
     by = {t.name: t for t in tools}
     assert sorted(by) == ["calc2", "calculator", "echo", "kv", "python", "search"]
     assert isinstance(by["python"], PythonTool) and by["python"].config.timeout_s == 2
@@ -263,7 +263,7 @@ def test_inline_tools_run_on_the_calling_thread_and_the_others_on_tool_threads()
     caller's thread, failures still text; other sync tools run on the pool's threads."""
     import threading
 
-    from rollout.tools import Calculator, FunctionTool, ToolSet
+    from rollout.agent.tools import Calculator, FunctionTool, ToolSet
 
     seen = {}
 

@@ -8,10 +8,11 @@ import time
 import pytest
 
 from model.errors import ConfigError
-from rollout import jail, sandbox
-from rollout.jail import jail_problem
-from rollout.sandbox import SandboxConfig, run_python, unshare_available
-from rollout.tools import PythonTool
+from rollout.agent import jail
+from rollout.agent import sandbox
+from rollout.agent.jail import jail_problem
+from rollout.agent.sandbox import SandboxConfig, run_python, unshare_available
+from rollout.agent.tools import PythonTool
 
 NO_JAIL = jail_problem()
 needs_jail = pytest.mark.skipif(NO_JAIL is not None, reason=f"no jail on this host: {NO_JAIL}")
@@ -131,7 +132,7 @@ def test_config_errors_name_the_key():
 
 def test_host_mode_is_logged_loudly_once(monkeypatch, caplog):
     monkeypatch.setattr(sandbox, "_host_warned", False)
-    with caplog.at_level(logging.WARNING, logger="rollout.sandbox"):
+    with caplog.at_level(logging.WARNING, logger="rollout.agent.sandbox"):
         t = PythonTool(sandbox="host", network="hook")
         assert t(code="print(1)") == "1\n"
         PythonTool(sandbox="host", network="hook")(code="print(2)")

@@ -11,8 +11,8 @@ import torch
 
 from model.convert import import_hf
 from model.hf_mamba2 import hf_weight_map
-from rl import algo
-from rl.algo import LossConfig
+from rl.grpo import algo
+from rl.grpo.algo import LossConfig
 from rollout.tokenizer import build_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")

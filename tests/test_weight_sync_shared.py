@@ -7,7 +7,7 @@ import torch
 
 from model.config import BitMambaConfig
 from model.lm import BitMambaLM
-from rl.weight_sync import (PolicyWeights, collect_policy, export_policy, flatten_policy, load_into, plan_sync,
+from rl.grpo.weight_sync import (PolicyWeights, collect_policy, export_policy, flatten_policy, load_into, plan_sync,
                             policy_views)
 
 
@@ -61,7 +61,7 @@ def _child(q, sp, ref_sd):
 
     from model.config import BitMambaConfig
     from model.lm import BitMambaLM
-    from rl.weight_sync import load_into, open_shared
+    from rl.grpo.weight_sync import load_into, open_shared
 
     torch.manual_seed(1)
     m = BitMambaLM(BitMambaConfig.preset("tiny-bitmamba2")).cuda().eval()
@@ -72,7 +72,7 @@ def _child(q, sp, ref_sd):
 
 @pytest.mark.gpu
 def test_cuda_ipc_export_loads_in_another_process_on_the_same_gpu():
-    from rl.weight_sync import export_shared
+    from rl.grpo.weight_sync import export_shared
 
     src = _model(0).cuda()
     ref = _model(1).cuda()

@@ -30,9 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--memory-gib", type=float, default=2.0)
     a = p.parse_args(argv)
     assert torch.cuda.is_available(), "needs CUDA"
-    from rl.grpo_config import build_model, load_grpo_config
-    from rl.weight_sync import export_policy
-    from rl.workers import GenerationWorker, PromptJob
+    from rl.grpo.config import build_model, load_grpo_config
+    from rl.grpo.weight_sync import export_policy
+    from rl.grpo.workers import GenerationWorker, PromptJob
     from rollout.types import SamplingParams
 
     cfg = load_grpo_config(data={"model": {"preset": "tiny", "overrides": {"vocab_size": 384}, "backend": "torch"}})
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         def emit(self, record):
             warnings.append(record.getMessage())
 
-    logging.getLogger("rl.workers").addHandler(Count(level=logging.WARNING))
+    logging.getLogger("rl.grpo.workers").addHandler(Count(level=logging.WARNING))
     w = GenerationWorker(model.config.to_dict(), cfg.model, slots=a.slots)
     w.load_weights(weights)
     got = [r.token_ids for r in w.generate(jobs, params)]

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python tests/reliability/soak.py --steps 300 --out runs/soak    # ~6-10 min on 2 CPU cores
     OMP_NUM_THREADS=1 python tests/reliability/soak.py --steps 60 --sample-every 5     # a shorter look
 
-Runs the tiny GRPO config (configs/grpo_tiny.yaml, small batches) through `rl.grpo.Driver` in this
+Runs the tiny GRPO config (configs/grpo_tiny.yaml, small batches) through `rl.grpo.driver.Driver` in this
 process, and every `--sample-every` steps records for the driver, the learner actor and each generation
 worker: RSS (MiB), open file descriptors, and the driver's child processes (reward pool workers, and
 Ray's own processes when this script started Ray). At the end it loads every checkpoint (the manager's
@@ -120,7 +120,7 @@ def _growth(samples: list[dict], warmup: int) -> dict:
 
 def load_all_checkpoints(ckpt_root: Path) -> list[dict]:
     from model.lm import BitMambaLM
-    from rl.checkpoint import CheckpointManager, load_checkpoint
+    from rl.train.checkpoint import CheckpointManager, load_checkpoint
 
     out = []
     for step, path in CheckpointManager(ckpt_root).checkpoints():
@@ -137,8 +137,8 @@ def load_all_checkpoints(ckpt_root: Path) -> list[dict]:
 def soak(steps: int, out: Path, sample_every: int = 10, checkpoint_every: int = 50, warmup: int = 10,
          extra_overrides: list[str] | None = None) -> dict:
     """Run the soak; returns the report (also written to out/soak_report.json)."""
-    from rl.grpo import Driver, connect_ray
-    from rl.grpo_config import load_grpo_config
+    from rl.grpo.driver import Driver, connect_ray
+    from rl.grpo.config import load_grpo_config
 
     cfg = load_grpo_config(CONFIG, [*SMALL, f"steps={steps}", f"checkpoint_every={checkpoint_every}",
                                     f"output_dir={out}", *(extra_overrides or [])])

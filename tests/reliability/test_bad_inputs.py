@@ -118,7 +118,7 @@ def test_cli_generate_prompt_longer_than_context(tiny_dir):
 
 
 def grpo_fails(tmp_path, *overrides: str, exc=BitMambaError, match: str = "") -> None:
-    from rl import grpo
+    from rl.grpo import driver as grpo
 
     assert not ray.is_initialized()
     out = tmp_path / "out"
@@ -176,9 +176,9 @@ def test_grpo_init_checkpoint_missing_or_not_ours(tmp_path, tiny_dir):
 
 def test_grpo_prompt_longer_than_context_truncate_and_drop_are_counted():
     """The policy itself (the end-to-end drop count is in tests/test_grpo_e2e.py)."""
-    from rl.grpo import PromptSource
-    from rl.grpo_config import TINY_TOKENIZER_VOCAB
-    from rl.tasks import make_task
+    from rl.grpo.driver import PromptSource
+    from rl.grpo.config import TINY_TOKENIZER_VOCAB
+    from rl.grpo.tasks import make_task
     from rollout.tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(TINY_TOKENIZER_VOCAB)
@@ -204,7 +204,7 @@ def test_grpo_prompt_longer_than_context_truncate_and_drop_are_counted():
 
 
 def pretrain_fails(tmp_path, *overrides: str, exc=BitMambaError, match: str = "") -> None:
-    from rl import pretrain
+    from rl.train import pretrain
 
     out = tmp_path / "out"
     with pytest.raises(exc, match=match):
@@ -232,7 +232,7 @@ def test_pretrain_config_errors(tmp_path):
 
 
 def test_sft_missing_dataset_in_a_later_stage_writes_nothing(tmp_path):
-    from rl import sft
+    from rl.train import sft
 
     out = tmp_path / "out"
     stages = ("stages=[{name: a, data: [{path: data/tiny/sft.jsonl}], max_steps: 1}, "
@@ -244,7 +244,7 @@ def test_sft_missing_dataset_in_a_later_stage_writes_nothing(tmp_path):
 
 
 def test_distill_missing_teacher_writes_nothing(tmp_path):
-    from rl import distill
+    from rl.train import distill
 
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="no such model directory.*pretrain_tiny_fp"):

@@ -6,8 +6,8 @@ unwritable / disk-full checkpoints at the manager level (tests/test_checkpoint.p
 of pretraining (tests/test_stages_resume.py), NaN steps in pretraining (tests/test_stages_pretrain.py).
 
 Faults inside the learner actor are injected by a `worker_process_setup_hook` that every Ray worker
-process of this module's cluster runs: it wraps `rl.checkpoint._write_bytes` (ENOSPC while the
-DISK_FULL flag file exists) and `rl.algo.policy_loss` (a NaN loss while NAN_LOSS exists).
+process of this module's cluster runs: it wraps `rl.train.checkpoint._write_bytes` (ENOSPC while the
+DISK_FULL flag file exists) and `rl.grpo.algo.policy_loss` (a NaN loss while NAN_LOSS exists).
 """
 
 import errno
@@ -27,12 +27,12 @@ import ray
 import torch
 
 from model.errors import CheckpointError
-from rl import grpo
-from rl.checkpoint import CheckpointManager, CheckpointWarning
-from rl.grpo_config import build_model, load_grpo_config
-from rl.metrics import read_metrics
-from rl.weight_sync import export_policy
-from rl.workers import GenerationWorker, PromptJob, WorkerGroup, sample_id
+from rl.grpo import driver as grpo
+from rl.train.checkpoint import CheckpointManager, CheckpointWarning
+from rl.grpo.config import build_model, load_grpo_config
+from rl.train.metrics import read_metrics
+from rl.grpo.weight_sync import export_policy
+from rl.grpo.workers import GenerationWorker, PromptJob, WorkerGroup, sample_id
 from rollout.types import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,8 +48,8 @@ def _fault_hook(flags=str(FLAGS)):
     import math
     from pathlib import Path as P
 
-    import rl.algo as algo
-    import rl.checkpoint as ck
+    import rl.grpo.algo as algo
+    import rl.train.checkpoint as ck
 
     real_write, real_loss = ck._write_bytes, algo.policy_loss
 
@@ -165,7 +165,7 @@ def test_grpo_sigkill_between_checkpoints_then_resume_replays_exactly(ray_local,
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "rl.grpo", "--config", CONFIG, "--output-dir", str(run),
+    proc = subprocess.Popen([sys.executable, "-m", "rl.grpo.driver", "--config", CONFIG, "--output-dir", str(run),
                              *steps, *FAST, "workers.num_cpus=0.5", "learner.num_cpus=0.5"],
                             cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -214,7 +214,7 @@ def _reap(procs: list[psutil.Process], timeout: float = 30.0) -> None:
 
 SAVE_AND_DIE = """
 import os, sys, time, torch
-import rl.checkpoint as ck
+import rl.train.checkpoint as ck
 mgr = ck.CheckpointManager(sys.argv[1])
 mgr.save(1, {"w": torch.ones(4)}, optimizer_state={"state": {}, "param_groups": []}, extra={"step": 1})
 real = ck._write_bytes
@@ -281,7 +281,7 @@ def test_grpo_disk_full_stops_cleanly_previous_checkpoint_intact(ray_local, tmp_
 
 
 def test_grpo_nan_loss_steps_skipped_then_run_stops_naming_step_and_cause(ray_local, tmp_path):
-    from rl.train_common import TrainingDiverged
+    from rl.train.loop import TrainingDiverged
 
     out = tmp_path / "nan"
     flag("NAN_LOSS", True)
@@ -302,7 +302,7 @@ def test_grpo_nan_loss_steps_skipped_then_run_stops_naming_step_and_cause(ray_lo
 def _learner(backend: str):
     import warnings
 
-    from rl.learner import Learner
+    from rl.grpo.learner import Learner
 
     cfg = load_grpo_config(data={"model": {"preset": "tiny", "overrides": {"vocab_size": 384}},
                                  "group_size": 2, "prompts_per_step": 2,
@@ -313,7 +313,7 @@ def _learner(backend: str):
 
 
 def _batch(nan_logprob: bool = False):
-    from rl.learner import TrainBatch
+    from rl.grpo.learner import TrainBatch
 
     g = torch.Generator().manual_seed(0)
     P = [torch.randint(10, 300, (4,), generator=g).tolist() for _ in range(2)]
@@ -367,7 +367,7 @@ def test_worker_oom_halves_slots_retries_logs_once(caplog):
         return real(reqs)
 
     w.engine.generate = oom_above_two
-    with caplog.at_level(logging.WARNING, logger="rl.workers"):
+    with caplog.at_level(logging.WARNING, logger="rl.grpo.workers"):
         again = w.generate(jobs, params)
     assert seen == [8, 4, 2]
     assert w.ping()["slots"] == 2 and w.ping()["oom_backoffs"] == 2

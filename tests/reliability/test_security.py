@@ -71,7 +71,7 @@ def test_no_unsafe_deserialisation_in_the_code():
 
 
 def test_malicious_optimizer_pt_refused_and_its_code_never_runs(tmp_path):
-    from rl.checkpoint import CheckpointManager, load_checkpoint
+    from rl.train.checkpoint import CheckpointManager, load_checkpoint
 
     sentinel = tmp_path / "PWNED"
     mgr = CheckpointManager(tmp_path / "ckpts")
@@ -89,8 +89,8 @@ def test_malicious_optimizer_pt_refused_and_its_code_never_runs(tmp_path):
 
 
 def test_malicious_optimizer_pt_refused_by_the_grpo_learner(tmp_path):
-    from rl.grpo_config import load_grpo_config
-    from rl.learner import Learner
+    from rl.grpo.config import load_grpo_config
+    from rl.grpo.learner import Learner
 
     cfg = load_grpo_config(data={"model": {"preset": "tiny", "overrides": {"vocab_size": 384}},
                                  "group_size": 2, "prompts_per_step": 2, "learner": {"backend": "torch"}})
@@ -215,8 +215,8 @@ def test_planted_code_in_completions_has_no_side_effect_in_pool_workers(tmp_path
 def test_local_ray_binds_dashboard_and_job_server_to_localhost(monkeypatch):
     import ray
 
-    from rl import grpo
-    from rl.grpo_config import load_grpo_config
+    from rl.grpo import driver as grpo
+    from rl.grpo.config import load_grpo_config
 
     base = {"model": {"preset": "tiny", "overrides": {"vocab_size": 384}}}
     cfg = load_grpo_config(data=base)
@@ -244,8 +244,8 @@ def test_local_ray_binds_dashboard_and_job_server_to_localhost(monkeypatch):
 def test_python_tool_from_a_yaml_spec_runs_model_code_in_the_jail(tmp_path):
     """The `python` built-in as a config loads it (no sandbox key): a planted secret, the project tree and
     /root are out of reach, and it runs as an unprivileged uid (tests/test_jail.py has the full list)."""
-    from rollout.jail import jail_problem
-    from rollout.tools import load_tools
+    from rollout.agent.jail import jail_problem
+    from rollout.agent.tools import load_tools
 
     reason = jail_problem()
     if reason is not None:

@@ -4,10 +4,10 @@
     bitmamba eval runs/ckpt --task-file my_task.yaml --limit 100 --out results.json   # local task YAML
     bitmamba eval runs/ckpt --gen heldout.jsonl --reward math --samples 8 --k 1,4
 
-Benchmarks run `lm_eval.simple_evaluate` with the "bitmamba" adapter (`rl/eval_lm.py`) and print each
+Benchmarks run `lm_eval.simple_evaluate` with the "bitmamba" adapter (`rl/eval/lm.py`) and print each
 task's metrics beside the published BitMamba-2 numbers (`--reference 1b|255m|none`). A local task YAML
 (`dataset_path: json`, `dataset_kwargs: {data_files: ...}`) runs offline; relative `data_files` paths in
-it are taken relative to the YAML file. Generation evals use `rl.eval_gen.evaluate_generation`, the
+it are taken relative to the YAML file. Generation evals use `rl.eval.gen.evaluate_generation`, the
 function the GRPO driver's held-out eval can call.
 """
 
@@ -137,8 +137,8 @@ def _write(path: str | None, obj: dict) -> None:
 def _run_gen(args, device: str) -> int:
     from model.lm import BitMambaLM
     from rewards import RewardPool
-    from rl.eval_gen import evaluate_generation, load_prompt_rows
-    from rollout.backend import make_backend
+    from rl.eval.gen import evaluate_generation, load_prompt_rows
+    from rollout.backends import make_backend
     from rollout.engine import Engine
     from rollout.tokenizer import load_tokenizer
     from rollout.types import SamplingParams
@@ -180,7 +180,7 @@ def main(argv: list[str]) -> int:
     if args.gen:
         return _run_gen(args, device)
 
-    from rl.eval_lm import BitMambaEvalLM
+    from rl.eval.lm import BitMambaEvalLM
 
     if args.task_file:
         tasks: list = [load_task_file(f) for f in args.task_file]

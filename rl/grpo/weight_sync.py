@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from model.bitlinear import BitLinear, expand_scale, unpack_ternary
 from model.errors import CheckpointError
 
-log = logging.getLogger("rl.weight_sync")
+log = logging.getLogger("rl.grpo.weight_sync")
 
 @dataclass
 class PolicyWeights:

@@ -9,7 +9,7 @@ on a small machine and prints nothing while it runs. The learner's DeepSpeed con
 - the shared-memory collective op (`deepspeed_shm_comm`) whenever DeepSpeed's CPU accelerator is in use
   (a machine without a GPU), built when DeepSpeed sets up its process group.
 
-`build_ops(ds_config)` runs before `deepspeed.initialize` (`rl.learner.Learner`):
+`build_ops(ds_config)` runs before `deepspeed.initialize` (`rl.grpo.learner.Learner`):
 1. the build cache: when `TORCH_EXTENSIONS_DIR` is unset it is set to
    `~/.cache/bitmamba/torch_extensions/py<ver>_torch<ver>_ds<ver>_<cpu|cuXY>` (`XDG_CACHE_HOME` respected),
    so builds are kept per toolchain: an environment with other Python, torch, DeepSpeed or CUDA versions

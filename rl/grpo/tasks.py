@@ -9,8 +9,8 @@ is exact. The held-out split never shares a problem with the train split.
 
 Tasks: `arithmetic` (below: small sums, memorisable), `digits` (below: multi-digit addition and
 subtraction written least significant digit first, held out by operand pair: the demo's task),
-`bigmul` (`rl.tool_task_defs.BigMultiplyTask`: products that need the calculator tool, ChatML
-prompts), `wordproblems` (`rl.reasoning_tasks.WordProblemTask`: multi-step word problems with a worked
+`bigmul` (`BigMultiplyTask` below: products that need the calculator tool, ChatML
+prompts), `wordproblems` (`rl.grpo.reasoning_tasks.WordProblemTask`: multi-step word problems with a worked
 scratchpad, ChatML prompts), or a JSONL file.
 """
 
@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from model.errors import ConfigError, DataError
-from rl.reasoning_tasks import WordProblemTask
+from rl.grpo.reasoning_tasks import WordProblemTask
+from rl.train.chat import IM_END, IM_START
+from rollout.agent.tools import Calculator, tool_schema
 
 Split = Literal["train", "eval"]
 
@@ -91,7 +93,7 @@ class DigitsTask:
     (over a million problems) eval accuracy measures the algorithm, not recall. `eval_digits`
     (lo, hi) draws the eval split's operands from another digit range instead (e.g. longer numbers
     than the training range, to measure length generalisation); eval problems are still held out.
-    Score completions with `exact_digits` (`rl.tasks:exact_digits`): the built-in `math` reward reads
+    Score completions with `exact_digits` (`rl.grpo.tasks:exact_digits`): the built-in `math` reward reads
     numbers, and "075" (570 reversed) would equal "75".
     """
 
@@ -165,7 +167,7 @@ def leading_digits(completion: str) -> str:
 def exact_digits(prompt: str, completion: str, answer: str, **_: Any) -> float:
     """1.0 when the completion's leading run of digits (after leading spaces) is exactly `answer`.
 
-    The `digits` task's checker (reward spec `rl.tasks:exact_digits`): digit strings are compared as
+    The `digits` task's checker (reward spec `rl.grpo.tasks:exact_digits`): digit strings are compared as
     strings, so a dropped or extra digit (also a zero) is wrong, and text after the digits is ignored.
     """
     got = leading_digits(completion)
@@ -254,13 +256,12 @@ def make_task(name: str | None = None, path: str | None = None, *, seed: int = 0
             return DigitsTask(seed=seed, **kwargs)
         except TypeError as e:
             raise ConfigError(f"task.kwargs: {e}") from None
-    if name == "bigmul":      # needs the calculator tool (docs/tools.md); imported here: rl.tool_task_defs uses rl.tasks
-        from rl.tool_task_defs import BigMultiplyTask
+    if name == "bigmul":      # needs the calculator tool (docs/tools.md)
         try:
             return BigMultiplyTask(seed=seed, **kwargs)
         except TypeError as e:
             raise ConfigError(f"task.kwargs: {e}") from None
-    if name == "wordproblems":  # multi-step word problems with a worked scratchpad (rl/reasoning_tasks.py)
+    if name == "wordproblems":  # multi-step word problems with a worked scratchpad (rl/grpo/reasoning_tasks.py)
         try:
             return WordProblemTask(seed=seed, **kwargs)
         except TypeError as e:
@@ -289,3 +290,62 @@ def arithmetic_reward(prompts: list[str], completions: list[str], answer: list[s
         v = first_integer(c)
         out.append(1.0 if v is not None and str(v) == str(a).strip() else 0.0)
     return out
+
+
+# ------------------------------------------------------------------ bigmul: products through the calculator
+def chat_prompt(question: str) -> str:
+    """The ChatML prompt of one question (no system prompt: the tiny model's context is short)."""
+    return f"{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n"
+
+
+@dataclass
+class BigMultiplyTask:
+    """`a*b=` with `digits`-digit operands; rows are a pure function of (seed, split, index)."""
+
+    seed: int = 0
+    digits: int = 4
+    eval_fraction: float = 0.1
+
+    def __post_init__(self):
+        if not 1 <= self.digits <= 30:
+            raise ConfigError(f"task.digits: must be in [1, 30], got {self.digits}")
+
+    def row(self, split: str, index: int) -> dict[str, Any]:
+        rng = random.Random(f"bigmul/{self.seed}/{split}/{index}")
+        lo, hi = 10 ** (self.digits - 1), 10 ** self.digits - 1
+        while True:
+            a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+            held_out = (a * 7919 + b * 104729) % 1000 < int(self.eval_fraction * 1000)
+            if held_out == (split == "eval"):
+                break
+        q = f"{a}*{b}"
+        return {"prompt": chat_prompt(q + "="), "question": q, "answer": str(a * b), "id": f"{split}-{index}",
+                "messages": [{"role": "user", "content": q + "="}],
+                "tools": [tool_schema(Calculator())]}
+
+    def rows(self, split: str, start: int, count: int) -> list[dict[str, Any]]:
+        return [self.row(split, i) for i in range(start, start + count)]
+
+
+def final_answer_text(completion: str, final_text: str | None = None) -> str:
+    """The last assistant turn without tool-call blocks: `final_text` when the agent gave it, else the
+    text after the last `<|im_start|>assistant\\n` of the completion (never the tool's message)."""
+    text = final_text if final_text is not None else completion.rsplit(f"{IM_START}assistant\n", 1)[-1]
+    parts = []
+    for i, chunk in enumerate(text.split("<tool_call>")):
+        if i == 0:
+            parts.append(chunk)
+        elif "</tool_call>" in chunk:          # drop the call, keep what follows it
+            parts.append(chunk.split("</tool_call>", 1)[1])
+    return " ".join(parts)
+
+
+def tool_answer_reward(prompt: str, completion: str, answer: str, final_text: str | None = None,
+                       **_: Any) -> float:
+    """1.0 when the first integer of the final assistant turn equals the answer, else 0.0.
+
+    A per-sample reward for `rewards.load_reward("rl.grpo.tasks:tool_answer_reward")`. It reads the final turn only, so copying numbers out of the
+    tool call or the tool message earns nothing.
+    """
+    v = first_integer(final_answer_text(completion, final_text).replace(IM_END, " "))
+    return 1.0 if v is not None and str(v) == str(answer).strip() else 0.0

@@ -26,7 +26,7 @@ Who runs inside, and what bounds the number of processes:
   is never enforced: the kernel exempts kuid 0, so a ctypes fork loop would be unbounded.)
 - as any other user: bwrap creates a user namespace (`--unshare-user`, `--disable-userns`); the jail uid
   maps to the caller's own non-root uid, so RLIMIT_NPROC applies inside that namespace.
-The limits themselves (RLIMIT_NPROC, _AS, _CPU, _FSIZE) are set by the boot script in `rollout.sandbox`
+The limits themselves (RLIMIT_NPROC, _AS, _CPU, _FSIZE) are set by the boot script in `rollout.agent.sandbox`
 before the model's code runs.
 """
 

@@ -31,10 +31,10 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from model.errors import BitMambaError, ConfigError
-from rl.grpo_config import GRPOConfig
-from rl.learner import Learner, RankSpec, free_port
+from rl.grpo.config import GRPOConfig
+from rl.grpo.learner import Learner, RankSpec, free_port
 
-log = logging.getLogger("rl.learner_group")
+log = logging.getLogger("rl.grpo.learner_group")
 
 
 class LearnerGroupError(BitMambaError):

@@ -1,6 +1,6 @@
 """Generation workers: a plain class doing the work, and an actor group that owns placement and faults.
 
-    RemoteWorker = ray.remote(num_cpus=1, num_gpus=0.25)(GenerationWorker)   # at launch, in rl/grpo.py
+    RemoteWorker = ray.remote(num_cpus=1, num_gpus=0.25)(GenerationWorker)   # at launch, in rl/grpo/driver.py
     group = WorkerGroup(RemoteWorker, worker_kwargs, num_workers=2)
     group.load_weights([ref] * 2)                   # per worker: an object-store reference (the same
                                                     # one for all) or a CUDA IPC `SharedPolicy`
@@ -26,13 +26,13 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from model.errors import BitMambaError
-from rl.grpo_config import ModelSection, build_tokenizer, model_from_config
-from rl.weight_sync import PolicyWeights, SharedPolicy, gpu_uuid, load_into, open_shared
-from rollout.backend import make_backend
+from rl.grpo.config import ModelSection, build_tokenizer, model_from_config
+from rl.grpo.weight_sync import PolicyWeights, SharedPolicy, gpu_uuid, load_into, open_shared
+from rollout.backends import make_backend
 from rollout.engine import Engine
 from rollout.types import GenRequest, GenResult, SamplingParams
 
-log = logging.getLogger("rl.workers")
+log = logging.getLogger("rl.grpo.workers")
 
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 

@@ -38,7 +38,7 @@ from model.attention import apply_rope, rope_cos_sin
 from model.bitlinear import BitLinear
 from model.errors import BitMambaError
 from model.state import AttnState, MambaState, ModelState
-from rollout.backend import prefill_many, write_rows
+from rollout.backends.base import prefill_many, write_rows
 from rollout.kernels._dispatch import FastPathUnavailable
 from rollout.kernels.act_quant import rmsnorm_quant
 from rollout.kernels.mamba_step import MambaDims, mamba_step
@@ -302,7 +302,7 @@ class FastBackend:
 
     @torch.no_grad()
     def prefill_many(self, prompts) -> tuple[Tensor, ModelState]:
-        """Several prompts in few parallel forwards (`rollout.backend.prefill_many`): -> ([P, V], P-row state)."""
+        """Several prompts in few parallel forwards (`rollout.backends.base.prefill_many`): -> ([P, V], P-row state)."""
         b = self._need()
         return prefill_many(self.model, prompts,
                             lambda n: self.model.allocate_state(n, b.max_len, dtype=self.state_dtype,

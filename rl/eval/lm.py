@@ -1,6 +1,6 @@
 """lm-eval adapter: a BitMamba checkpoint as an `lm_eval` model, registered as "bitmamba".
 
-    import rl.eval_lm                                    # registers "bitmamba" with lm-eval
+    import rl.eval.lm                                    # registers "bitmamba" with lm-eval
     lm_eval.simple_evaluate(model="bitmamba", model_args="pretrained=runs/ckpt,batch_size=16", tasks=[...])
     lm_eval.simple_evaluate(model=BitMambaEvalLM(model=m, tokenizer=tok), tasks=[...])
 
@@ -357,7 +357,7 @@ class BitMambaEvalLM(TemplateLM):
 
     def _get_engine(self):
         if self._engine is None:
-            from rollout.backend import make_backend
+            from rollout.backends import make_backend
             from rollout.engine import Engine
 
             self._engine = Engine(make_backend(self.model, kind=self.backend_kind), tokenizer=self.tokenizer,

@@ -1,4 +1,4 @@
-"""The GRPO learner: a plain class around a DeepSpeed engine (Ray wraps it at launch, see rl/grpo.py).
+"""The GRPO learner: a plain class around a DeepSpeed engine (Ray wraps it at launch, see rl/grpo/driver.py).
 
     learner = Learner(cfg)                      # builds the policy (and a frozen reference if kl_coef > 0)
     metrics = learner.update(batch)             # minibatch updates over one rollout batch
@@ -18,7 +18,7 @@ One update over a rollout batch of N samples:
    goes alone either way;
 3. per micro-batch: current log-probs (and entropy) via `model.token_logprobs`, read back per sample
    (`MicroBatch.view`: [N, W], the layout the loss sees whatever the packing), the loss from
-   `rl.algo.policy_loss` normalised by the minibatch's totals (so accumulated gradients equal the
+   `rl.grpo.algo.policy_loss` normalised by the minibatch's totals (so accumulated gradients equal the
    full-minibatch gradient), `engine.backward`; the engine steps at the minibatch boundary.
 The proximal "old" log-probs are the policy's before the first step: with one optimizer step the loss's
 own log-probs detached; with more, computed once without grad over the same micro-batches, in train mode
@@ -27,7 +27,7 @@ Every log-prob is of `log_softmax(logits / sampling.temperature)`: the distribut
 (before any top-k / top-p / min-p / penalty filter, which the TIS weight corrects; docs/grpo.md).
 The learning rate follows `learner.lr_schedule` (warmup, then constant / cosine / linear) per optimizer step.
 
-In a learner group (rl/learner_group.py; `RankSpec`) every rank runs this class over the same rollout batch:
+In a learner group (rl/grpo/learner_group.py; `RankSpec`) every rank runs this class over the same rollout batch:
 each minibatch's samples are split over the ranks by token count, padding micro-batches keep the ranks'
 collectives matched, the loss keeps the whole minibatch's totals and is x world_size (DeepSpeed averages
 gradients over ranks), and the metrics are combined over the ranks. ZeRO-3 runs the policy through
@@ -55,13 +55,14 @@ from model.checkpoint import FORMAT as CKPT_FORMAT
 from model.checkpoint import FORMAT_VERSION as CKPT_FORMAT_VERSION
 from model.errors import ConfigError
 from model.lm import BitMambaLM
-from rl import algo, ds_ops
-from rl.checkpoint import CheckpointManager, load_checkpoint
-from rl.grpo_config import GRPOConfig, LearnerSection, build_model
-from rl.schedule import Schedule, ScheduleConfig
-from rl.weight_sync import PolicyWeights, SharedPolicy, export_policy, export_shared, gpu_uuid, policy_views, to_host
+from rl.grpo import algo
+from rl.grpo import ds_ops
+from rl.train.checkpoint import CheckpointManager, load_checkpoint
+from rl.grpo.config import GRPOConfig, LearnerSection, build_model
+from rl.train.schedule import Schedule, ScheduleConfig
+from rl.grpo.weight_sync import PolicyWeights, SharedPolicy, export_policy, export_shared, gpu_uuid, policy_views, to_host
 
-log = logging.getLogger("rl.learner")
+log = logging.getLogger("rl.grpo.learner")
 
 
 @dataclass
@@ -336,7 +337,7 @@ def _init_single_process_dist() -> None:
 
 @dataclass(frozen=True)
 class RankSpec:
-    """This learner's place in a learner group (rl/learner_group.py): rank r of `world_size`, meeting at
+    """This learner's place in a learner group (rl/grpo/learner_group.py): rank r of `world_size`, meeting at
     master_addr:master_port (chosen on rank 0's node). Rank 0 exports weights and writes checkpoints."""
 
     rank: int

@@ -1,8 +1,8 @@
 """GRPO on Ray: the driver loop.
 
-    python -m rl.grpo --config configs/grpo_tiny.yaml [--output-dir DIR] [--resume] [key=value ...]
+    python -m rl.grpo.driver --config configs/grpo_tiny.yaml [--output-dir DIR] [--resume] [key=value ...]
     bitmamba grpo --config configs/grpo_tiny.yaml
-    ray job submit --working-dir . -- python -m rl.grpo --config configs/grpo_tiny.yaml
+    ray job submit --working-dir . -- python -m rl.grpo.driver --config configs/grpo_tiny.yaml
 
 Setup: connect to Ray (a cluster when `workers.cluster_address` is set or RAY_ADDRESS is in the
 environment, else a private local one bound to 127.0.0.1, even beside another cluster on the
@@ -17,7 +17,7 @@ Loop, one step:
   7. log metrics.jsonl (+ wandb offline, + console); eval every K; checkpoint every K
 With `max_staleness: k` > 0 (`one_step_off_policy` is k = 1), a background thread generates batches
 with the newest weights the workers hold, up to k policy versions ahead of the learner, while the
-learner updates (rl/async_rollout.py); truncated IS corrects for the lag.
+learner updates (rl/grpo/async_rollout.py); truncated IS corrects for the lag.
 """
 
 from __future__ import annotations
@@ -43,23 +43,24 @@ from model.typed import to_dict
 from model.checkpoint import load_config as load_model_config
 from model.config import BitMambaConfig
 from rewards import RewardPool, RewardSpec
-from rl import algo, ds_ops
+from rl.grpo import algo
+from rl.grpo import ds_ops
 from rl.args import grpo_parser
-from rl.async_rollout import RolloutProducer
-from rl.checkpoint import (CheckpointManager, add_files, capture_rng_state, publish_final, restore_rng_state,
+from rl.grpo.async_rollout import RolloutProducer
+from rl.train.checkpoint import (CheckpointManager, add_files, capture_rng_state, publish_final, restore_rng_state,
                            tokenizer_files)
-from rl.grpo_config import GRPOConfig, build_tokenizer, check_tools, load_grpo_config
-from rl.learner import Learner, TrainBatch, deepspeed_config
-from rl.learner_group import LearnerGroup, LearnerGroupError
-from rl.metrics import MetricsWriter
-from rl.run_dir import GRPO_ENTRIES, check_run_dir, clear_run
-from rl.tasks import make_task
-from rl.train_common import TrainingDiverged
-from rl.weight_sync import sync_to_workers
-from rl.workers import GenerationWorker, PromptJob, WorkerGroup
+from rl.grpo.config import GRPOConfig, build_tokenizer, check_tools, load_grpo_config
+from rl.grpo.learner import Learner, TrainBatch, deepspeed_config
+from rl.grpo.learner_group import LearnerGroup, LearnerGroupError
+from rl.train.metrics import MetricsWriter
+from rl.train.run_dir import GRPO_ENTRIES, check_run_dir, clear_run
+from rl.grpo.tasks import make_task
+from rl.train.loop import TrainingDiverged
+from rl.grpo.weight_sync import sync_to_workers
+from rl.grpo.workers import GenerationWorker, PromptJob, WorkerGroup
 from rollout.types import GenResult, SamplingParams
 
-log = logging.getLogger("rl.grpo")
+log = logging.getLogger("rl.grpo.driver")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,10 +137,10 @@ def get_user(ref):
 
 def worker_class(cfg: GRPOConfig) -> tuple[type, dict[str, Any]]:
     """The generation actor's class and extra constructor kwargs: with `tools`, the agent loop
-    (`rl.tool_tasks.AgentGenerationWorker`, imported only then)."""
+    (`rl.grpo.tool_tasks.AgentGenerationWorker`, imported only then)."""
     if not cfg.tools:
         return GenerationWorker, {}
-    from rl.tool_tasks import AgentGenerationWorker
+    from rl.grpo.tool_tasks import AgentGenerationWorker
     return AgentGenerationWorker, {"tools": list(cfg.tools), "agent": to_dict(cfg.agent),
                                    "base_dir": cfg.tools_base_dir}
 
@@ -275,7 +276,7 @@ class Driver:
         self.owns_ray = connect_ray(cfg)
         limit = cfg.model.max_seq_len - cfg.sampling.max_new_tokens - 1
         self.prompts = PromptSource(self.task, self.tokenizer, limit, cfg.task.prompt_too_long)
-        if cfg.learner.ranks > 1:            # a learner group, driven like one actor (rl/learner_group.py)
+        if cfg.learner.ranks > 1:            # a learner group, driven like one actor (rl/grpo/learner_group.py)
             self.learner = LearnerGroup(cfg, init_dir)
         else:
             RemoteLearner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)(Learner)
@@ -299,7 +300,7 @@ class Driver:
         self.step = 0
         self.producer: RolloutProducer | None = None
         self.staleness_seen: list[int] = []          # per step of this invocation
-        self.workers_lock = threading.RLock()        # workers driven by one thread at a time (rl/async_rollout.py)
+        self.workers_lock = threading.RLock()        # workers driven by one thread at a time (rl/grpo/async_rollout.py)
         if cfg.resume:
             self._resume()
         self.sync_stats = self.sync_weights()
@@ -436,7 +437,7 @@ class Driver:
             "data/prompts_dropped": float(self.prompts.dropped),
         })
         if cfg.tools:
-            from rl.tool_tasks import agent_result_metrics
+            from rl.grpo.tool_tasks import agent_result_metrics
             m.update(agent_result_metrics(all_results))
         return Rollout(kept_rows, kept_res, kept_rew, adv.tolist(), valid.tolist(), start_pos, m)
 
@@ -531,7 +532,7 @@ class Driver:
 
     def start_producer(self) -> RolloutProducer | None:
         """With `max_staleness` > 0 (or `one_step_off_policy`), the background producer of rollouts
-        (rl/async_rollout.py); None on-policy, where each step generates its own batch."""
+        (rl/grpo/async_rollout.py); None on-policy, where each step generates its own batch."""
         bound = self.cfg.staleness_bound
         if bound == 0 or self.step >= self.cfg.steps:
             return None
@@ -675,6 +676,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from rl.cli import run_main
+    from rl.args import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

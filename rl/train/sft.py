@@ -3,7 +3,7 @@
     bitmamba sft --config configs/sft_tiny.yaml [--output-dir DIR] [key=value ...]
 
 Each stage (`stages:` in the YAML) trains on ChatML conversations (`messages` records, see
-`rl.chat`) with loss on assistant tokens only, padded to the longest sequence of each batch. A stage
+`rl.train.chat`) with loss on assistant tokens only, padded to the longest sequence of each batch. A stage
 rebuilds the optimizer and the schedule and starts from the previous stage's final model (the first
 stage from `model.init_from`, e.g. a pretraining run's `final/`, or a preset). Stage outputs:
 `OUTPUT/<k>_<name>/` (checkpoints, metrics.jsonl, final/); the last stage's model is also written to
@@ -26,13 +26,13 @@ from torch import nn
 from model.errors import ConfigError
 from model.lm import BitMambaLM
 from model.typed import to_dict
-from rl.chat import render_chat
-from rl.data import DataSource, SFTBatch, SFTLoader, load_records
-from rl.run_dir import read_resolved_config
-from rl.optim import OptimConfig, build_optimizer
-from rl.schedule import Schedule, ScheduleConfig
+from rl.train.chat import render_chat
+from rl.train.data import DataSource, SFTBatch, SFTLoader, load_records
+from rl.train.run_dir import read_resolved_config
+from rl.train.optim import OptimConfig, build_optimizer
+from rl.train.schedule import Schedule, ScheduleConfig
 from rl.args import stage_parser
-from rl.train_common import (
+from rl.train.loop import (
     LoopSpec,
     LossOut,
     ModelSpec,
@@ -208,6 +208,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from rl.cli import run_main
+    from rl.args import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

@@ -17,11 +17,11 @@ from torch import nn
 
 from model.errors import ConfigError
 from model.typed import to_dict
-from rl.data import DataSource, PackedBatch, PackedLoader, load_records
-from rl.optim import OptimConfig, build_optimizer
-from rl.schedule import Schedule, ScheduleConfig
+from rl.train.data import DataSource, PackedBatch, PackedLoader, load_records
+from rl.train.optim import OptimConfig, build_optimizer
+from rl.train.schedule import Schedule, ScheduleConfig
 from rl.args import stage_parser
-from rl.train_common import (
+from rl.train.loop import (
     LoopResult,
     LoopSpec,
     LossOut,
@@ -115,6 +115,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from rl.cli import run_main
+    from rl.args import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

@@ -5,7 +5,7 @@
     res.text()       # what the model sees: output, or an error / timeout / limit message
 
 Two modes (`SandboxConfig.sandbox`; the threat model per mode is in docs/tools.md):
-- `jail` (the default): bubblewrap around the interpreter (`rollout.jail`): a read-only view of only the
+- `jail` (the default): bubblewrap around the interpreter (`rollout.agent.jail`): a read-only view of only the
   interpreter, its stdlib and the shared libraries they load; a private tmpfs /tmp of `tmpfs_mb` as the
   working directory; new PID, network, IPC and UTS namespaces; an unprivileged uid with no capabilities;
   `--die-with-parent`. If the jail cannot be set up, `require_jail` (called by the python tool at start)
@@ -45,7 +45,7 @@ import uuid
 from dataclasses import dataclass
 
 from model.errors import ConfigError
-from rollout.jail import bwrap_path, jail_argv, jail_uid, require_jail
+from rollout.agent.jail import bwrap_path, jail_argv, jail_uid, require_jail
 
 log = logging.getLogger(__name__)
 

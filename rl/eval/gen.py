@@ -7,7 +7,7 @@
     m["pass@1"], m["pass@4"], m["reward_mean"]
 
 A sample is correct when its reward is >= `correct_threshold` (None rewards, i.e. excluded samples,
-count as wrong). pass@k per prompt is the unbiased estimator 1 - C(n-c, k) / C(n, k) (`rl.algo.pass_at_k`),
+count as wrong). pass@k per prompt is the unbiased estimator 1 - C(n-c, k) / C(n, k) (`rl.grpo.algo.pass_at_k`),
 averaged over prompts. This is the function `bitmamba eval --gen` runs and the GRPO driver can call
 for its held-out eval.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import ConfigError, DataError
-from rl.algo import pass_at_k
+from rl.grpo.algo import pass_at_k
 from rollout.types import GenRequest, SamplingParams
 
 

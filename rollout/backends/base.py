@@ -1,4 +1,7 @@
-"""Decode backends: the seam between the engine (`rollout/engine.py`) and the fast path.
+"""The decode backend protocol and the helpers every backend shares (batched prefill, row copies,
+row snapshots). The backends: `rollout.backends.torch_backend.TorchBackend` (pure torch, the reference)
+and `rollout.backends.triton_backend.FastBackend` (packed 2-bit weights, Triton, CUDA graphs);
+`rollout.backends.make_backend` picks one.
 
     backend = make_backend(model, kind="auto")     # "torch" | "fast" | "auto"
     backend.allocate(slots=16, max_len=1024)       # the slot state, allocated once
@@ -8,14 +11,11 @@
     logits = backend.step(tokens)                  # [slots] -> [slots, V] fp32, state updated in place
     logits_r = backend.extend(rows, token_ids)     # continue some rows over [R, T] tokens (tool results)
 
-`TorchBackend` is the pure-torch reference (CPU and GPU): prefill with the model's parallel forward,
-steps with `model.step`. `rollout.fast.FastBackend` (packed 2-bit weights, Triton, CUDA graphs) must
-give the same logits within fp rounding.
+The fast backend must give the torch backend's logits within fp rounding.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -28,9 +28,6 @@ from model.state import MambaState, ModelState
 
 if TYPE_CHECKING:
     from model.lm import BitMambaLM
-
-log = logging.getLogger(__name__)
-
 
 @runtime_checkable
 class DecodeBackend(Protocol):
@@ -196,135 +193,3 @@ class RowSnapshot:
         layers = [MambaState(b.conv.index_select(0, rows), b.ssm.index_select(0, rows)) if b is not None else k
                   for b, k in zip(self.buf, kv)]
         return ModelState(layers=layers, pos=self.pos.index_select(0, rows))
-
-
-class TorchBackend:
-    """Pure-torch backend over a `BitMambaLM` (the reference the fast backend is tested against).
-
-    state_dtype: dtype of the recurrent state (SSM state, conv window, KV cache); fp32 by default
-    because rollout/learner log-prob mismatch matters for RL; torch.bfloat16 halves the state traffic.
-    """
-
-    def __init__(self, model: "BitMambaLM", state_dtype: torch.dtype = torch.float32,
-                 ssm_dtype: torch.dtype | None = None):
-        self.model = model
-        self.state_dtype = state_dtype
-        self.ssm_dtype = ssm_dtype or state_dtype
-        self.state: ModelState | None = None
-        self.slots = 0
-        self.max_len = 0
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.config.vocab_size
-
-    def allocate(self, slots: int, max_len: int) -> None:
-        """(Re)allocate the slot state for `slots` rows of up to `max_len` tokens (prompt + completion)."""
-        if self.state is not None and self.slots == slots and self.max_len == max_len:
-            self.state.reset_rows_(torch.arange(slots, device=self.device))
-            return
-        self.slots, self.max_len = slots, max_len
-        self.state = self._new_state(slots)
-
-    def _new_state(self, batch: int) -> ModelState:
-        """Zero state; `model.allocate_state` keeps the SSM state fp32, so cast it here when asked."""
-        return self.model.allocate_state(batch, self.max_len, dtype=self.state_dtype, device=self.device,
-                                         ssm_dtype=self.ssm_dtype)
-
-    def _need_state(self) -> ModelState:
-        if self.state is None:
-            raise RuntimeError("TorchBackend: call allocate(slots, max_len) first")
-        return self.state
-
-    @torch.no_grad()
-    def prefill(self, prompt_ids: Tensor) -> tuple[Tensor, ModelState]:
-        """prompt_ids [T] -> (fp32 logits after the last prompt token [V], its 1-row state)."""
-        self._need_state()
-        ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device).reshape(1, -1)
-        if ids.shape[1] >= self.max_len:
-            raise BitMambaError(f"prompt of {ids.shape[1]} tokens does not fit max_len {self.max_len}")
-        st = self._new_state(1)
-        h = self.model.hidden_states(ids, state=st)
-        return self.model.lm_head(h[:, -1])[0].float(), st
-
-    @torch.no_grad()
-    def prefill_many(self, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, ModelState]:
-        """Several prompts in few forwards (see `prefill_many`): -> (fp32 logits [P, V], P-row state)."""
-        self._need_state()
-        return prefill_many(self.model, prompts, self._new_state, self.max_len)
-
-    @torch.no_grad()
-    def load_rows(self, state1: ModelState, rows: Tensor) -> None:
-        write_rows(self._need_state(), rows, state1)
-
-    @torch.no_grad()
-    def extend(self, rows: Tensor, token_ids: Tensor) -> Tensor:
-        """Continue rows [R] over token_ids [R, T] from their current state; -> fp32 logits [R, V]."""
-        state = self._need_state()
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(rows.numel(), -1)
-        sub = state.select(rows)
-        out = self.model(ids, state=sub)
-        write_rows(state, rows, sub)
-        return out.logits[:, -1].float()
-
-    @torch.no_grad()
-    def step(self, tokens: Tensor) -> Tensor:
-        """tokens [slots] -> fp32 logits [slots, V]; every slot's state advances by one token."""
-        return self.model.step(tokens.to(self.device, torch.long), self._need_state()).float()
-
-    def refresh_weights(self) -> None:
-        """Nothing to re-pack: this backend reads the model's weights directly."""
-
-
-_logged_choice: set[str] = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _logged_choice:
-        _logged_choice.add(msg)
-        log.info(msg)
-
-
-def make_backend(model: "BitMambaLM", kind: str = "auto", state_dtype: torch.dtype = torch.float32,
-                 ssm_dtype: torch.dtype | None = None):
-    """Pick a decode backend; the choice is logged once. `ssm_dtype` (default: `state_dtype`) is the SSM
-    state's dtype: bf16 halves the decode step's largest memory traffic, at some rollout/learner mismatch.
-
-    "torch": TorchBackend. "fast": rollout.fast.FastBackend, on any device (on CPU it runs its
-    reference kernels eagerly, for tests); raises `BitMambaError` when it cannot be imported or
-    refuses the model, never falls back. "auto": FastBackend on CUDA when it imports and accepts the
-    model, else TorchBackend (on CUDA with a warning saying why).
-    """
-    if kind not in ("auto", "torch", "fast"):
-        raise BitMambaError(f"backend: unknown kind {kind!r} (auto | torch | fast)")
-    device = next(model.parameters()).device
-    if kind == "torch":
-        _log_once("decode backend: torch (asked for)")
-        return TorchBackend(model, state_dtype=state_dtype, ssm_dtype=ssm_dtype)
-    if kind == "auto" and device.type != "cuda":
-        _log_once("decode backend: torch (auto, no CUDA)")
-        return TorchBackend(model, state_dtype=state_dtype, ssm_dtype=ssm_dtype)
-    why = None
-    try:
-        from rollout.fast import FastBackend
-        from rollout.kernels._dispatch import FastPathUnavailable
-    except ImportError as e:  # the fast path is optional: say why it is missing
-        why = f"cannot import rollout.fast.FastBackend ({e})"
-    else:
-        try:
-            backend = FastBackend(model, state_dtype=state_dtype, ssm_dtype=ssm_dtype or state_dtype)
-        except FastPathUnavailable as e:
-            why = str(e)
-        else:
-            _log_once(f"decode backend: fast ({kind}, {device.type})")
-            return backend
-    if kind == "fast":
-        raise BitMambaError(f"backend 'fast' is not available: {why}")
-    log.warning("decode backend: torch (auto): the fast path is unavailable on CUDA: %s; decoding will be slow",
-                why)
-    return TorchBackend(model, state_dtype=state_dtype, ssm_dtype=ssm_dtype)

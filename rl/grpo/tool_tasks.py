@@ -6,17 +6,17 @@
 
 Products of two `digits`-digit numbers: a tiny model cannot compute them, but it can copy the
 expression into a calculator call and copy the result back, so the reward (exact final answer) is
-reachable only through the tool. The task and the reward live in `rl.tool_task_defs` (light: reward
-workers and `rl.tasks.make_task("bigmul")` import them without torch) and are re-exported here.
+reachable only through the tool. The task and the reward live in `rl.grpo.tasks` (light: reward workers import
+them without torch) and are re-exported here.
 
-    python -m rl.tool_tasks --config configs/tools_experiment_tiny.yaml --out runs/tool_demo
+    python -m rl.grpo.tool_tasks --config configs/tools_experiment_tiny.yaml --out runs/tool_demo
 
 runs the experiment: a short supervised warm start on a mixture of tool-using and direct-answer
 demonstrations (on purpose too short and mostly direct, so the tool-use rate starts low), then a
-self-contained GRPO loop on agent rollouts built from the library pieces (`rollout.agent.Agent`
-for the episodes, `rollout.agent.batch_fields` -> `rl.learner.TrainBatch` / `collate` for the
-batch, `rl.algo.group_advantages` / `policy_loss` for the update: injected tool tokens are masked
-out of the loss and the ratios). It does not go through `rl.grpo`'s Ray driver; for that, see
+self-contained GRPO loop on agent rollouts built from the library pieces (`rollout.agent.loop.Agent`
+for the episodes, `rollout.agent.loop.batch_fields` -> `rl.grpo.learner.TrainBatch` / `collate` for the
+batch, `rl.grpo.algo.group_advantages` / `policy_loss` for the update: injected tool tokens are masked
+out of the loss and the ratios). It does not go through `rl.grpo.driver`'s Ray driver; for that, see
 `configs/grpo_tools.yaml` (`tools:` in a GRPO config runs `AgentGenerationWorker` below). The metrics (reward, tool-use rate, malformed calls per step) go
 to `OUT/metrics.jsonl` and `OUT/summary.json`.
 """
@@ -39,16 +39,16 @@ import torch
 from model.config import BitMambaConfig
 from model.lm import BitMambaLM
 from model.typed import load_config
-from rl import algo
-from rl.learner import TrainBatch, collate
-from rl.grpo_config import ModelSection
-from rl.tool_task_defs import (IM_END, IM_START, BigMultiplyTask, chat_prompt, final_answer_text,  # noqa: F401
+from rl.grpo import algo
+from rl.grpo.learner import TrainBatch, collate
+from rl.grpo.config import ModelSection
+from rl.grpo.tasks import (IM_END, IM_START, BigMultiplyTask, chat_prompt, final_answer_text,  # noqa: F401
                                tool_answer_reward)
-from rl.workers import GenerationWorker, PromptJob
-from rollout.agent import Agent, AgentConfig, ToolMessageFormat, agent_metrics, batch_fields
-from rollout.backend import make_backend
+from rl.grpo.workers import GenerationWorker, PromptJob
+from rollout.agent.loop import Agent, AgentConfig, ToolMessageFormat, agent_metrics, batch_fields
+from rollout.backends import make_backend
 from rollout.tokenizer import build_tiny_tokenizer
-from rollout.tools import ToolSet, load_tools
+from rollout.agent.tools import ToolSet, load_tools
 from rollout.types import GenRequest, GenResult, SamplingParams
 
 
@@ -57,14 +57,14 @@ from rollout.types import GenRequest, GenResult, SamplingParams
 
 
 class AgentGenerationWorker(GenerationWorker):
-    """`rl.workers.GenerationWorker` whose rollouts run the agent loop (drop-in for the GRPO driver).
+    """`rl.grpo.workers.GenerationWorker` whose rollouts run the agent loop (drop-in for the GRPO driver).
 
     Same constructor plus `tools` (YAML specs) and `agent` (AgentConfig fields). `generate` returns
     `GenResult`s as before (token ids with injected tool messages, `sampled_mask` 0 on them,
     `model_logprobs` 0.0 there), with the trajectory's reward fields added to `meta`: `messages`
     (the completion's assistant/tool turns: a `PromptJob` carries no prompt messages, so the driver
     prepends the task row's `messages`), `tool_calls`, `final_text`, plus `agent_counts` and
-    `agent_limit`. `rl.grpo` uses it when the config has `tools`, merges those meta fields into each
+    `agent_limit`. `rl.grpo.driver` uses it when the config has `tools`, merges those meta fields into each
     sample's reward row and logs `agent_result_metrics`.
     """
 
@@ -101,7 +101,7 @@ class AgentGenerationWorker(GenerationWorker):
 
 
 def agent_result_metrics(results: list[GenResult], prefix: str = "agent/") -> dict[str, float]:
-    """`rollout.agent.agent_metrics` from `AgentGenerationWorker` results (their `meta`), plus totals:
+    """`rollout.agent.loop.agent_metrics` from `AgentGenerationWorker` results (their `meta`), plus totals:
     `tool_calls`, `malformed`, `tool_errors`, `timeouts`, `truncated` (this step's sums), and rates:
     `tool_use_rate` (episodes with a well-formed call), `calls_per_episode`, `<count>_per_call`,
     `injected_token_frac`, `limit_hit_rate`."""
@@ -299,11 +299,11 @@ def _mean(recs: list[dict]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rl.tool_tasks", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rl.grpo.tool_tasks", description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "tools_experiment_tiny.yaml"))
     p.add_argument("--out", default="runs/tool_demo")
     p.add_argument("--warm-only", metavar="DIR", help="run only the warm start and save the model to DIR "
-                   "(for python -m rl.grpo --config configs/grpo_tools.yaml --init DIR)")
+                   "(for python -m rl.grpo.driver --config configs/grpo_tools.yaml --init DIR)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(ToolExperimentConfig, args.config, args.overrides)

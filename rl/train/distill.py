@@ -36,12 +36,12 @@ from model.convert import import_hf
 from model.errors import BitMambaError, ConfigError
 from model.lm import BitMambaLM
 from model.typed import to_dict
-from rl.data import PackedBatch, PackedLoader, load_records
-from rl.optim import OptimConfig, build_optimizer
-from rl.pretrain import PretrainDataConfig
-from rl.schedule import Schedule, ScheduleConfig
+from rl.train.data import PackedBatch, PackedLoader, load_records
+from rl.train.optim import OptimConfig, build_optimizer
+from rl.train.pretrain import PretrainDataConfig
+from rl.train.schedule import Schedule, ScheduleConfig
 from rl.args import stage_parser
-from rl.train_common import (
+from rl.train.loop import (
     LoopResult,
     LoopSpec,
     LossOut,
@@ -288,6 +288,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from rl.cli import run_main
+    from rl.args import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

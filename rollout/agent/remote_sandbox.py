@@ -1,7 +1,7 @@
 """Run model-written Python on a remote sandbox service (SandboxFusion's `/run_code` HTTP API).
 
     cfg = RemoteSandboxConfig(url="http://sandbox.internal:8080/run_code", timeout_s=5)
-    res = run_remote("print(6 * 7)", cfg)     # a rollout.sandbox.SandboxResult, isolation "remote"
+    res = run_remote("print(6 * 7)", cfg)     # a rollout.agent.sandbox.SandboxResult, isolation "remote"
 
 For a cluster that already runs a sandbox service (veRL's SandboxFusion, or anything speaking its
 API): the code never runs on the trainer's machine. The request is one JSON POST,
@@ -32,7 +32,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from model.errors import ConfigError
-from rollout.sandbox import SandboxResult
+from rollout.agent.sandbox import SandboxResult
 
 
 class RemoteSandboxError(RuntimeError):

@@ -10,7 +10,7 @@ How one episode runs (everything below happens inside one `Engine.generate` call
    call (`</tool_call>`: one special token when the tokenizer has it, else the stop string) and
    the end of the turn (`<|im_end|>`).
 2. On `</tool_call>` the engine calls the agent's pause hook on the decode thread. The hook parses
-   the call out of the text sampled since the last tool result (`rollout.toolcall.last_call`):
+   the call out of the text sampled since the last tool result (`rollout.agent.toolcall.last_call`):
    - malformed (not JSON, no name, ...): an error tool message is injected at once (counted);
    - well formed: the call goes to `ToolSet.submit` (thread pool / event loop, off the decode
      thread) and the hook returns a Future. The engine parks the sequence off-slot with a copy of
@@ -49,8 +49,8 @@ from typing import Any
 from model.errors import ConfigError
 from rollout.engine import Engine, PauseView
 from rollout.tokenizer import FastCodec
-from rollout.toolcall import CALL_END, CALL_START, ToolCall, last_call
-from rollout.tools import ToolOutcome, ToolSet
+from rollout.agent.toolcall import CALL_END, CALL_START, ToolCall, last_call
+from rollout.agent.tools import ToolOutcome, ToolSet
 from rollout.types import GenRequest, GenResult, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ class Agent:
 
 def batch_fields(trajs: Sequence[Trajectory], mask_truncated: bool = False,
                  valid: Sequence[bool] | None = None) -> dict[str, list]:
-    """The learner's per-sample fields (`rl.learner.TrainBatch` minus advantages), as plain lists.
+    """The learner's per-sample fields (`rl.grpo.learner.TrainBatch` minus advantages), as plain lists.
 
     prompt_ids [N][P_i], completion_ids [N][C_i], rollout_logprobs [N][C_i] (0.0 on injected tokens),
     loss_mask [N][C_i]: 1.0 on sampled tokens, 0.0 on injected ones; a whole row is 0 when

@@ -41,11 +41,11 @@ from model.errors import BitMambaError, ConfigError
 from model.lm import BitMambaLM
 from model.typed import load_config
 from rollout.tokenizer import build_tiny_tokenizer, has_tokenizer, load_tokenizer
-from rl.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state, tokenizer_files
-from rl.metrics import MetricsWriter, format_metrics
-from rl.optim import HybridOptimizer
-from rl.run_dir import STAGE_ENTRIES, check_same_run, clear_run
-from rl.schedule import Phase, Schedule
+from rl.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state, tokenizer_files
+from rl.train.metrics import MetricsWriter, format_metrics
+from rl.train.optim import HybridOptimizer
+from rl.train.run_dir import STAGE_ENTRIES, check_same_run, clear_run
+from rl.train.schedule import Phase, Schedule
 
 
 class TrainingDiverged(BitMambaError):
@@ -467,7 +467,7 @@ def setup_output(output_dir: str | Path, run_config: dict, train: TrainConfig | 
     """Create the output directory and write `config.resolved.yaml`, once the inputs are checked.
 
     A directory holding a run is continued only when it is the same run (its stored config differs at
-    most in length and display keys, `rl.run_dir.RESUMABLE_CHANGES`); with `train.overwrite` that run
+    most in length and display keys, `rl.train.run_dir.RESUMABLE_CHANGES`); with `train.overwrite` that run
     (`STAGE_ENTRIES` + `extra_entries`, e.g. SFT's stage directories) is deleted first."""
     out = Path(output_dir)
     if train is not None and train.overwrite:

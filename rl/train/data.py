@@ -14,7 +14,7 @@ is drawn from one source, chosen by the mixture weights with a generator seeded 
 number), so the position `state_dict()` = per-source (epoch, index, offset) + rows drawn restores the
 stream exactly. `set_phase(mixture, seq_len)` switches the mixture and context length (FG-WSD phases).
 
-SFT (`SFTLoader` + `collate_sft`): conversations rendered by `rl.chat`, padded on the right to the
+SFT (`SFTLoader` + `collate_sft`): conversations rendered by `rl.train.chat`, padded on the right to the
 longest sequence of the batch; labels are -100 on padding and on every non-assistant token.
 """
 
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from model.errors import ConfigError, DataError
-from rl.chat import encode_chat, encode_text, token_id
+from rl.train.chat import encode_chat, encode_text, token_id
 
 IGNORE_INDEX = -100
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}

@@ -27,7 +27,7 @@ become an error text for the model and a status for the counters, never an excep
 
 Built-ins: `calculator` (exact arithmetic on big integers and decimals, parsed by a small
 recursive-descent parser, no eval, bounded operand/result sizes) and `python` (runs code in a
-bubblewrap jail, `rollout.sandbox`, with timeout, memory, process and output limits and no network; or on
+bubblewrap jail, `rollout.agent.sandbox`, with timeout, memory, process and output limits and no network; or on
 a remote sandbox service).
 """
 
@@ -52,9 +52,9 @@ from fractions import Fraction
 from typing import Any, Protocol, runtime_checkable
 
 from model.errors import ConfigError
-from rollout.jail import require_jail
-from rollout.remote_sandbox import RemoteSandboxConfig, run_remote
-from rollout.sandbox import SANDBOX_MODES, SandboxConfig, run_python, warn_host_mode
+from rollout.agent.jail import require_jail
+from rollout.agent.remote_sandbox import RemoteSandboxConfig, run_remote
+from rollout.agent.sandbox import SANDBOX_MODES, SandboxConfig, run_python, warn_host_mode
 
 
 @runtime_checkable
@@ -306,10 +306,10 @@ def format_number(v: Fraction, decimals: int = 12) -> str:
 class PythonTool:
     """Run a Python script the model wrote; the tool's text is its stdout/stderr (or the error/limit message).
 
-    `sandbox`: `jail` (default; bubblewrap, `rollout.jail`: the tool refuses to start, naming the missing
+    `sandbox`: `jail` (default; bubblewrap, `rollout.agent.jail`: the tool refuses to start, naming the missing
     piece, where the jail cannot be set up), `host` (a plain process that can read what the trainer's user
     can; warned once per process) or `remote` (a SandboxFusion-style service at `url`,
-    `rollout.remote_sandbox`). The threat model of each mode is in docs/tools.md."""
+    `rollout.agent.remote_sandbox`). The threat model of each mode is in docs/tools.md."""
 
     name = "python"
     description = "Run a Python 3 script and return what it prints (no network, limited time and memory)."
@@ -409,7 +409,7 @@ def _check_interface(obj: Any, spec: str) -> None:
         what = f"has no {', '.join(missing)}" if missing else "is not callable"
         raise ConfigError(f"tool spec {spec!r}: {type(obj).__name__} {what}; a tool needs name, description, "
                           "parameters (JSON Schema) and __call__(**arguments) -> str (or decorate a function "
-                          "with rollout.tools.tool)")
+                          "with rollout.agent.tools.tool)")
     if not isinstance(obj.name, str) or not obj.name.isidentifier():
         raise ConfigError(f"tool spec {spec!r}: name must be an identifier string, got {obj.name!r}")
     if not isinstance(obj.parameters, Mapping) or obj.parameters.get("type", "object") != "object":

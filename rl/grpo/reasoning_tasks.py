@@ -21,7 +21,7 @@ line, and two-to-three-digit arithmetic written most significant digit first. He
 - by difficulty: `eval_ops` (lo, hi) draws the eval split's operation count from its own range (e.g.
   only 4-operation problems when training data has 1-3, or GRPO trains on 2-4).
 
-Row `i` of a split is a pure function of (seed, split, i, the options), like every task of `rl.tasks`.
+Row `i` of a split is a pure function of (seed, split, i, the options), like every task of `rl.grpo.tasks`.
 `sft_record(row)` is the row as a `bitmamba sft` conversation (`messages`: user question, assistant
 solution); `write_sft_corpus` writes a JSONL corpus of them.
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from model.errors import ConfigError
-from rl.chat import render_chat
+from rl.train.chat import render_chat
 
 Split = Literal["train", "eval"]
 
@@ -184,7 +184,7 @@ class WordProblemTask:
 
 def chat_prompt(question: str) -> str:
     """The ChatML text GRPO samples from: the question as a user turn, then the assistant header, exactly
-    as `bitmamba sft` renders a conversation's first turn (`rl.chat`)."""
+    as `bitmamba sft` renders a conversation's first turn (`rl.train.chat`)."""
     return render_chat([{"role": "user", "content": question}], add_generation_prompt=True)
 
 

@@ -19,9 +19,9 @@ from model.config import BitMambaConfig
 from model.errors import ConfigError
 from model.lm import BitMambaLM
 from model.typed import load_config
-from rollout.agent import AgentConfig
+from rollout.agent.loop import AgentConfig
 from rollout.tokenizer import build_tiny_tokenizer, load_tokenizer
-from rollout.tools import load_tools
+from rollout.agent.tools import load_tools
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ModelSection:
 
 @dataclass
 class TaskSection:
-    """Prompts: a synthetic task of `rl/tasks.py` (`name`) or a JSONL file (`path`, one object per
+    """Prompts: a synthetic task of `rl/grpo/tasks.py` (`name`) or a JSONL file (`path`, one object per
     line with `prompt_key` and the reward's fields). Giving neither means `name: arithmetic`."""
 
     DEFAULT_NAME = "arithmetic"
@@ -154,7 +154,7 @@ class LearnerSection:
     Ranks: `num_gpus` is the learner's GPUs in all. At most 1 (a GPU or a share of one, 0 on CPU) runs
     `num_ranks` ranks (default 1; more than one rank is refused on a GPU share: two ranks cannot share a
     GPU under NCCL). An integer N > 1 runs N ranks of one GPU each (`num_ranks` then left at 1 or set to N).
-    `num_cpus` is per rank. Several ranks form a learner group (rl/learner_group.py)."""
+    `num_cpus` is per rank. Several ranks form a learner group (rl/grpo/learner_group.py)."""
 
     backend: Literal["deepspeed", "torch"] = "deepspeed"   # "torch": plain AdamW, warned at start
     lr: float = 1e-6
@@ -245,7 +245,7 @@ class WorkersSection:
 @dataclass
 class AgentSection:
     """Per-episode limits of tool-using rollouts (used when `tools` is non-empty; see docs/tools.md),
-    passed to `rollout.agent.AgentConfig`."""
+    passed to `rollout.agent.loop.AgentConfig`."""
 
     max_tool_calls: int = 4              # calls per episode; the next one ends the episode
     max_total_tokens: int | None = None  # sampled + injected tokens; None: sampling.max_new_tokens

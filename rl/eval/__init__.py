@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval benchmarks and pass@k generation evals (`bitmamba eval`)."""
