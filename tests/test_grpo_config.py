@@ -46,6 +46,7 @@ def test_overrides_and_typed_values(tmp_path):
     (["algo.tis_cap=0.5"], "algo.tis_cap"),
     (["workers.weight_sync=nccl"], "workers.weight_sync"),
     (["model.ssm_state=float16"], "model.ssm_state"),
+    (["rewards=[{spec: 'rl.tasks:exact_digits'}]"], "module 'rl.tasks' is now 'rl.grpo.tasks'"),
 ])
 def test_config_errors_name_key_and_file(override, needle):
     path = ROOT / "configs/grpo_tiny.yaml"
@@ -122,3 +123,10 @@ def test_tools_section_loads_and_resolves_files_against_the_config_dir(tmp_path,
         load_grpo_config(cfg_file, ["agent.max_tool_calls=-1"])
     with pytest.raises(ConfigError, match="duplicate tool names"):
         load_grpo_config(cfg_file, ["tools=[calculator, calculator]"])
+
+
+def test_a_tool_spec_naming_a_moved_module_names_the_new_one(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text((ROOT / "configs/grpo_tiny.yaml").read_text() + "\ntools: ['rollout.tools:Calculator']\n")
+    with pytest.raises(ConfigError, match="'rollout.tools' is now 'rollout.agent.tools'"):
+        load_grpo_config(cfg)

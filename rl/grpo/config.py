@@ -72,6 +72,22 @@ class TaskSection:
             raise ConfigError(f"task.eval_size: must be >= 0, got {self.eval_size}")
 
 
+# Modules of ours that configs name in `module:attr` specs, under the paths they had before the package
+# layout of rl/ (rl/train, rl/grpo, rl/eval) and rollout/agent: a spec naming one is refused with the new path.
+MOVED_MODULES = {
+    "rl.tasks": "rl.grpo.tasks", "rl.tool_task_defs": "rl.grpo.tasks", "rl.reasoning_tasks": "rl.grpo.reasoning_tasks",
+    "rl.tool_tasks": "rl.grpo.tool_tasks", "rollout.tools": "rollout.agent.tools",
+}
+
+
+def check_spec_module(spec: str, where: str) -> None:
+    """Raise a `ConfigError` naming the new module when `spec` (`module:attr`) names a moved module."""
+    module = spec.split(":", 1)[0].strip()
+    if module in MOVED_MODULES:
+        new = MOVED_MODULES[module]
+        raise ConfigError(f"{where}: module {module!r} is now {new!r}; write {spec.replace(module, new, 1)!r}")
+
+
 @dataclass
 class RewardItem:
     """One reward function (see rewards.load_reward): built-in name, file.py:fn or module:fn."""
@@ -82,6 +98,9 @@ class RewardItem:
     timeout_s: float | None = None
     fallback: float | None = None
     name: str | None = None
+
+    def __post_init__(self):
+        check_spec_module(self.spec, "rewards[].spec")
 
 
 @dataclass
@@ -352,6 +371,10 @@ def load_grpo_config(path: str | Path | None = None, overrides: list[str] | None
 
 def check_tools(cfg: GRPOConfig) -> list:
     """Load the config's tools (imports user files; raises `ConfigError` naming a bad spec)."""
+    for t in cfg.tools:
+        spec = t.get("spec") if isinstance(t, dict) else t
+        if isinstance(spec, str):
+            check_spec_module(spec, "tools[].spec")
     return load_tools(cfg.tools, base_dir=cfg.tools_base_dir)
 
 
