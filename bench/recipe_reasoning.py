@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from model.errors import ConfigError  # noqa: E402
 from model.info import checkpoint_info  # noqa: E402
+from model.jsonl import read_jsonl  # noqa: E402
 from rl.train.checkpoint import CheckpointManager, read_manifest  # noqa: E402
 from rl.grpo.config import load_grpo_config  # noqa: E402
 from rl.train.metrics import read_metrics  # noqa: E402
@@ -426,7 +427,7 @@ def build_report(run: Path, args: argparse.Namespace, grpo_total: int, done: dic
 
 def _invocations(run: Path) -> list[dict]:
     path = run / "invocations.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    return read_jsonl(path) if path.is_file() else []
 
 
 def _device() -> str:

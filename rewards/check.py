@@ -29,7 +29,8 @@ from rewards.pool import RewardPool, ScoreResult
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """JSON object per non-empty line; errors name the file and the line number."""
+    """JSON object per non-empty line; errors name the file and the line number, in the wording of
+    `model.jsonl` ("rows.jsonl:7: not valid JSON (...)"), which this standalone package does not import."""
     if not os.path.isfile(path):
         raise RewardDataError(f"{path}: file not found")
     rows = []
@@ -39,8 +40,9 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as e:
-                raise RewardDataError(f"{path}:{lineno}: invalid JSON ({e})") from None
+            except json.JSONDecodeError as e:
+                raise RewardDataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}): "
+                                      f"{line.strip()[:80]!r}") from None
             if not isinstance(row, dict):
                 raise RewardDataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)

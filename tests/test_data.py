@@ -52,7 +52,7 @@ def test_load_local_formats(tmp_path):
 def test_broken_jsonl_line_named(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n{"text": "ok2"}\n{"text": broken\n{"text": "ok3"}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:3: invalid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: not valid JSON"):
         load_records(str(p))
 
 

@@ -69,7 +69,7 @@ def test_broken_line_mismatch_and_bad_spec_are_clean_errors(tmp_path, data, caps
     broken.write_text('{"prompt": "a", "completion": "x"}\n\n{"prompt": "b", "completion": \n')
     assert main(["format", "--data", str(broken)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and f"{broken}:3: invalid JSON" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and f"{broken}:3: not valid JSON" in err and err.count("\n") == 1
     comps = write_jsonl(tmp_path / "c3.jsonl", [{"completion": "x"}] * 3)
     assert main(["format", "--data", data, "--completions", comps]) == 2
     err = capsys.readouterr().err

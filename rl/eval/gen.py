@@ -14,7 +14,6 @@ for its held-out eval.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -22,31 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import ConfigError, DataError
+from model.jsonl import read_jsonl
 from rl.grpo.algo import pass_at_k
 from rollout.types import GenRequest, SamplingParams
 
 
 def load_prompt_rows(path: str | Path, prompt_key: str = "prompt") -> list[dict[str, Any]]:
     """JSONL of objects with a `prompt_key` string -> rows (the other keys are the reward's fields)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such file")
-    rows = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(prompt_key), str):
-                raise DataError(f"{p}:{n}: expected an object with a string {prompt_key!r}")
-            if prompt_key != "prompt":
-                row["prompt"] = row[prompt_key]
-            rows.append(row)
-    if not rows:
-        raise DataError(f"{p}: no rows")
+    rows = read_jsonl(path, {prompt_key: str}, allow_empty=False)
+    for row in rows:
+        row["prompt"] = row[prompt_key]
     return rows
 
 

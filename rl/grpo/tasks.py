@@ -16,17 +16,17 @@ scratchpad, ChatML prompts), or a JSONL file.
 
 from __future__ import annotations
 
-import json
 import random
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from model.errors import ConfigError, DataError
+from model.jsonl import read_jsonl
 from rl.grpo.reasoning_tasks import WordProblemTask
 from rl.train.chat import IM_END, IM_START
-from rollout.agent.tools import Calculator, tool_schema
+from rollout.agent.calculator import Calculator
+from rollout.agent.tools import tool_schema
 
 Split = Literal["train", "eval"]
 
@@ -202,8 +202,8 @@ class JsonlTask:
     prompt_key: str = "prompt"
 
     def __post_init__(self):
-        self._train = _read_jsonl(self.path, self.prompt_key)
-        self._eval = _read_jsonl(self.eval_path, self.prompt_key) if self.eval_path else []
+        self._train = read_jsonl(self.path, {self.prompt_key: str}, allow_empty=False)
+        self._eval = read_jsonl(self.eval_path, {self.prompt_key: str}, allow_empty=False) if self.eval_path else []
 
     def row(self, split: Split, index: int) -> dict[str, Any]:
         data = self._train if split == "train" else self._eval
@@ -216,27 +216,6 @@ class JsonlTask:
 
     def rows(self, split: Split, start: int, count: int) -> list[dict[str, Any]]:
         return [self.row(split, i) for i in range(start, start + count)]
-
-
-def _read_jsonl(path: str, prompt_key: str) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"dataset not found: {p}")
-    out = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{p}:{n}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(prompt_key), str):
-                raise DataError(f"{p}:{n}: expected an object with a string {prompt_key!r}")
-            out.append(obj)
-    if not out:
-        raise DataError(f"{p}: empty dataset")
-    return out
 
 
 def make_task(name: str | None = None, path: str | None = None, *, seed: int = 0,

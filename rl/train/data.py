@@ -21,7 +21,6 @@ longest sequence of the batch; labels are -100 on padding and on every non-assis
 from __future__ import annotations
 
 import glob as globlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from model.errors import ConfigError, DataError
+from model.jsonl import iter_jsonl
 from rl.train.chat import encode_chat, encode_text, token_id
 
 IGNORE_INDEX = -100
@@ -71,21 +71,7 @@ def _looks_like_hub(path: str) -> bool:
 
 def check_jsonl(path: str | Path) -> int:
     """Parse every line of a JSONL file; return the record count; DataError names file and line."""
-    path = Path(path)
-    n = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            s = line.strip()
-            if not s:
-                continue
-            try:
-                rec = json.loads(s)
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg if hasattr(e, 'msg') else e}): {s[:80]!r}") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            n += 1
-    return n
+    return sum(1 for _ in iter_jsonl(path))
 
 
 def _local_files(spec: str) -> list[Path]:

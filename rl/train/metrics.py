@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from model.jsonl import read_jsonl
+
 
 def _plain(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
@@ -71,13 +73,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                out.append(json.loads(line))
-    return out
+    return read_jsonl(path)
 
 
 def wandb_mode(requested: str | None = None) -> str:
