@@ -37,7 +37,8 @@ from rollout.agent.loop import Agent, AgentConfig, ToolMessageFormat  # noqa: E4
 from rollout.backends import make_backend  # noqa: E402
 from rollout.engine import Engine  # noqa: E402
 from rollout.tokenizer import build_tiny_tokenizer  # noqa: E402
-from rollout.agent.tools import Calculator, ToolSet  # noqa: E402
+from rollout.agent.calculator import Calculator  # noqa: E402
+from rollout.agent.runner import ToolSet  # noqa: E402
 from rollout.types import GenRequest, SamplingParams  # noqa: E402
 
 

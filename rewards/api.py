@@ -17,19 +17,15 @@ options) is checked in `load_reward`, so a typo fails at config load, not at ste
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import math
 import numbers
-import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from rewards.errors import RewardSpecError
+from rewards.spec import SpecLoader
 
 # statuses of one (function, sample) call, in order of precedence when several functions disagree
 STATUSES = ("crash", "timeout", "error", "invalid", "none", "ok")
@@ -215,51 +211,7 @@ def _builtin_registry() -> dict[str, Callable[..., Callable]]:
     return BUILTINS
 
 
-def _load_file(path: str, func: str, spec: str) -> Callable:
-    if not os.path.isfile(path):
-        raise RewardSpecError(f"reward spec {spec!r}: file not found: {path}")
-    mod_name = "_reward_user_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
-    module = sys.modules.get(mod_name)
-    if module is None:
-        ispec = importlib.util.spec_from_file_location(mod_name, path)
-        if ispec is None or ispec.loader is None:
-            raise RewardSpecError(f"reward spec {spec!r}: cannot import {path}")
-        module = importlib.util.module_from_spec(ispec)
-        sys.modules[mod_name] = module
-        try:
-            ispec.loader.exec_module(module)
-        except Exception as e:   # user code: report any import-time failure as a spec error
-            del sys.modules[mod_name]
-            raise RewardSpecError(f"reward spec {spec!r}: importing {path} failed: "
-                                  f"{type(e).__name__}: {e}") from e
-    if not hasattr(module, func):
-        have = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise RewardSpecError(f"reward spec {spec!r}: {path} has no function {func!r} "
-                              f"(callables there: {', '.join(have) or 'none'})")
-    return getattr(module, func)
-
-
-def _load_module(mod: str, func: str, spec: str) -> Callable:
-    try:
-        module = importlib.import_module(mod)
-    except ImportError as e:
-        raise RewardSpecError(f"reward spec {spec!r}: cannot import module {mod!r}: {e}") from e
-    if not hasattr(module, func):
-        raise RewardSpecError(f"reward spec {spec!r}: module {mod!r} has no function {func!r}")
-    return getattr(module, func)
-
-
-def _split_spec(spec: str) -> tuple[str, str, str]:
-    """-> (kind, target, function) with kind in builtin / file / module."""
-    if ":" not in spec:
-        return "builtin", spec, ""
-    target, _, func = spec.rpartition(":")
-    if not target or not func.isidentifier():
-        raise RewardSpecError(f"reward spec {spec!r}: expected NAME, path/to/file.py:function "
-                              "or package.module:function")
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        return "file", target, func
-    return "module", target, func
+_SPECS = SpecLoader(label="reward spec", noun="function", error=RewardSpecError)
 
 
 def load_reward(spec: str | Callable, *, name: str | None = None, base_dir: str | None = None,
@@ -275,9 +227,9 @@ def load_reward(spec: str | Callable, *, name: str | None = None, base_dir: str 
         return RewardFn(spec, name=fn_name, bound_config=kwargs)
     if not isinstance(spec, str) or not spec.strip():
         raise RewardSpecError(f"reward spec must be a non-empty string or a callable, got {spec!r}")
-    spec = spec.strip()
-    kind, target, func = _split_spec(spec)
-    if kind == "builtin":
+    us = _SPECS.parse(spec, base_dir)
+    spec, target = us.text, us.target
+    if us.kind == "builtin":
         registry = _builtin_registry()
         if target not in registry:
             raise RewardSpecError(f"unknown built-in reward {target!r} (built-ins: {', '.join(sorted(registry))}; "
@@ -295,13 +247,10 @@ def load_reward(spec: str | Callable, *, name: str | None = None, base_dir: str 
         except (TypeError, ValueError) as e:
             raise RewardSpecError(f"built-in reward {target!r}: {e}") from None
         return RewardFn(fn, name=name or target, spec=spec, config=kwargs)
-    if kind == "file":
-        path = target if os.path.isabs(target) else os.path.join(base_dir or os.getcwd(), target)
-        path = os.path.abspath(path)
-        fn = _load_file(path, func, spec)
-        spec = f"{path}:{func}"     # absolute, so workers with another cwd load the same file
-    else:
-        fn = _load_module(target, func, spec)
+    fn = _SPECS.load(us)
+    func = us.attr
+    if us.kind == "file":
+        spec = f"{us.target}:{func}"     # absolute, so workers with another cwd load the same file
     if not callable(fn):
         raise RewardSpecError(f"reward spec {spec!r}: {func!r} is a {type(fn).__name__}, not a function")
     try:

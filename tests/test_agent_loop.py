@@ -18,7 +18,8 @@ from model.lm import BitMambaLM
 from rollout.agent.loop import Agent, AgentConfig, ToolMessageFormat, agent_metrics, batch_fields
 from rollout.backends import make_backend
 from rollout.tokenizer import build_tiny_tokenizer
-from rollout.agent.tools import Calculator, tool
+from rollout.agent.calculator import Calculator
+from rollout.agent.tools import tool
 from rollout.types import GenRequest, SamplingParams
 
 

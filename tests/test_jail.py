@@ -22,7 +22,7 @@ import pytest
 
 from rollout.agent.jail import jail_problem, reap_orphaned_jails
 from rollout.agent.sandbox import SandboxConfig, SandboxResult, run_python
-from rollout.agent.tools import PythonTool
+from rollout.agent.python_tool import PythonTool
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_JAIL = jail_problem()

@@ -13,7 +13,9 @@ import pytest
 from model.errors import ConfigError
 from rollout.agent.remote_sandbox import RemoteSandboxConfig, RemoteSandboxError, run_remote
 from rollout.agent.sandbox import SandboxConfig, run_python
-from rollout.agent.tools import PythonTool, ToolSet, load_tools
+from rollout.agent.loader import load_tools
+from rollout.agent.python_tool import PythonTool
+from rollout.agent.runner import ToolSet
 
 
 class Stub(ThreadingHTTPServer):

@@ -10,8 +10,11 @@ import pytest
 
 from model.errors import ConfigError
 from rollout.agent.toolcall import ToolCallStream, find_calls, last_call, parse_call_body
-from rollout.agent.tools import (CalcError, Calculator, FunctionTool, PythonTool, ToolSet, load_tool, load_tools,
-                           tool, tool_schema)
+from rollout.agent.calculator import CalcError, Calculator
+from rollout.agent.loader import load_tool, load_tools
+from rollout.agent.python_tool import PythonTool
+from rollout.agent.runner import ToolSet
+from rollout.agent.tools import FunctionTool, tool, tool_schema
 
 
 # ----------------------------------------------------------------------------- calculator
@@ -263,7 +266,9 @@ def test_inline_tools_run_on_the_calling_thread_and_the_others_on_tool_threads()
     caller's thread, failures still text; other sync tools run on the pool's threads."""
     import threading
 
-    from rollout.agent.tools import Calculator, FunctionTool, ToolSet
+    from rollout.agent.calculator import Calculator
+    from rollout.agent.runner import ToolSet
+    from rollout.agent.tools import FunctionTool
 
     seen = {}
 

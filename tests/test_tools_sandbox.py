@@ -12,7 +12,7 @@ from rollout.agent import jail
 from rollout.agent import sandbox
 from rollout.agent.jail import jail_problem
 from rollout.agent.sandbox import SandboxConfig, run_python, unshare_available
-from rollout.agent.tools import PythonTool
+from rollout.agent.python_tool import PythonTool
 
 NO_JAIL = jail_problem()
 needs_jail = pytest.mark.skipif(NO_JAIL is not None, reason=f"no jail on this host: {NO_JAIL}")

@@ -21,7 +21,7 @@ from model.lm import BitMambaLM
 from model.typed import load_config
 from rollout.agent.loop import AgentConfig
 from rollout.tokenizer import build_tiny_tokenizer, load_tokenizer
-from rollout.agent.tools import load_tools
+from rollout.agent.loader import load_tools
 
 
 @dataclass
@@ -76,7 +76,7 @@ class TaskSection:
 # layout of rl/ (rl/train, rl/grpo, rl/eval) and rollout/agent: a spec naming one is refused with the new path.
 MOVED_MODULES = {
     "rl.tasks": "rl.grpo.tasks", "rl.tool_task_defs": "rl.grpo.tasks", "rl.reasoning_tasks": "rl.grpo.reasoning_tasks",
-    "rl.tool_tasks": "rl.grpo.tool_tasks", "rollout.tools": "rollout.agent.tools",
+    "rl.tool_tasks": "rl.grpo.tasks", "rollout.tools": "rollout.agent.tools",
 }
 
 

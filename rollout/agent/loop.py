@@ -50,7 +50,7 @@ from model.errors import ConfigError
 from rollout.engine import Engine, PauseView
 from rollout.tokenizer import FastCodec
 from rollout.agent.toolcall import CALL_END, CALL_START, ToolCall, last_call
-from rollout.agent.tools import ToolOutcome, ToolSet
+from rollout.agent.runner import ToolOutcome, ToolSet
 from rollout.types import GenRequest, GenResult, SamplingParams
 
 log = logging.getLogger(__name__)

@@ -245,7 +245,7 @@ def test_python_tool_from_a_yaml_spec_runs_model_code_in_the_jail(tmp_path):
     """The `python` built-in as a config loads it (no sandbox key): a planted secret, the project tree and
     /root are out of reach, and it runs as an unprivileged uid (tests/test_jail.py has the full list)."""
     from rollout.agent.jail import jail_problem
-    from rollout.agent.tools import load_tools
+    from rollout.agent.loader import load_tools
 
     reason = jail_problem()
     if reason is not None:
