@@ -41,12 +41,12 @@ PHASES = ("time/generate", "time/score", "time/learn", "time/sync", "time/step",
 
 
 def step_config(quick: bool, out: Path, gpu: bool, steps: int | None = None, micro_batch_tokens: int = 16384,
-                one_step_off: bool = False, weight_sync: str = "auto", ssm_state: str = "float32"):
+                one_step_off: bool = False, weight_sync: str = "auto", ssm_dtype: str = "float32"):
     share = 0.5 if gpu else 0.0
     data = {
         "model": {"preset": "tiny" if quick else "mini-agent-scout",
                   "overrides": {"vocab_size": 384} if quick else {}, "tokenizer": "tiny",
-                  "max_seq_len": 64 if quick else 640, "backend": "auto", "ssm_state": ssm_state},
+                  "max_seq_len": 64 if quick else 640, "backend": "auto", "ssm_dtype": ssm_dtype},
         "task": {"name": "arithmetic", "kwargs": {"max_operand": 99}, "eval_size": 0},
         "group_size": 8, "prompts_per_step": 8 if quick else 64, "steps": steps or (2 if quick else 4),
         "sampling": {"max_new_tokens": 32 if quick else 512, "temperature": 1.0},
@@ -62,9 +62,9 @@ def step_config(quick: bool, out: Path, gpu: bool, steps: int | None = None, mic
 
 
 def bench_step(quick: bool, out: Path, steps: int | None = None, micro_batch_tokens: int = 16384,
-               one_step_off: bool = False, weight_sync: str = "auto", ssm_state: str = "float32") -> dict:
+               one_step_off: bool = False, weight_sync: str = "auto", ssm_dtype: str = "float32") -> dict:
     cfg = step_config(quick, out, torch.cuda.is_available(), steps, micro_batch_tokens, one_step_off, weight_sync,
-                      ssm_state)
+                      ssm_dtype)
     driver = Driver(cfg)
     try:
         driver.run()
@@ -81,7 +81,7 @@ def bench_step(quick: bool, out: Path, steps: int | None = None, micro_batch_tok
     share = {k: avg[k] / avg["time/step"] for k in ("time/generate", "time/score", "time/learn", "time/sync")}
     return {"shape": cfg.model.preset, "group_size": cfg.group_size, "prompts": cfg.prompts_per_step,
             "one_step_off_policy": cfg.one_step_off_policy, "weight_sync": cfg.workers.weight_sync,
-            "ssm_state": cfg.model.ssm_state,
+            "ssm_dtype": cfg.model.ssm_dtype,
             "max_new_tokens": cfg.sampling.max_new_tokens, "steps_timed": len(timed), "mean": avg,
             "share_of_step": share, "first_step": {k: recs[0].get(k) for k in PHASES}}
 
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="one_step_off_policy: the next batch generates while the learner updates")
     p.add_argument("--weight-sync", choices=("auto", "object_store"), default="auto",
                    help="workers.weight_sync (auto: CUDA IPC to a worker on the learner's GPU)")
-    p.add_argument("--ssm-state", choices=("float32", "bfloat16"), default="float32",
-                   help="model.ssm_state of the generation worker")
+    p.add_argument("--ssm-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="model.ssm_dtype of the generation worker")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     out = Path(args.out or ROOT / "bench" / "results" / ("grpo_quick.json" if args.quick else "grpo.json"))
@@ -149,13 +149,13 @@ def main(argv: list[str] | None = None) -> int:
                  + (f" --micro-batch-tokens {args.micro_batch_tokens}" if args.micro_batch_tokens != 16384 else "")
                  + (" --one-step-off" if args.one_step_off else "")
                  + (f" --weight-sync {args.weight_sync}" if args.weight_sync != "auto" else "")
-                 + (f" --ssm-state {args.ssm_state}" if args.ssm_state != "float32" else ""),
+                 + (f" --ssm-dtype {args.ssm_dtype}" if args.ssm_dtype != "float32" else ""),
                  "env": {k: os.environ[k] for k in ("BITMAMBA_AUTOTUNE", "MAMBA_DETERMINISTIC") if k in os.environ}}
     if args.only in (None, "step"):
         # the run's metrics.jsonl lands beside the JSON, so a run cut off by a time limit still leaves its steps
         run_dir = out.parent / (out.stem + "_run") if out.parent.exists() else Path(tempfile.mkdtemp())
         res["step"] = bench_step(args.quick, run_dir, args.steps, args.micro_batch_tokens, args.one_step_off,
-                                 args.weight_sync, args.ssm_state)
+                                 args.weight_sync, args.ssm_dtype)
         print(json.dumps(res["step"]["mean"], indent=1), flush=True)
     if args.only in (None, "memory"):
         res["memory"] = bench_memory(args.quick)

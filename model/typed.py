@@ -96,11 +96,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types. A key listed in the
+    class's `RENAMED` mapping (old name -> new name) is refused with an error naming the new key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    renamed = [k for k in data if k in getattr(cls, "RENAMED", {})]
+    if renamed:
+        old = renamed[0]
+        raise ConfigError(f"key {prefix}{old} is now {prefix}{cls.RENAMED[old]}: rename it in the config")
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(

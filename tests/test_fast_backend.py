@@ -192,7 +192,7 @@ def test_fused_and_unfused_norm_paths_agree_in_interpreter():
 
 
 def test_make_backend_ssm_dtype_sets_only_the_ssm_state():
-    """`model.ssm_state: bfloat16` (GRPO workers) -> bf16 SSM state, conv window in state_dtype; the
+    """`model.ssm_dtype: bfloat16` (GRPO workers) -> bf16 SSM state, conv window in state_dtype; the
     engine decodes with it and stays close to the fp32-state log-probs."""
     import torch
 

@@ -11,7 +11,7 @@ from rl.grpo.tasks import ArithmeticTask, arithmetic_reward, first_integer, make
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# the configs of `python -m rl.grpo.driver` (configs/tools_experiment_tiny.yaml belongs to rl.grpo.tool_tasks, another
+# the configs of `python -m rl.grpo.driver` (configs/tool_warmstart_tiny.yaml belongs to rl.grpo.tool_warmstart, another
 # schema: tests/test_agent_tool_task.py loads it)
 GRPO_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("grpo_*.yaml"))
 
@@ -45,7 +45,8 @@ def test_overrides_and_typed_values(tmp_path):
     (["eval_k=8"], "eval_k"),
     (["algo.tis_cap=0.5"], "algo.tis_cap"),
     (["workers.weight_sync=nccl"], "workers.weight_sync"),
-    (["model.ssm_state=float16"], "model.ssm_state"),
+    (["model.ssm_dtype=float16"], "model.ssm_dtype"),
+    (["model.ssm_state=bfloat16"], "key model.ssm_state is now model.ssm_dtype"),
     (["rewards=[{spec: 'rl.tasks:exact_digits'}]"], "module 'rl.tasks' is now 'rl.grpo.tasks'"),
 ])
 def test_config_errors_name_key_and_file(override, needle):

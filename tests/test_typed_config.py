@@ -66,3 +66,20 @@ def test_exponent_floats_without_dot(tmp_path):
     assert load_config(Outer, p).optim.lr == 1e-4
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(Outer, write(tmp_path, "optim:\n  lr: 1e-4x\n"))
+
+
+@dataclass
+class Renamed:
+    RENAMED = {"old_lr": "lr"}
+    lr: float = 1e-3
+
+
+@dataclass
+class HoldsRenamed:
+    optim: Renamed = field(default_factory=Renamed)
+
+
+def test_a_renamed_key_is_refused_with_its_new_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"key optim.old_lr is now optim.lr"):
+        load_config(HoldsRenamed, write(tmp_path, "optim:\n  old_lr: 0.1\n"))
+    assert load_config(HoldsRenamed, write(tmp_path, "optim:\n  lr: 0.1\n")).optim.lr == 0.1

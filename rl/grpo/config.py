@@ -29,6 +29,8 @@ class ModelSection:
     """Where the policy comes from: exactly one of `path` (a `save_pretrained` directory) and
     `preset` (a `BitMambaConfig.preset` name, randomly initialised with `init_seed`)."""
 
+    RENAMED = {"ssm_state": "ssm_dtype"}
+
     path: str | None = None
     preset: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)   # preset field overrides (e.g. vocab_size)
@@ -36,7 +38,7 @@ class ModelSection:
     tokenizer: str = "tiny"            # "tiny" (rollout.tokenizer.build_tiny_tokenizer) or a path
     max_seq_len: int = 512             # context limit: prompt + completion tokens
     backend: Literal["auto", "torch", "fast"] = "auto"   # decode backend of the generation workers
-    ssm_state: Literal["float32", "bfloat16"] = "float32"   # the workers' SSM state (bf16: faster, more mismatch)
+    ssm_dtype: Literal["float32", "bfloat16"] = "float32"   # the workers' SSM state (bf16: faster, more mismatch)
 
     def __post_init__(self):
         if (self.path is None) == (self.preset is None):

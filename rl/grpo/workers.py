@@ -58,7 +58,7 @@ class GenerationWorker:
         self.model.requires_grad_(False)
         self.tokenizer = build_tokenizer(model_section)
         self.backend = make_backend(self.model, model_section.backend,
-                                    ssm_dtype=getattr(torch, model_section.ssm_state))
+                                    ssm_dtype=getattr(torch, model_section.ssm_dtype))
         self.engine = Engine(self.backend, self.tokenizer, slots=slots, sync_every=sync_every)
         self.version = -1
         self._crash_next = False
