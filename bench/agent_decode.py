@@ -156,7 +156,7 @@ def main(argv=None) -> int:
                    help="defer: the engine's default (a pending tool keeps its sample's slot up to 2 windows and "
                         "the sample resumes at the first decode step after the answer (hash noise), then it parks); "
                         "defer4: the same with 4 windows; wait: wait up to 2 ms at the sync with the GPU idle, "
-                        "then park (session 4)")
+                        "then park")
     p.add_argument("--cprofile", default=None, help="write cProfile stats (text) of one extra tools run here")
     p.add_argument("--sync-every", type=int, default=8)
     p.add_argument("--backend", default="auto")

@@ -4,7 +4,7 @@
 #   bash bench/gpu_suite.sh tests-kernels   # GPU-marked tests of the decode kernels + FastBackend (one run)
 #   bash bench/gpu_suite.sh tests-rest      # engine and model GPU tests (another run); `tests` = both
 #   bash bench/gpu_suite.sh rollout    # prefill per length + batched, agent_decode, engine GPU tests (one run)
-#   bash bench/gpu_suite.sh decode     # bench/decode.py, both presets of issue 3 -> $OUT/decode*.json
+#   bash bench/gpu_suite.sh decode     # bench/decode.py, bitmamba2-1b and mini-agent-hybrid -> $OUT/decode*.json
 #   bash bench/gpu_suite.sh ray        # needs Ray: GPU OOM backoff, agent_decode, learner memory (bench/grpo.py)
 #   bash bench/gpu_suite.sh grpo       # needs Ray: GRPO step-time breakdown (bench/grpo.py --only step)
 #   bash bench/gpu_suite.sh profile    # sampling cost per step; kernel-level profiles of decode and a 2K training step
@@ -14,7 +14,7 @@
 #
 # Every item has its own time limit, so one slow item cannot eat the run; results land in $OUT
 # (default bench/results) as they are produced. On the device: start the command with
-# `source .device/bin/setup.sh || exit 1;` (see ../shared/gpu/README.md).
+# `source .device/bin/setup.sh || exit 1;` (the device's environment, outside this repository).
 set -u
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"

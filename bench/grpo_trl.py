@@ -1,10 +1,10 @@
-"""Baseline for issue 6: the same GRPO step under Hugging Face TRL's `GRPOTrainer` (transformers generate).
+"""Baseline: the same GRPO step under Hugging Face TRL's `GRPOTrainer` (transformers generate).
 
     python bench/grpo_trl.py                 # mini-agent-scout shape on one GPU -> bench/results/grpo_trl.json
     python bench/grpo_trl.py --quick         # tiny shape of grpo.py --quick, CPU, seconds (-> grpo_trl_quick.json)
     python bench/grpo_trl.py --compare bench/results/grpo.json   # also print our step time and the ratio
 
-What is compared (issue 6 target: our GRPO step >= 10x faster than this baseline). Both scripts run
+What is compared: our GRPO step against this baseline, as a ratio of step times. Both scripts run
 the same GRPO step shape: the `mini-agent-scout` dims (d_model 512, 24 layers, d_state 64, headdim 64,
 ngroups 1, expand 2, vocab 50257), randomly initialised (timing only), groups of 8, 64 prompts per
 step (512 completions), 512 new tokens per completion, arithmetic prompts ("12+34=") with a 0/1
@@ -23,18 +23,10 @@ norm stay in torch); `--hf-kernels torch` forces its pure-torch code. The JSON's
 `hf_kernel_impls` records which function each hook called. `tokens_per_s` is defined as in
 bench/grpo.py (completion tokens per second of generation); `tokens_per_s_step` divides by the step.
 
-On the GPU machine (one H100; no package registry there, so TRL travels as wheels). The device image
-already has accelerate, pyarrow, pandas, fsspec, xxhash and transformers; on the dev machine, once:
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
-        -d .whl trl==1.16.0 datasets==5.2.0 dill multiprocess
-Then a device run bringing .device/bin, .device/p1 (or a warm machine) and .whl:
-    source .device/bin/setup.sh || exit 1; OUT=$OUT bash bench/gpu_suite.sh trl
-Run on the H100 (session 3): 135.6 s for the first step, 24.21 s for the second, against our 20.3 s
-(bench/results/grpo_trl.json, rebuilt from the console log; see bench/results/h100_session3/).
-Tested: trl 1.16.0 with transformers 5.23.0, accelerate 1.15.0, torch 2.13 (CPU), `--quick` only; the
-GPU shape has not been run yet. TRL is optional: `pip install -e .[bench]` (pins trl==1.16.0).
+On a GPU machine: `pip install -e .[bench]` (pins trl==1.16.0; TRL is optional), then
+`python bench/grpo_trl.py --compare bench/results/grpo.json`, or `bash bench/gpu_suite.sh trl`.
+Measured on one H100 80GB (2026-11-22, `bench/results/grpo_trl.json`, rebuilt from the console log):
+135.6 s for the first step, 24.21 s per step after it.
 Nothing is downloaded at run time: the tokenizer is the repo's offline tiny BPE (rollout/tokenizer.py,
 as bench/grpo.py uses) and the prompts come from rl/grpo/tasks.py's ArithmeticTask (max_operand 99).
 """

@@ -34,7 +34,7 @@ def _old_chunk(xc, w, tg):
 
 
 def baseline(x, w, tg, chunk: int = 1024):
-    """The checkpointed path the learner used before (model/lm.py, CE_CHUNK 1024)."""
+    """The checkpointed path, the baseline of the fused head (model/lm.py, CE_CHUNK 1024)."""
     lps, ents = [], []
     for s in range(0, x.shape[0], chunk):
         lp, ent = checkpoint(_old_chunk, x[s:s + chunk], w, tg[s:s + chunk], use_reentrant=False)

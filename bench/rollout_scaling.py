@@ -1,4 +1,4 @@
-"""Rollout scaling of the GRPO generation workers over 1, 2 and 4 GPUs (issue 6: target >= 85% at 4).
+"""Rollout scaling of the GRPO generation workers over 1, 2 and 4 GPUs (throughput and efficiency per worker count).
 
     python bench/rollout_scaling.py --workers 1 2 4      # on a 4x H200 machine -> bench/results/rollout_scaling.json
     python bench/rollout_scaling.py --quick              # tiny model, CPU workers, about a minute
