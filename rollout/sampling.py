@@ -30,18 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from model.seeds import sample_seed
 from rollout.types import SamplingParams
-
-_MASK64 = (1 << 64) - 1
-
-
-def sample_seed(seed: int, sample_index: int) -> int:
-    """Seed of sample `sample_index` of a request seeded `seed` (splitmix64 of the pair; 63 bits)."""
-    x = (int(seed) * 0x9E3779B97F4A7C15 + int(sample_index) + 0x632BE59BD9B4E019) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) & ((1 << 63) - 1)
-
 
 def make_generator(seed: int, sample_index: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A fresh generator for one sample; two calls with the same arguments give the same stream."""

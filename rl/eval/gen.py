@@ -22,6 +22,7 @@ from typing import Any
 
 from model.errors import ConfigError, DataError
 from model.jsonl import read_jsonl
+from model.seeds import index_seed
 from rl.grpo.algo import pass_at_k
 from rollout.types import GenRequest, SamplingParams
 
@@ -52,8 +53,8 @@ def evaluate_generation(engine, tokenizer, rows: Sequence[Mapping[str, Any]], re
     """Sample `n_samples` completions per row's "prompt" with `engine` (`rollout.Engine`), score them
     with `reward_pool` (`rewards.RewardPool`; the row's other keys are the reward's fields).
 
-    params: sampling parameters (its `n` and `seed` are replaced: n = n_samples, seed = seed * 1_000_003
-      + row index, so the eval replays exactly). The prompt is encoded with add_special_tokens=False.
+    params: sampling parameters (its `n` and `seed` are replaced: n = n_samples, seed = `model.seeds.index_seed(seed,
+      row index)`, so the eval replays exactly). The prompt is encoded with add_special_tokens=False.
     Returns {"n_prompts", "n_samples", "reward_mean", "correct_rate", "pass@k" for each k, "seconds",
     "reward_status": counts} (+ "samples": per-row completions/rewards if return_samples).
     """
@@ -70,7 +71,7 @@ def evaluate_generation(engine, tokenizer, rows: Sequence[Mapping[str, Any]], re
         ids = tokenizer.encode(row["prompt"], add_special_tokens=False)
         if not ids:
             raise DataError(f"row {i}: the prompt encodes to zero tokens")
-        requests.append(GenRequest(ids, replace(base, n=n_samples, seed=seed * 1_000_003 + i), request_id=i))
+        requests.append(GenRequest(ids, replace(base, n=n_samples, seed=index_seed(seed, i)), request_id=i))
     results = engine.generate(requests)
     results = sorted(results, key=lambda r: (r.request_id, r.sample_index))
     completions = [r.text if r.text is not None else tokenizer.decode(r.token_ids) for r in results]

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import json
 import random
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from model.errors import ConfigError
+from model.seeds import text_held_out
 from rl.train.chat import render_chat
 
 Split = Literal["train", "eval"]
@@ -146,7 +146,7 @@ class WordProblemTask:
 
     def held_out(self, question: str) -> bool:
         """Whether a question belongs to the eval split (a fixed hash of its text: independent of `seed`)."""
-        return zlib.crc32(question.encode()) % 10_000 < int(self.eval_fraction * 10_000)
+        return text_held_out(question, self.eval_fraction)
 
     def problem(self, rng: random.Random, n_ops: int) -> Problem:
         """One problem of exactly `n_ops` operations drawn from `rng`."""

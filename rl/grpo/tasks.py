@@ -17,12 +17,12 @@ scratchpad, ChatML prompts), or a JSONL file.
 from __future__ import annotations
 
 import random
-import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from model.errors import ConfigError, DataError
 from model.jsonl import read_jsonl
+from model.seeds import product_held_out, sum_held_out, text_held_out
 from rl.grpo.reasoning_tasks import WordProblemTask
 from rl.train.chat import IM_END, IM_START
 from rollout.agent.calculator import Calculator
@@ -54,8 +54,7 @@ class ArithmeticTask:
             raise ConfigError(f"task.kwargs.eval_fraction: must be in (0, 1), got {self.eval_fraction}")
 
     def _held_out(self, a: int, b: int, op: str) -> bool:
-        h = (a * 1_000_003 + b * 7919 + ord(op) * 31 + 12345) % 1000
-        return h < int(self.eval_fraction * 1000)
+        return sum_held_out(a, b, op, self.eval_fraction)
 
     def row(self, split: Split, index: int) -> dict[str, Any]:
         rng = random.Random(f"{self.seed}/{split}/{index}")
@@ -121,8 +120,7 @@ class DigitsTask:
 
     def held_out(self, a: int, op: str, b: int) -> bool:
         """Whether problem (a, op, b) belongs to the eval split (a fixed hash: independent of `seed`)."""
-        h = zlib.crc32(f"{a}{op}{b}".encode())
-        return h % 10_000 < int(self.eval_fraction * 10_000)
+        return text_held_out(f"{a}{op}{b}", self.eval_fraction)
 
     def _operand(self, rng: random.Random, lo: int, hi: int) -> int:
         n = rng.randint(lo, hi)
@@ -294,8 +292,7 @@ class BigMultiplyTask:
         lo, hi = 10 ** (self.digits - 1), 10 ** self.digits - 1
         while True:
             a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-            held_out = (a * 7919 + b * 104729) % 1000 < int(self.eval_fraction * 1000)
-            if held_out == (split == "eval"):
+            if product_held_out(a, b, self.eval_fraction) == (split == "eval"):
                 break
         q = f"{a}*{b}"
         return {"prompt": chat_prompt(q + "="), "question": q, "answer": str(a * b), "id": f"{split}-{index}",

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from model.errors import ConfigError, DataError
 from model.jsonl import iter_jsonl
+from model.seeds import epoch_seed, index_seed, record_seed, source_seed
 from rl.train.chat import encode_chat, encode_text, token_id
 
 IGNORE_INDEX = -100
@@ -174,7 +175,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
     """Record order of one epoch: a permutation seeded by (seed, epoch), or 0..n-1."""
     if not shuffle:
         return list(range(n))
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919) % (2**63 - 1))
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     return torch.randperm(n, generator=g).tolist()
 
 
@@ -291,7 +292,7 @@ class PackedLoader:
         if len(set(names)) != len(names):
             raise DataError(f"data source names must be unique, got {names}")
         self.sources = {s.name: s for s, _ in sources}
-        self.cursors = {s.name: _Cursor(ds, seed + 17 * i, shuffle, s.name) for i, (s, ds) in enumerate(sources)}
+        self.cursors = {s.name: _Cursor(ds, source_seed(seed, i), shuffle, s.name) for i, (s, ds) in enumerate(sources)}
         self.offsets = {s.name: 0 for s, _ in sources}  # tokens of the current document already used
         self.tokenizer = tokenizer
         self.eos = eos_id(tokenizer)
@@ -332,7 +333,7 @@ class PackedLoader:
         if len(self.names) == 1:
             name = self.names[0]
         else:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rows)
+            g = torch.Generator().manual_seed(index_seed(self.seed, self.rows))
             name = self.names[int(torch.multinomial(self.weights, 1, generator=g))]
         self.rows += 1
         need = self.seq_len + 1
@@ -442,7 +443,7 @@ class SFTLoader:
         if self.messages_field not in rec:
             raise DataError(f"{self.name}: record {self.cursor.index} has no {self.messages_field!r} field "
                             f"(fields: {sorted(rec)})")
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.cursor.epoch * 100_003 + self.cursor.index)
+        g = torch.Generator().manual_seed(record_seed(self.seed, self.cursor.epoch, self.cursor.index))
         reasoning = bool(torch.rand((), generator=g) >= self.reasoning_off_share)
         try:
             enc = encode_chat(rec[self.messages_field], self.tokenizer, reasoning=reasoning)
