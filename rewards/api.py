@@ -7,6 +7,8 @@ A reward function is a plain callable, referenced by a spec string:
 - ``path/to/file.py:function`` (relative paths are resolved against ``base_dir``, default the cwd);
 - ``package.module:function`` (imported normally).
 
+The grammar and the import of user files are `rewards.spec`'s (shared with tool specs).
+
 Per-sample functions are called ``fn(prompt, completion, **fields)`` and return ``float | None``.
 Batched functions (decorated with `batched`) are called ``fn(prompts, completions, **columns)``
 with lists and return a list of the same length. ``async def`` works for both. ``None`` means
