@@ -15,21 +15,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from model.errors import CheckpointError, ConfigError
+from rollout.chatml import (CHATML_TEMPLATE, IM_END, IM_START, THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START,
+                            TOOL_RESPONSE_END, TOOL_RESPONSE_START)
 
-SPECIAL_TOKENS: list[str] = [
-    "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
-    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
-]
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS: list[str] = [
+    EOS_TOKEN, PAD_TOKEN, IM_START, IM_END, THINK_START, THINK_END,
+    TOOL_CALL_START, TOOL_CALL_END, TOOL_RESPONSE_START, TOOL_RESPONSE_END,
+]
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A language model predicts the next token of a text.

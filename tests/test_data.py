@@ -152,6 +152,21 @@ def test_chatml_render():
         render_chat([CONV[0], {"role": "bot", "content": "x"}])
 
 
+def test_chatml_prompt_template_and_tokens_agree(tok):
+    """`rollout.chatml.chat_prompt`, the SFT renderer's generation prompt and the tokenizer's chat template
+    give the same text, and every ChatML marker is one token of the tiny tokenizer."""
+    from rollout import chatml
+
+    q = "What is 2+3?\nThink."
+    user = [{"role": "user", "content": q}]
+    assert chatml.chat_prompt(q) == render_chat(user, add_generation_prompt=True)
+    assert chatml.chat_prompt(q) == tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    assert chatml.chat_prompt(q) == "<|im_start|>user\nWhat is 2+3?\nThink.<|im_end|>\n<|im_start|>assistant\n"
+    for marker in (chatml.IM_START, chatml.IM_END, chatml.THINK_START, chatml.THINK_END, chatml.TOOL_CALL_START,
+                   chatml.TOOL_CALL_END, chatml.TOOL_RESPONSE_START, chatml.TOOL_RESPONSE_END):
+        assert len(tok.encode(marker, add_special_tokens=False)) == 1, marker
+
+
 def test_chat_mask_only_assistant_tokens(tok):
     enc = encode_chat(CONV, tok)
     assert tok.decode(enc.input_ids) == enc.text  # specials are single tokens; pieces re-join exactly

@@ -36,7 +36,7 @@ from typing import Any, Callable, Literal
 
 from model.errors import ConfigError
 from model.seeds import text_held_out
-from rl.train.chat import render_chat
+from rollout.chatml import chat_prompt
 
 Split = Literal["train", "eval"]
 
@@ -180,12 +180,6 @@ class WordProblemTask:
 
     def rows(self, split: Split, start: int, count: int) -> list[dict[str, Any]]:
         return [self.row(split, i) for i in range(start, start + count)]
-
-
-def chat_prompt(question: str) -> str:
-    """The ChatML text GRPO samples from: the question as a user turn, then the assistant header, exactly
-    as `bitmamba sft` renders a conversation's first turn (`rl.train.chat`)."""
-    return render_chat([{"role": "user", "content": question}], add_generation_prompt=True)
 
 
 def sft_record(row: dict[str, Any]) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from model.errors import ConfigError, DataError
 from model.jsonl import read_jsonl
 from model.seeds import product_held_out, sum_held_out, text_held_out
 from rl.grpo.reasoning_tasks import WordProblemTask
-from rl.train.chat import IM_END, IM_START
 from rollout.agent.calculator import Calculator
+from rollout.chatml import ASSISTANT_HEADER, IM_END, TOOL_CALL_END, TOOL_CALL_START, chat_prompt
 from rollout.agent.tools import tool_schema
 
 Split = Literal["train", "eval"]
@@ -270,11 +270,6 @@ def arithmetic_reward(prompts: list[str], completions: list[str], answer: list[s
 
 
 # ------------------------------------------------------------------ bigmul: products through the calculator
-def chat_prompt(question: str) -> str:
-    """The ChatML prompt of one question (no system prompt: the tiny model's context is short)."""
-    return f"{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n"
-
-
 @dataclass
 class BigMultiplyTask:
     """`a*b=` with `digits`-digit operands; rows are a pure function of (seed, split, index)."""
@@ -306,13 +301,13 @@ class BigMultiplyTask:
 def final_answer_text(completion: str, final_text: str | None = None) -> str:
     """The last assistant turn without tool-call blocks: `final_text` when the agent gave it, else the
     text after the last `<|im_start|>assistant\\n` of the completion (never the tool's message)."""
-    text = final_text if final_text is not None else completion.rsplit(f"{IM_START}assistant\n", 1)[-1]
+    text = final_text if final_text is not None else completion.rsplit(ASSISTANT_HEADER, 1)[-1]
     parts = []
-    for i, chunk in enumerate(text.split("<tool_call>")):
+    for i, chunk in enumerate(text.split(TOOL_CALL_START)):
         if i == 0:
             parts.append(chunk)
-        elif "</tool_call>" in chunk:          # drop the call, keep what follows it
-            parts.append(chunk.split("</tool_call>", 1)[1])
+        elif TOOL_CALL_END in chunk:          # drop the call, keep what follows it
+            parts.append(chunk.split(TOOL_CALL_END, 1)[1])
     return " ".join(parts)
 
 

@@ -28,10 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.errors import DataError
+from rollout.chatml import IM_END, IM_START, THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-THINK_START, THINK_END = "<think>", "</think>"
-TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 CHAT_SPECIAL_TOKENS = [IM_START, IM_END, THINK_START, THINK_END, TOOL_CALL_START, TOOL_CALL_END]
 ROLES = ("system", "user", "assistant", "tool")
 _warned: set[str] = set()

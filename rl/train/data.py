@@ -33,6 +33,7 @@ from model.errors import ConfigError, DataError
 from model.jsonl import iter_jsonl
 from model.seeds import epoch_seed, index_seed, record_seed, source_seed
 from rl.train.chat import encode_chat, encode_text, token_id
+from rollout.chatml import IM_END
 
 IGNORE_INDEX = -100
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -149,7 +150,7 @@ def eos_id(tokenizer: Any) -> int | None:
     i = getattr(tokenizer, "eos_token_id", None)
     if i is not None:
         return int(i)
-    for t in ("<|endoftext|>", "</s>", "<eos>", "<|im_end|>"):
+    for t in ("<|endoftext|>", "</s>", "<eos>", IM_END):
         i = token_id(tokenizer, t)
         if i is not None:
             return i

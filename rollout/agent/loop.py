@@ -49,14 +49,15 @@ from typing import Any
 from model.errors import ConfigError
 from rollout.engine import Engine, PauseView
 from rollout.tokenizer import FastCodec
-from rollout.agent.toolcall import CALL_END, CALL_START, ToolCall, last_call
+from rollout.agent.toolcall import ToolCall, last_call
 from rollout.agent.runner import ToolOutcome, ToolSet
+from rollout.chatml import IM_END, IM_START
+from rollout.chatml import TOOL_CALL_END as CALL_END, TOOL_CALL_START as CALL_START
+from rollout.chatml import TOOL_RESPONSE_END as RESP_END, TOOL_RESPONSE_START as RESP_START
 from rollout.types import GenRequest, GenResult, SamplingParams
 
 log = logging.getLogger(__name__)
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-RESP_START, RESP_END = "<tool_response>", "</tool_response>"
 ZWSP = "\u200b"
 
 

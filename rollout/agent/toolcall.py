@@ -19,7 +19,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-CALL_START, CALL_END = "<tool_call>", "</tool_call>"
+from rollout.chatml import TOOL_CALL_END, TOOL_CALL_START
+
 
 
 @dataclass
@@ -78,14 +79,14 @@ def find_calls(text: str) -> list[ToolCall]:
     out: list[ToolCall] = []
     pos = 0
     while True:
-        i = text.find(CALL_START, pos)
+        i = text.find(TOOL_CALL_START, pos)
         if i < 0:
             return out
-        j = text.find(CALL_END, i + len(CALL_START))
+        j = text.find(TOOL_CALL_END, i + len(TOOL_CALL_START))
         if j < 0:
             return out
-        out.append(parse_call_body(text[i + len(CALL_START):j]))
-        pos = j + len(CALL_END)
+        out.append(parse_call_body(text[i + len(TOOL_CALL_START):j]))
+        pos = j + len(TOOL_CALL_END)
 
 
 def last_call(segment: str) -> ToolCall:
@@ -93,13 +94,13 @@ def last_call(segment: str) -> ToolCall:
 
     A closing tag without an opening one (or with only whitespace text) is a malformed call.
     """
-    j = segment.rfind(CALL_END)
+    j = segment.rfind(TOOL_CALL_END)
     if j < 0:
-        return ToolCall(None, raw=segment, error=f"no {CALL_END} in the generated text")
-    i = segment.rfind(CALL_START, 0, j)
+        return ToolCall(None, raw=segment, error=f"no {TOOL_CALL_END} in the generated text")
+    i = segment.rfind(TOOL_CALL_START, 0, j)
     if i < 0:
-        return ToolCall(None, raw=segment[:j], error=f"{CALL_END} without a preceding {CALL_START}")
-    return parse_call_body(segment[i + len(CALL_START):j])
+        return ToolCall(None, raw=segment[:j], error=f"{TOOL_CALL_END} without a preceding {TOOL_CALL_START}")
+    return parse_call_body(segment[i + len(TOOL_CALL_START):j])
 
 
 class ToolCallStream:
@@ -126,21 +127,21 @@ class ToolCallStream:
         out: list[ToolCall] = []
         while True:
             if not self._inside:
-                i = self._buf.find(CALL_START)
+                i = self._buf.find(TOOL_CALL_START)
                 if i < 0:
                     # keep only a tail that could be the beginning of a start tag
-                    keep = len(CALL_START) - 1
+                    keep = len(TOOL_CALL_START) - 1
                     self._buf = self._buf[-keep:] if keep else ""
                     return out
-                self._buf = self._buf[i + len(CALL_START):]
+                self._buf = self._buf[i + len(TOOL_CALL_START):]
                 self._inside = True
-            j = self._buf.find(CALL_END)
+            j = self._buf.find(TOOL_CALL_END)
             if j < 0:
-                if len(self._buf) > self.max_call_chars + len(CALL_END):
+                if len(self._buf) > self.max_call_chars + len(TOOL_CALL_END):
                     out.append(ToolCall(None, raw=self._buf[:200],
                                         error=f"tool call longer than {self.max_call_chars} characters"))
                     self._buf, self._inside = "", False
                 return out
             out.append(parse_call_body(self._buf[:j]))
-            self._buf = self._buf[j + len(CALL_END):]
+            self._buf = self._buf[j + len(TOOL_CALL_END):]
             self._inside = False
