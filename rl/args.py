@@ -52,6 +52,16 @@ def grpo_parser() -> argparse.ArgumentParser:
     return p
 
 
+def tool_warmstart_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitmamba tool-warmstart", description="Supervised demonstrations of the "
+                                "calculator call format (bigmul task), saved as the --init of GRPO with tools.")
+    p.add_argument("--config", help="YAML config (configs/tool_warmstart_tiny.yaml; default: its values)")
+    p.add_argument("--output-dir", help="overrides output_dir (the model directory written)")
+    p.add_argument("--overwrite", action="store_true", help="save over files already in the output directory")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")
+    return p
+
+
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "grpo_demo.yaml"
 # The demo's warm start: long enough that the model has half-learned the algorithm (GRPO needs some correct
 # samples per group), short enough that most held-out problems are still failed when sampled.
@@ -126,8 +136,9 @@ def _info_parser() -> argparse.ArgumentParser:
 
 
 # command -> parser factory, for the router's fast path
-PARSERS = {"grpo": grpo_parser, "demo": demo_parser, "eval": eval_parser, "convert": _convert_parser, **{s: (lambda s=s: stage_parser(s)) for s in STAGE_DESCRIPTIONS},
-           "generate": _generate_parser, "info": _info_parser}
+PARSERS = {"grpo": grpo_parser, "demo": demo_parser, "tool-warmstart": tool_warmstart_parser, "eval": eval_parser,
+           "convert": _convert_parser, "generate": _generate_parser, "info": _info_parser,
+           **{s: (lambda s=s: stage_parser(s)) for s in STAGE_DESCRIPTIONS}}
 
 
 def run_main(fn: Callable[[list[str]], int], argv: list[str]) -> int:

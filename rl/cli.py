@@ -21,6 +21,7 @@ def _pretrain(argv): from rl.train.pretrain import main; return main(argv)  # no
 def _sft(argv): from rl.train.sft import main; return main(argv)  # noqa: E702
 def _distill(argv): from rl.train.distill import main; return main(argv)  # noqa: E702
 def _grpo(argv): from rl.grpo.driver import main; return main(argv)  # noqa: E702
+def _tool_warmstart(argv): from rl.grpo.tool_warmstart import main; return main(argv)  # noqa: E702
 def _demo(argv): from rl.demo import main; return main(argv)  # noqa: E702
 def _eval(argv): from rl.eval.run import main; return main(argv)  # noqa: E702
 def _reward_check(argv): from rewards.check import main; return main(argv)  # noqa: E702
@@ -35,6 +36,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "sft": (_sft, "supervised fine-tuning stage"),
     "distill": (_distill, "ternary distillation from a full-precision Mamba-2"),
     "grpo": (_grpo, "GRPO reinforcement learning on Ray"),
+    "tool-warmstart": (_tool_warmstart, "supervised tool-call demonstrations: the --init of GRPO with tools"),
     "eval": (_eval, "zero-shot benchmarks through lm-eval (--tasks/--task-file) and pass@k generation evals (--gen)"),
     "reward-check": (_reward_check, "run a reward function over a small dataset and summarize"),
 }

@@ -1,4 +1,4 @@
-"""The synthetic tool task, its reward, the experiment's config, and one experiment step end to end."""
+"""The synthetic tool task, its reward, the tool-use warm start (config, demonstrations, CLI), the agent worker."""
 
 from pathlib import Path
 
@@ -6,7 +6,10 @@ import torch
 
 from model.typed import load_config
 from rewards import load_reward
-from rl.grpo.tool_tasks import BigMultiplyTask, ToolExperimentConfig, demonstration, run_experiment, tool_answer_reward
+from model.lm import BitMambaLM
+from rl.cli import main as bitmamba
+from rl.grpo.tasks import BigMultiplyTask, tool_answer_reward
+from rl.grpo.tool_warmstart import ToolWarmStartConfig, demonstration
 from rollout.agent.loop import ToolMessageFormat
 from rollout.tokenizer import build_tiny_tokenizer
 
@@ -39,7 +42,7 @@ def test_reward_reads_only_the_final_turn():
     assert tool_answer_reward("p", tool_turn + "x", ans, final_text="It is 418444.") == 1.0
     assert tool_answer_reward("p", "", ans, final_text='<tool_call>{"name": "c", "arguments": {"e": "418444"}}'
                                                        "</tool_call>") == 0.0
-    fn = load_reward("rl.grpo.tool_tasks:tool_answer_reward")                    # loadable as a YAML reward spec
+    fn = load_reward("rl.grpo.tasks:tool_answer_reward")                    # loadable as a YAML reward spec
     assert fn(["p", "p"], ["x", "y"], [{"answer": ans, "final_text": "418444"}, {"answer": ans, "final_text": "1"}]) \
         == [1.0, 0.0]
 
@@ -56,30 +59,48 @@ def test_demonstrations_train_only_sampled_tokens():
     assert ids[len(p) + n_call:len(p) + n_call + len(inj)] == inj
 
 
-def test_experiment_config_loads():
-    cfg = load_config(ToolExperimentConfig, ROOT / "configs" / "tools_experiment_tiny.yaml")
-    assert cfg.tools == ["calculator"] and cfg.group_size >= 2 and cfg.agent["max_tool_calls"] >= 1
+def test_warmstart_config_file_holds_the_defaults():
+    cfg = load_config(ToolWarmStartConfig, ROOT / "configs" / "tool_warmstart_tiny.yaml")
+    assert cfg == ToolWarmStartConfig()
+    assert 0.0 < cfg.tool_fraction < 1.0 and cfg.model.overrides["vocab_size"] == 384
 
 
-def test_experiment_runs_end_to_end_and_updates_the_policy(tmp_path):
-    cfg = load_config(ToolExperimentConfig, ROOT / "configs" / "tools_experiment_tiny.yaml",
-                      ["warm_steps=3", "steps=2", "prompts_per_step=2", "group_size=4", "slots=8",
-                       "max_new_tokens=48", "warm_tool_fraction=1.0", "temperature=1.5",
-                       "model_overrides={vocab_size: 384}"])
-    recs = run_experiment(cfg, tmp_path, log=lambda s: None)
-    assert len(recs) == 2
-    for m in recs:
-        assert 0.0 <= m["reward_mean"] <= 1.0 and 0.0 <= m["agent/tool_use_rate"] <= 1.0
-        assert all(torch.isfinite(torch.tensor(v)) for k, v in m.items() if isinstance(v, float))
-        assert m["tokens"] > 0 and "learn/pg_loss" in m and "learn/grad_norm" in m
-    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
-    assert (tmp_path / "summary.json").exists()
+def test_warmstart_cli_saves_a_model_directory_and_refuses_to_mix(tmp_path, capsys):
+    out = tmp_path / "warm"
+    args = ["tool-warmstart", "--config", str(ROOT / "configs" / "tool_warmstart_tiny.yaml"), "--output-dir", str(out),
+            "steps=3", "batch=4", "digits=2", "tool_fraction=1.0",
+            "model.overrides={vocab_size: 384}"]
+    assert bitmamba(args) == 0
+    model = BitMambaLM.from_pretrained(out)
+    assert model.config.vocab_size == 384 and (out / "tokenizer.json").is_file()
+    assert "warm start 3/3: loss" in capsys.readouterr().err
+    assert bitmamba(args) == 2                                  # a second run never writes over the first
+    assert "--overwrite" in capsys.readouterr().err
+    assert bitmamba(args + ["--overwrite"]) == 0
+
+
+def test_warm_start_lowers_the_demonstration_loss():
+    torch.manual_seed(0)
+    cfg = ToolWarmStartConfig(steps=1, batch=8, digits=2, tool_fraction=1.0)
+    from rl.grpo.config import build_model, build_tokenizer
+    from rl.grpo.tool_warmstart import _batch, warm_start
+
+    model, tok = build_model(cfg.model), build_tokenizer(cfg.model)
+    fmt = ToolMessageFormat(tok)
+    rows = BigMultiplyTask(seed=1, digits=2).rows("train", 0, 8)
+    ids, labels = _batch(tok, [demonstration(tok, fmt, r, True) for r in rows])
+    with torch.no_grad():
+        before = model(ids, labels=labels).loss.item()
+    warm_start(ToolWarmStartConfig(steps=30, batch=8, digits=2, tool_fraction=1.0), model, tok, log=lambda s: None)
+    with torch.no_grad():
+        after = model(ids, labels=labels).loss.item()
+    assert after < 0.7 * before, (before, after)
 
 
 def test_agent_generation_worker_returns_results_with_masks_and_reward_fields():
     from model.config import BitMambaConfig
     from rl.grpo.config import ModelSection
-    from rl.grpo.tool_tasks import AgentGenerationWorker
+    from rl.grpo.agent_worker import AgentGenerationWorker
     from rl.grpo.workers import PromptJob
     from rollout.types import SamplingParams
 

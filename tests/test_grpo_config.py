@@ -11,7 +11,7 @@ from rl.grpo.tasks import ArithmeticTask, arithmetic_reward, first_integer, make
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# the configs of `python -m rl.grpo.driver` (configs/tool_warmstart_tiny.yaml belongs to rl.grpo.tool_warmstart, another
+# the configs of `python -m rl.grpo` (configs/tool_warmstart_tiny.yaml belongs to rl.grpo.tool_warmstart, another
 # schema: tests/test_agent_tool_task.py loads it)
 GRPO_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("grpo_*.yaml"))
 

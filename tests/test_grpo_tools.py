@@ -10,7 +10,9 @@ from model.errors import ConfigError
 from rl.grpo import driver as grpo
 from rl.grpo.config import load_grpo_config
 from rl.train.metrics import read_metrics
-from rl.grpo.tool_tasks import AgentGenerationWorker, ToolExperimentConfig, save_warm_start
+from rl.grpo.agent_worker import AgentGenerationWorker
+from rl.grpo.config import ModelSection
+from rl.grpo.tool_warmstart import ToolWarmStartConfig, save_warm_start
 from rl.grpo.workers import GenerationWorker
 from rollout.types import GenResult
 
@@ -53,8 +55,8 @@ def test_tools_select_the_agent_worker():
 @pytest.mark.slow
 def test_grpo_driver_with_tools(tmp_path):
     # a warm start that teaches the call format, so the policy calls the calculator from step 1
-    init = save_warm_start(ToolExperimentConfig(model_overrides={"vocab_size": 384}, digits=2, warm_steps=60,
-                                                warm_batch=16, warm_tool_fraction=1.0), tmp_path / "warm",
+    init = save_warm_start(ToolWarmStartConfig(model=ModelSection(preset="tiny", overrides={"vocab_size": 384}),
+                                               digits=2, steps=60, batch=16, tool_fraction=1.0), tmp_path / "warm",
                            log=lambda s: None)
     (tmp_path / "probe.py").write_text(PROBE)
     cfg = load_grpo_config(CONFIG, [
@@ -128,6 +130,6 @@ def test_task_and_reward_import_without_torch():
             "t = make_task('bigmul', digits=3); r = t.row('train', 0); "
             "f = load_reward('rl.grpo.tasks:tool_answer_reward'); "
             "assert f([r['prompt']], [r['answer'] + '<|im_end|>'], [r]) == [1.0]; "
-            "assert 'torch' not in sys.modules and 'rl.grpo.tool_tasks' not in sys.modules, 'heavy import'")
+            "assert 'torch' not in sys.modules and 'rl.grpo.tool_warmstart' not in sys.modules, 'heavy import'")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

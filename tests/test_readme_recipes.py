@@ -63,13 +63,13 @@ COVERAGE = {
     "tests/test_stages_sft.py tests/test_stages_distill.py tests/test_stages_resume.py":
         "test_listed_test_files_exist (not run: part of this suite)",
     "bitmamba demo --output-dir runs/demo": "test_make_demo_twice (slow; make demo runs it with --overwrite)",
-    "python -m rl.grpo.driver --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny": "test_grpo_quick_start (slow)",
+    "python -m rl.grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny": "test_grpo_quick_start (slow)",
     "bitmamba grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_lr3e-4 learner.lr=3.0e-4 steps=50":
         "test_grpo_quick_start (slow; parsed and its config loaded, not run: the same code as the line before)",
-    "python -m rl.grpo.driver --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny --resume":
+    "python -m rl.grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny --resume":
         "test_grpo_quick_start (slow)",
-    "python -m rl.grpo.tool_tasks --warm-only runs/tool_warm": "test_tool_use_recipe_arguments (not run: minutes)",
-    "python -m rl.grpo.driver --config configs/grpo_tools.yaml --init runs/tool_warm --output-dir runs/grpo_tools":
+    "bitmamba tool-warmstart --output-dir runs/tool_warm": "test_tool_use_recipe_arguments (not run: minutes)",
+    "bitmamba grpo --config configs/grpo_tools.yaml --init runs/tool_warm --output-dir runs/grpo_tools":
         "test_tool_use_recipe_arguments",
 }
 
@@ -361,7 +361,7 @@ def test_grpo_quick_start(box, shell):
     from rl.args import grpo_parser
     from rl.grpo.config import load_grpo_config
 
-    first = recipe("python -m rl.grpo.driver --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny")
+    first = recipe("python -m rl.grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny")
     out = shell(first + ["steps=1"], box)
     assert metrics_steps(box / "runs" / "grpo_tiny") == [1]
     assert (box / "runs" / "grpo_tiny" / "final").is_dir()
@@ -372,7 +372,7 @@ def test_grpo_quick_start(box, shell):
     cfg = load_grpo_config(box / args.config, list(args.overrides) + [f"output_dir={args.output_dir}"])
     assert cfg.learner.lr == 3.0e-4 and cfg.steps == 50
     assert not (box / args.output_dir).exists()          # its own directory: not refused as a reused one
-    resume = recipe("python -m rl.grpo.driver --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny --resume")
+    resume = recipe("python -m rl.grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny --resume")
     shell(resume + ["steps=2"], box)
     assert metrics_steps(box / "runs" / "grpo_tiny") == [1, 2]
 
@@ -382,12 +382,14 @@ def test_tool_use_recipe_arguments():
     from rl.args import grpo_parser
     from rl.grpo.config import load_grpo_config
 
-    warm = recipe("python -m rl.grpo.tool_tasks --warm-only runs/tool_warm")
-    out = subprocess.run([sys.executable, "-m", "rl.grpo.tool_tasks", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, env=tool_env(), timeout=300)
-    assert out.returncode == 0 and warm[3] in out.stdout
-    grpo = recipe("python -m rl.grpo.driver --config configs/grpo_tools.yaml --init runs/tool_warm --output-dir runs/grpo_tools")
-    args = grpo_parser().parse_args(grpo[3:])
+    from rl.args import tool_warmstart_parser
+    from rl.grpo.tool_warmstart import ToolWarmStartConfig
+
+    warm = recipe("bitmamba tool-warmstart --output-dir runs/tool_warm")
+    assert tool_warmstart_parser().parse_args(warm[2:]).output_dir == "runs/tool_warm"
+    assert ToolWarmStartConfig().output_dir == "runs/tool_warm"
+    grpo = recipe("bitmamba grpo --config configs/grpo_tools.yaml --init runs/tool_warm --output-dir runs/grpo_tools")
+    args = grpo_parser().parse_args(grpo[2:])
     assert args.init == "runs/tool_warm"
     assert load_grpo_config(ROOT / args.config).tools
 

@@ -1,8 +1,8 @@
 """GRPO on Ray: the driver loop.
 
-    python -m rl.grpo.driver --config configs/grpo_tiny.yaml [--output-dir DIR] [--resume] [key=value ...]
+    python -m rl.grpo --config configs/grpo_tiny.yaml [--output-dir DIR] [--resume] [key=value ...]
     bitmamba grpo --config configs/grpo_tiny.yaml
-    ray job submit --working-dir . -- python -m rl.grpo.driver --config configs/grpo_tiny.yaml
+    ray job submit --working-dir . -- python -m rl.grpo --config configs/grpo_tiny.yaml
 
 Setup: connect to Ray (a cluster when `workers.cluster_address` is set or RAY_ADDRESS is in the
 environment, else a private local one bound to 127.0.0.1, even beside another cluster on the
@@ -137,10 +137,10 @@ def get_user(ref):
 
 def worker_class(cfg: GRPOConfig) -> tuple[type, dict[str, Any]]:
     """The generation actor's class and extra constructor kwargs: with `tools`, the agent loop
-    (`rl.grpo.tool_tasks.AgentGenerationWorker`, imported only then)."""
+    (`rl.grpo.agent_worker.AgentGenerationWorker`, imported only then)."""
     if not cfg.tools:
         return GenerationWorker, {}
-    from rl.grpo.tool_tasks import AgentGenerationWorker
+    from rl.grpo.agent_worker import AgentGenerationWorker
     return AgentGenerationWorker, {"tools": list(cfg.tools), "agent": to_dict(cfg.agent),
                                    "base_dir": cfg.tools_base_dir}
 
@@ -437,7 +437,7 @@ class Driver:
             "data/prompts_dropped": float(self.prompts.dropped),
         })
         if cfg.tools:
-            from rl.grpo.tool_tasks import agent_result_metrics
+            from rl.grpo.agent_worker import agent_result_metrics
             m.update(agent_result_metrics(all_results))
         return Rollout(kept_rows, kept_res, kept_rew, adv.tolist(), valid.tolist(), start_pos, m)
 

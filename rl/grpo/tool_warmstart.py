@@ -1,0 +1,139 @@
+"""The tool-use warm start: supervised demonstrations of the calculator call format on the `bigmul` task,
+saved as a model directory for a GRPO run with tools.
+
+    bitmamba tool-warmstart --output-dir runs/tool_warm [key=value ...]
+    bitmamba grpo --config configs/grpo_tools.yaml --init runs/tool_warm --output-dir runs/grpo_tools
+
+A random model never emits a well-formed `<tool_call>`, so GRPO with tools starts from this warm start.
+Demonstrations are built with the agent's exact message format (`rollout.agent.loop.ToolMessageFormat`):
+`tool_fraction` of them call the calculator, the rest answer directly; the injected tool message is
+never trained (loss mask 0). Rows come from far into the train split (index >= 10**7), which GRPO never
+reaches, so the warm start sees none of the RL prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.errors import ConfigError
+from model.lm import BitMambaLM
+from model.typed import load_config
+from rl.grpo.config import ModelSection, build_model, build_tokenizer
+from rl.grpo.tasks import IM_END, BigMultiplyTask
+from rollout.agent.loop import ToolMessageFormat
+
+FIRST_ROW = 10_000_000      # warm-start rows: far beyond any train index a GRPO run draws
+
+
+def _tiny_tool_model() -> ModelSection:
+    # the tiny tokenizer's vocabulary; wider and deeper than the `tiny` preset (d_model 64, 2 layers),
+    # which does not learn to copy the expression and the result within a few hundred steps
+    return ModelSection(preset="tiny", overrides={"vocab_size": 384, "d_model": 128, "n_layers": 4,
+                                                  "d_state": 32, "headdim": 32})
+
+
+@dataclass
+class ToolWarmStartConfig:
+    """configs/tool_warmstart_tiny.yaml; the defaults are that file's values."""
+
+    model: ModelSection = field(default_factory=_tiny_tool_model)
+    digits: int = 3                    # bigmul operands: digits x digits
+    steps: int = 600
+    batch: int = 32
+    lr: float = 3.0e-3
+    tool_fraction: float = 0.3         # share of demonstrations that call the calculator
+    seed: int = 0
+    output_dir: str = "runs/tool_warm"
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch < 1:
+            raise ConfigError(f"steps and batch: must be >= 1, got {self.steps} and {self.batch}")
+        if not 0.0 <= self.tool_fraction <= 1.0:
+            raise ConfigError(f"tool_fraction: must be in [0, 1], got {self.tool_fraction}")
+
+
+def demonstration(tok, fmt: ToolMessageFormat, row: dict, use_tool: bool) -> tuple[list[int], list[int]]:
+    """(prompt + completion ids, loss mask) of one demonstration, built with the agent's exact format:
+    sampled parts get loss, the injected tool message does not."""
+    p = tok.encode(row["prompt"], add_special_tokens=False)
+    ids, mask = list(p), [0] * len(p)
+
+    def add(piece: list[int], m: int) -> None:
+        ids.extend(piece)
+        mask.extend([m] * len(piece))
+    if use_tool:
+        call = json.dumps({"name": "calculator", "arguments": {"expression": row["question"]}})
+        add(tok.encode(f"<tool_call>{call}</tool_call>", add_special_tokens=False), 1)
+        add(fmt.ids(row["answer"]), 0)
+    add(tok.encode(f"{row['answer']}{IM_END}", add_special_tokens=False), 1)
+    return ids, mask
+
+
+def _batch(tok, ex: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and labels (-100 where the mask is 0 and on padding) of demonstrations."""
+    L = max(len(i) for i, _ in ex)
+    ids = torch.full((len(ex), L), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(ex), L), -100, dtype=torch.long)
+    for r, (i, m) in enumerate(ex):
+        ids[r, :len(i)] = torch.tensor(i)
+        labels[r, :len(i) - 1] = torch.tensor([t if mm else -100 for t, mm in zip(i[1:], m[1:])])
+    return ids, labels
+
+
+def warm_start(cfg: ToolWarmStartConfig, model: BitMambaLM, tok, log=print) -> None:
+    """`cfg.steps` AdamW steps on demonstrations (gradient norm clipped to 1)."""
+    task = BigMultiplyTask(seed=cfg.seed, digits=cfg.digits)
+    fmt = ToolMessageFormat(tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed)
+    model.train()
+    for step in range(cfg.steps):
+        rows = task.rows("train", FIRST_ROW + step * cfg.batch, cfg.batch)
+        ids, labels = _batch(tok, [demonstration(tok, fmt, r, rng.random() < cfg.tool_fraction) for r in rows])
+        out = model(ids, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 20 == 0 or step + 1 == cfg.steps:
+            log(f"warm start {step + 1}/{cfg.steps}: loss {out.loss.item():.3f}")
+    model.eval()
+
+
+def save_warm_start(cfg: ToolWarmStartConfig, dst: str | Path | None = None, log=print) -> Path:
+    """Run the warm start and save model + tokenizer as a `from_pretrained` directory (`dst`, default
+    `cfg.output_dir`): the `--init` of a GRPO run with tools (configs/grpo_tools.yaml)."""
+    model, tok = build_model(cfg.model), build_tokenizer(cfg.model)
+    warm_start(cfg, model, tok, log)
+    dst = Path(dst if dst is not None else cfg.output_dir)
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model.errors import BitMambaError
+    from rl.args import tool_warmstart_parser
+
+    args = tool_warmstart_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    cfg = load_config(ToolWarmStartConfig, args.config, overrides)
+    dst = Path(cfg.output_dir)
+    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
+        raise BitMambaError(f"{dst}: the directory holds files already; pass --overwrite to save the warm "
+                            "start over them, or choose another --output-dir")
+    save_warm_start(cfg, dst, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"warm start saved to {dst}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from rl.args import run_main
+
+    sys.exit(run_main(main, sys.argv[1:]))
