@@ -20,7 +20,7 @@ trains on. Every invocation continues where the last one stopped and returns bef
    from the last window's checkpoint). The loop's end is the driver's `cfg.steps`, moved window by window;
    `learner.lr_schedule: constant` keeps the schedule independent of it;
 4. rollout/learner mismatch with a bf16 SSM state: `--bf16-state-steps` GRPO steps from the final policy
-   with `model.ssm_state=bfloat16` (the main run uses fp32 state);
+   with `model.ssm_dtype=bfloat16` (the main run uses fp32 state);
 5. report (every invocation, also a partial one): `RESULTS/recipe_reasoning.json` (held-out pass@1 before
    and after GRPO with standard errors, the curve, training reward, learn/mismatch_kl over the run, the
    GRPO step time breakdown: time/generate, time/learn, time/sync), `recipe_reasoning.png` (held-out
@@ -293,8 +293,8 @@ def run_bf16_state(run: Path, grpo_yaml: Path, user: list[str], steps: int, dead
         return False
     cfg = grpo_config(run, grpo_yaml, run / "grpo" / "final", out, fresh=True,
                       user=list(user) + [f"steps={steps}", "eval_every=0", "checkpoint_every=0",
-                                         "model.ssm_state=bfloat16"])
-    log(f"bf16 state: {steps} GRPO steps from {run / 'grpo' / 'final'} with model.ssm_state=bfloat16")
+                                         "model.ssm_dtype=bfloat16"])
+    log(f"bf16 state: {steps} GRPO steps from {run / 'grpo' / 'final'} with model.ssm_dtype=bfloat16")
     signal.signal(signal.SIGALRM, _deadline)
     signal.alarm(max(int(left), 1))
     try:
