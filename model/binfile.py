@@ -1,6 +1,6 @@
 """Read and write the published BitMamba-2 C++ engine's `.bin` model file (pure numpy, no torch).
 
-Layout (all little-endian; `../shared/reference/ANCHORS.md` §1):
+Layout (all little-endian, as the published engine writes it):
 
     header   5 x int32: magic 0x42495432, vocab, d_model, n_layers, n_heads
     fp32     int32 type=0, int32 ndim, ndim x int32 dims, float32 data

@@ -1,4 +1,4 @@
-"""Engine stop conditions, finish reasons, text, and the pause/inject hook (tool-use seam, issue 8)."""
+"""Engine stop conditions, finish reasons, text, and the pause/inject hook (the tool-use seam)."""
 
 import pytest
 import torch

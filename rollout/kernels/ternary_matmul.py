@@ -50,7 +50,7 @@ except ImportError:
 # slices of a 16-slice chunk unrolled per loop iteration of the tensor-core kernel (autotuned: 1 or 8).
 # All 16 made Triton 3.6 take minutes per config to compile for sm_90 (timed offline with its ptxas);
 # 8 takes ~3 s (fp32 IEEE dots ~20 s: those use 1). On the H100 neither wins everywhere (bitmamba2-1b,
-# M=64: in_proj 14.6 us at 1 vs 25.9 at 8, out_proj 20.0 vs 16.4; bench/results/h100_session4).
+# M=64: in_proj 14.6 us at 1 vs 25.9 at 8, out_proj 20.0 vs 16.4, bench/kernels.py).
 _DOT_UNROLLS = (1, 8)
 GEMV_MAX_M = 2   # above this the weights are read once by the tensor-core kernel (M tile 16+)
 MAX_W = 128

@@ -1,4 +1,4 @@
-"""GPU check of the generation worker's OOM backoff (issue 7, fault 6); run on a CUDA machine:
+"""GPU check of the generation worker's OOM backoff (fault 6 of tests/reliability/README.md); run on a CUDA machine:
 
     python tests/reliability/gpu_oom.py [--slots 1048576] [--memory-gib 2]
 

@@ -1,4 +1,4 @@
-"""Bad inputs (issue 7): each gives one clear error naming the problem, no traceback, and writes nothing.
+"""Bad inputs: each gives one clear error naming the problem, no traceback, and writes nothing.
 
 A few go through the real `bitmamba` console entry in a subprocess (exit code 2, one `error:` line on
 stderr, no "Traceback"); the rest call the stage's `main` in-process and check the exception, that

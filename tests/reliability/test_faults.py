@@ -1,4 +1,4 @@
-"""Faults survived (issue 7), on one local Ray cluster for the module.
+"""Faults survived, on one local Ray cluster for the module.
 
 Covered elsewhere (not repeated here; see README.md): a worker that exits mid-generate
 (tests/test_grpo_workers.py), in-process resume (tests/test_grpo_e2e.py), partial / corrupt /

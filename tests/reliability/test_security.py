@@ -1,4 +1,4 @@
-"""Security (issue 7): no pickle for checkpoints, model output never reaches eval/exec in a built-in
+"""Security: no pickle for checkpoints, model output never reaches eval/exec in a built-in
 reward, a local Ray cluster binds its dashboard / job server to 127.0.0.1.
 
 (`tests/test_checkpoint.py::test_pickle_with_code_refused` checks that `safe_torch_load` refuses a code
