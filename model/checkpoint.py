@@ -3,8 +3,9 @@
     save_pretrained(model, "out/step100")          # atomic: temp dir in the same parent, then rename
     model = from_pretrained(BitMambaLM, "out/step100", device="cuda", dtype=torch.bfloat16)
 
-config.json holds the full BitMambaConfig plus "format": "bitmamba-rl" and "format_version".
-With tie_embeddings the tied `lm_head.weight` is not stored (it is `embedding.weight`).
+config.json holds the full BitMambaConfig plus "format": "bitmamba-rl" and "format_version" (`config_json`).
+With tie_embeddings the tied `lm_head.weight` is not stored (it is `embedding.weight`): `drop_tied` on save,
+`restore_tied` on load, for these directories, training checkpoints and HF conversion alike.
 Every problem raises CheckpointError naming the file and the key / tensor / shapes.
 
 A training checkpoint (`rl.train.checkpoint`, e.g. `runs/x/checkpoints/step_00000010/`) is also a model
@@ -20,7 +21,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,8 +36,10 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TIED_KEY = "lm_head.weight"
+EMBEDDING_KEY = "embedding.weight"
 MANIFEST_NAME = "manifest.json"
 SKIP_VERIFY_ENV = "BITMAMBA_SKIP_VERIFY"
+T = TypeVar("T")
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
@@ -82,10 +87,42 @@ def verify_manifest(directory: str | os.PathLike, checksums: bool | None = None)
     return True
 
 
+def config_json(config: BitMambaConfig) -> str:
+    """The text of a checkpoint's config.json: the full config plus "format" and "format_version"."""
+    return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **config.to_dict()}, indent=2) + "\n"
+
+
+def read_json_object(path: Path, error: type[Exception] = CheckpointError) -> dict:
+    """The JSON object in file `path` (a config.json); malformed JSON, non-UTF-8 text or a top level that is
+    not an object raise `error` naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: malformed JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def drop_tied(state: Mapping[str, T], tied: bool) -> dict[str, T]:
+    """`state` (tensors, shapes, ...) without `lm_head.weight` when the embeddings are tied: a tied checkpoint
+    does not store it (it is `embedding.weight`)."""
+    return {k: v for k, v in state.items() if not (tied and k == TIED_KEY)}
+
+
+def restore_tied(tensors: Mapping[str, T], tied: bool) -> dict[str, T]:
+    """`tensors` with `lm_head.weight` set to `embedding.weight` when the embeddings are tied and the head is
+    absent (as in a stored checkpoint); unchanged otherwise."""
+    out = dict(tensors)
+    if tied and TIED_KEY not in out and EMBEDDING_KEY in out:
+        out[TIED_KEY] = out[EMBEDDING_KEY]
+    return out
+
+
 def _tensors_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
-    if model.config.tie_embeddings:
-        sd.pop(TIED_KEY, None)
+    sd = drop_tied(model.state_dict(), model.config.tie_embeddings)
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
@@ -97,8 +134,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Pat
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, **model.config.to_dict()}
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        (tmp / CONFIG_NAME).write_text(config_json(model.config), encoding="utf-8")
         save_file(_tensors_to_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
@@ -121,14 +157,7 @@ def load_config(directory: str | os.PathLike) -> BitMambaConfig:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"missing {CONFIG_NAME} in checkpoint directory {directory}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object at the top level")
+    data = read_json_object(path)
     fmt = data.pop("format", None)
     version = data.pop("format_version", None)
     if fmt != FORMAT:
@@ -178,14 +207,11 @@ def from_pretrained(cls, directory: str | os.PathLike, device=None, dtype: torch
     tensors = load_tensors(path)
     with torch.device("meta"):
         model = cls(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop(TIED_KEY, None)
+    expected = drop_tied({k: v.shape for k, v in model.state_dict().items()}, config.tie_embeddings)
     check_tensors(expected, tensors, path)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    if config.tie_embeddings:
-        tensors[TIED_KEY] = tensors["embedding.weight"]
+    tensors = restore_tied(tensors, config.tie_embeddings)
     model.load_state_dict(tensors, strict=True, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embedding.weight

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, drop_tied, read_json_object, restore_tied
 from model.config import BitMambaConfig, QuantConfig
 from model.errors import CheckpointError, ConfigError
 
@@ -214,13 +215,12 @@ def hf_state_dict_to_ours(hf_sd: dict[str, torch.Tensor], cfg: BitMambaConfig, w
                 f"{where}: tensor {theirs} has shape {list(t.shape)}, config.json implies {list(shapes[ours])}"
             )
         out[ours] = t.detach().to(torch.float32).contiguous()
-    if cfg.tie_embeddings and "embedding.weight" in out:
-        out["lm_head.weight"] = out["embedding.weight"]
+    out = restore_tied(out, cfg.tie_embeddings)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{where}: tensor {missing[0]} missing{more}")
     used = set(hf_weight_map(cfg).values())
-    extra = [k for k in hf_sd if k not in used and not (cfg.tie_embeddings and k == "lm_head.weight")]
+    extra = [k for k in drop_tied(hf_sd, cfg.tie_embeddings) if k not in used]
     if extra:
         raise CheckpointError(f"{where}: unexpected tensor {extra[0]} (not part of a Mamba2ForCausalLM we support)")
     return out
@@ -231,15 +231,10 @@ def load_hf_mamba2(src: str | Path, no_quant: bool = False) -> tuple[BitMambaCon
     src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory (expected an HF checkpoint dir with config.json)")
-    cfg_path = src / "config.json"
+    cfg_path = src / CONFIG_NAME
     if not cfg_path.is_file():
-        raise CheckpointError(f"{src}: config.json missing (not a Hugging Face checkpoint directory)")
-    try:
-        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{cfg_path}: malformed JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise ConfigError(f"{cfg_path}: expected a JSON object at the top level")
+        raise CheckpointError(f"{src}: {CONFIG_NAME} missing (not a Hugging Face checkpoint directory)")
+    hf = read_json_object(cfg_path, ConfigError)
     cfg = hf_config_to_ours(hf, str(cfg_path), no_quant=no_quant)
     tensors, weights_file = load_safetensors_dir(src)
     sd = hf_state_dict_to_ours(tensors, cfg, str(weights_file), use_conv_bias=bool(hf.get("use_conv_bias", True)))
@@ -325,7 +320,7 @@ def ours_state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: BitMambaConfig,
             raise CheckpointError(f"{where}: tensor {ours} has shape {list(t.shape)}, the config implies "
                                   f"{list(shapes[ours])}")
         out[theirs] = t.detach().to("cpu", torch.float32).contiguous().clone()
-    extra = [k for k in sd if k not in hf_weight_map(cfg) and not (cfg.tie_embeddings and k == "lm_head.weight")]
+    extra = [k for k in drop_tied(sd, cfg.tie_embeddings) if k not in hf_weight_map(cfg)]
     if extra:
         raise CheckpointError(f"{where}: tensor {extra[0]} has no place in a Mamba2ForCausalLM")
     return out
@@ -401,8 +396,8 @@ def save_hf_mamba2(model, dst: str | Path, tokenizer_dir: str | Path | None = No
         ids = (_copy_tokenizer(Path(tokenizer_dir), tmp, cfg.vocab_size) if tokenizer_dir is not None
                else {"bos": None, "eos": None, "pad": None})
         hf = ours_config_to_hf(cfg, **ids)
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if dst.exists():
             dst.rmdir()
         os.rename(tmp, dst)

@@ -115,3 +115,27 @@ def test_save_onto_a_file_fails(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(CheckpointError, match="not a directory"):
         BitMambaLM(BitMambaConfig.preset("tiny")).save_pretrained(tmp_path / "f")
+
+
+def test_config_json_and_tied_helpers(tmp_path):
+    """One config.json writer and one tied-head rule for model directories, training checkpoints and HF
+    conversion: `config_json` is what save_pretrained writes and load_config reads back; `drop_tied` /
+    `restore_tied` remove and restore lm_head.weight only for tied models."""
+    from model.checkpoint import config_json, drop_tied, load_config, read_json_object, restore_tied
+    from model.errors import ConfigError
+
+    m = BitMambaLM(BitMambaConfig.preset("tiny", tie_embeddings=True))
+    m.save_pretrained(tmp_path / "t")
+    assert (tmp_path / "t" / "config.json").read_text() == config_json(m.config)
+    assert load_config(tmp_path / "t") == m.config
+    sd = m.state_dict()
+    stored = drop_tied(sd, True)
+    assert "lm_head.weight" in sd and "lm_head.weight" not in stored and len(stored) == len(sd) - 1
+    assert drop_tied(sd, False).keys() == sd.keys()
+    back = restore_tied(stored, True)
+    assert back["lm_head.weight"] is stored["embedding.weight"] and back.keys() == sd.keys()
+    assert "lm_head.weight" not in restore_tied(stored, False)
+    assert restore_tied({"x": 1}, True) == {"x": 1}          # no embedding: nothing to tie
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(ConfigError, match=r"bad\.json: expected a JSON object"):
+        read_json_object(tmp_path / "bad.json", ConfigError)

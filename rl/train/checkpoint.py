@@ -42,12 +42,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.checkpoint import file_problem, sha256_file as _sha256
+from model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, file_problem, sha256_file as _sha256
 from model.errors import CheckpointError
 
 FORMAT = "bitmamba-rl-checkpoint"
 VERSION = 1
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = WEIGHTS_NAME
 OPTIM_FILE = "optimizer.pt"
 EXTRA_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
@@ -454,7 +454,7 @@ def add_files(path: str | Path, files: Mapping[str, bytes]) -> None:
         raise CheckpointError(f"could not add {sorted(files)} to checkpoint {path}: {e.strerror or e}") from None
 
 
-MODEL_DIR_FILES = ("config.json", MODEL_FILE)
+MODEL_DIR_FILES = (CONFIG_NAME, MODEL_FILE)
 
 
 def publish_final(path: str | Path, final: str | Path, extra_names: list[str] | tuple[str, ...] = ()) -> Path:

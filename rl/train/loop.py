@@ -19,7 +19,6 @@ an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import sys
@@ -35,7 +34,7 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from model.checkpoint import FORMAT, FORMAT_VERSION, check_tensors
+from model.checkpoint import CONFIG_NAME, check_tensors, config_json, drop_tied, restore_tied
 from model.config import BitMambaConfig
 from model.errors import BitMambaError, ConfigError
 from model.lm import BitMambaLM
@@ -214,20 +213,19 @@ class Trainer:
 
 def model_config_file(model: nn.Module) -> bytes:
     """config.json of a BitMambaLM, so a checkpoint directory is also a `from_pretrained` directory."""
-    return (json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **model.config.to_dict()}, indent=2)
-            + "\n").encode()
+    return config_json(model.config).encode()
+
+
+def _tied(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "tie_embeddings", False))
 
 
 def model_state_for_save(model: nn.Module) -> dict[str, Tensor]:
-    sd = dict(model.state_dict())
-    if getattr(getattr(model, "config", None), "tie_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return sd
+    return drop_tied(model.state_dict(), _tied(model))
 
 
 def load_model_state(model: nn.Module, tensors: dict[str, Tensor]) -> None:
-    if getattr(getattr(model, "config", None), "tie_embeddings", False) and "lm_head.weight" not in tensors:
-        tensors = {**tensors, "lm_head.weight": tensors["embedding.weight"]}
+    tensors = restore_tied(tensors, _tied(model))
     check_tensors({k: v.shape for k, v in model.state_dict().items()}, tensors, Path("checkpoint"))
     with torch.no_grad():
         model.load_state_dict(tensors, strict=True)
@@ -317,7 +315,7 @@ def run_loop(spec: LoopSpec) -> LoopResult:
                  "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
                  "config": spec.run_config}
         return ckpt.save(step, model_state_for_save(model), spec.optimizer.state_dict(), extra,
-                         files={"config.json": model_config_file(model), **tok_files})
+                         files={CONFIG_NAME: model_config_file(model), **tok_files})
 
     bar = tqdm(total=cfg.max_steps, initial=start, desc=spec.stage, disable=not cfg.progress, file=sys.stderr,
                dynamic_ncols=True, leave=True)
