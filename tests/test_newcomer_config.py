@@ -50,7 +50,7 @@ def test_sft_init_from_a_pretraining_final_with_the_shipped_overrides(tmp_path):
     from model.lm import BitMambaLM
     from model.typed import load_config
     from rl.train.sft import SFTConfig
-    from rl.train.loop import build_model_from_spec
+    from rl.train.stage import build_model_from_spec
 
     final = tmp_path / "final"
     BitMambaLM(BitMambaConfig.preset("tiny", vocab_size=384)).save_pretrained(final)

@@ -29,7 +29,7 @@ def test_sft_stages_lower_assistant_loss_and_chain(tmp_path):
     cfg = load_config(SFTConfig, TINY, over)
     cfg.stages[0].max_steps, cfg.stages[1].max_steps, cfg.stages[2].max_steps = 40, 8, 6
     from model.lm import BitMambaLM
-    from rl.train.loop import build_model_from_spec, seed_everything
+    from rl.train.stage import build_model_from_spec, seed_everything
 
     final = run(cfg, str(TINY))
     from rollout.tokenizer import load_tokenizer

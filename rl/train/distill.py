@@ -35,25 +35,22 @@ from model.config import QuantConfig
 from model.convert import import_hf
 from model.errors import BitMambaError, ConfigError
 from model.lm import BitMambaLM
-from model.typed import to_dict
-from rl.train.data import PackedBatch, PackedLoader, load_records
-from rl.train.optim import OptimConfig, build_optimizer
-from rl.train.pretrain import PretrainDataConfig
-from rl.train.schedule import Schedule, ScheduleConfig
 from rl.args import stage_parser
-from rl.train.loop import (
-    LoopResult,
-    LoopSpec,
-    LossOut,
+from rl.train.data import PackedBatch
+from rl.train.loop import LoopResult, LossOut, TrainConfig
+from rl.train.optim import OptimConfig
+from rl.train.pretrain import PretrainDataConfig
+from rl.train.schedule import ScheduleConfig
+from rl.train.stage import (
     TokenizerSpec,
-    TrainConfig,
     build_tokenizer_from_spec,
-    check_vocab,
+    load_sources,
     load_stage_config,
+    open_stage,
+    packed_loader,
     resolve_data_path,
-    run_loop,
+    run_stage,
     seed_everything,
-    setup_output,
 )
 
 
@@ -254,27 +251,18 @@ def run(cfg: DistillConfig, config_path: str | None = None) -> LoopResult:
     init_dir = cfg.teacher.path or cfg.teacher.hf_path
     tokenizer = build_tokenizer_from_spec(cfg.tokenizer, init_dir, None)
     student = make_student(teacher, cfg.student, config_path)
-    check_vocab(student, tokenizer, config_path)
-    sources = []
-    for s in cfg.data.sources:
-        s.path = resolve_data_path(s.path, config_path)
-        sources.append((s, load_records(s)))
-    out = setup_output(cfg.output_dir, to_dict(cfg), cfg.train)      # only once teacher, tokenizer and data are checked
+    sources = load_sources(cfg.data.sources, config_path)
+    out = open_stage(cfg, student, tokenizer, config_path)      # only once teacher, tokenizer and data are checked
     device = cfg.train.resolved_device()
     teacher.to(device)
     print(f"[distill] teacher {init_dir} ({sum(p.numel() for p in teacher.parameters()):,} params, frozen) -> "
           f"ternary student ({cfg.student.weight_scale} scales"
           f"{', group ' + str(cfg.student.group_size) if cfg.student.weight_scale == 'group' else ''}), output {out}",
           file=sys.stderr, flush=True)
-    schedule = Schedule(cfg.schedule, cfg.train.max_steps, base_seq_len=cfg.data.seq_len)
-    loader = PackedLoader(sources, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
-                          seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-    spec = LoopSpec(stage="distill", model=student, optimizer=build_optimizer(student, cfg.optim), schedule=schedule,
-                    loader=loader, loss_fn=distill_loss_fn(teacher, cfg.loss), train=cfg.train, output_dir=out,
-                    run_config=to_dict(cfg), grad_clip=cfg.optim.grad_clip, tokenizer=tokenizer,
-                    log_hook=zero_guard_hook(student, cfg.zero_guard),
-                    count_fn=lambda b: int(b.input_ids.numel()))
-    result = run_loop(spec)
+    loader = packed_loader(sources, tokenizer, cfg.data, cfg.train)
+    result = run_stage("distill", cfg, student, tokenizer, loader, distill_loss_fn(teacher, cfg.loss), out,
+                       base_seq_len=cfg.data.seq_len, log_hook=zero_guard_hook(student, cfg.zero_guard),
+                       count_fn=lambda b: int(b.input_ids.numel()))
     if result.final_dir is not None:
         print(f"[distill] done: ternary student in {result.final_dir}", file=sys.stderr, flush=True)
     return result

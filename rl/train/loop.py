@@ -4,6 +4,9 @@
     result = trainer.step(micro_batches, loss_fn)                    # StepResult(loss, grad_norm, skipped, ...)
     run_loop(LoopSpec(...))                                          # setup/resume -> loop -> save
 
+What a stage builds before the loop (config, seed, data, tokenizer, model, run directory, optimizer and
+schedule) is `rl.train.stage`.
+
 Step: schedule LR -> for each micro-batch: autocast forward, `loss_sum / tokens_in_step` backward (so
 gradient accumulation equals one big batch) -> unscale (fp16) -> clip -> optimizer step. A NaN/inf
 loss or gradient skips the step (logged as `skipped`); after `max_bad_steps` consecutive bad steps
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -28,22 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from model.checkpoint import CONFIG_NAME, check_tensors, config_json, drop_tied, restore_tied
-from model.config import BitMambaConfig
 from model.errors import BitMambaError, ConfigError
-from model.lm import BitMambaLM
-from model.typed import load_config
-from rollout.tokenizer import build_tiny_tokenizer, has_tokenizer, load_tokenizer
 from rl.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state, tokenizer_files
 from rl.train.metrics import MetricsWriter, format_metrics
 from rl.train.optim import HybridOptimizer
-from rl.train.run_dir import STAGE_ENTRIES, check_same_run, clear_run
 from rl.train.schedule import Phase, Schedule
 
 
@@ -379,113 +374,3 @@ def run_loop(spec: LoopSpec) -> LoopResult:
         bar.close()
         metrics.close()
     return LoopResult(final_dir, step, last_loss, history)
-
-
-# ----------------------------------------------------------------------------- CLI helpers
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- shared stage setup
-
-
-@dataclass
-class ModelSpec:
-    """Which model a stage trains: a preset (+ field overrides), or a checkpoint to start from."""
-
-    preset: str | None = "tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)   # BitMambaConfig fields, e.g. {vocab_size: 384}
-    init_from: str | None = None          # model directory (save_pretrained format); wins over preset
-
-    def __post_init__(self):
-        if self.preset is None and self.init_from is None:
-            raise ConfigError("model: give model.preset or model.init_from")
-
-
-@dataclass
-class TokenizerSpec:
-    """A HF tokenizer (local directory or hub name), or the tiny byte-level BPE built offline."""
-
-    path: str | None = None               # AutoTokenizer directory / hub name
-    tiny_vocab_size: int = 384            # used when path is None (and no tokenizer beside init_from)
-    tiny_train_on_data: bool = True       # train the tiny BPE on the first records of the data
-    tiny_train_records: int = 2000
-
-
-def build_model_from_spec(spec: ModelSpec, config_path: str | None = None) -> nn.Module:
-    where = f"{config_path}: " if config_path else ""
-    if spec.init_from:
-        model = BitMambaLM.from_pretrained(spec.init_from)
-        have = model.config.to_dict()
-        for k, v in spec.overrides.items():   # the checkpoint's config.json fixes the architecture
-            if k not in have or have[k] != v:
-                raise ConfigError(f"{where}model.overrides.{k}: {v!r} differs from {have.get(k)!r} in "
-                                  f"{spec.init_from}/config.json; with model.init_from, overrides may only "
-                                  f"repeat the checkpoint's values (drop model.overrides.{k})")
-        return model.train()
-    try:
-        cfg = BitMambaConfig.preset(spec.preset, **spec.overrides)
-    except ConfigError as e:
-        raise ConfigError(f"{where}model: {e}") from None
-    return BitMambaLM(cfg)
-
-
-def build_tokenizer_from_spec(spec: TokenizerSpec, init_from: str | None = None, texts: list[str] | None = None):
-    if spec.path:
-        return load_tokenizer(spec.path)
-    if init_from and has_tokenizer(init_from):
-        return load_tokenizer(init_from)
-    corpus = "\n".join(texts) if (texts and spec.tiny_train_on_data) else None
-    return build_tiny_tokenizer(spec.tiny_vocab_size, corpus=corpus)
-
-
-def check_vocab(model: nn.Module, tokenizer: Any, config_path: str | None) -> None:
-    n = len(tokenizer)
-    v = model.config.vocab_size
-    if n > v:
-        raise ConfigError(f"{config_path or 'config'}: model vocab_size {v} is smaller than the tokenizer's "
-                          f"{n} tokens (set model.overrides.vocab_size >= {n} or use another tokenizer)")
-
-
-def resolve_data_path(path: str, config_path: str | None) -> str:
-    """A data path as given if it exists (or is a hub name / glob), else relative to the config file."""
-    p = Path(path).expanduser()
-    if p.exists() or config_path is None or p.is_absolute():
-        return path
-    alt = Path(config_path).resolve().parent / path
-    return str(alt) if alt.exists() else path
-
-
-def setup_output(output_dir: str | Path, run_config: dict, train: TrainConfig | None = None,
-                 extra_entries: tuple[str, ...] = ()) -> Path:
-    """Create the output directory and write `config.resolved.yaml`, once the inputs are checked.
-
-    A directory holding a run is continued only when it is the same run (its stored config differs at
-    most in length and display keys, `rl.train.run_dir.RESUMABLE_CHANGES`); with `train.overwrite` that run
-    (`STAGE_ENTRIES` + `extra_entries`, e.g. SFT's stage directories) is deleted first."""
-    out = Path(output_dir)
-    if train is not None and train.overwrite:
-        clear_run(out, STAGE_ENTRIES + tuple(extra_entries))
-    elif train is not None and train.resume:
-        check_same_run(out, run_config)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.resolved.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False), encoding="utf-8")
-    return out
-
-
-def load_stage_config(cls, args, stage: str):
-    """Typed config from --config + overrides; --output-dir / --no-wandb / --no-resume applied."""
-    overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    if args.no_wandb:
-        overrides.append("train.wandb=false")
-    if args.no_resume:
-        overrides.append("train.resume=false")
-    if getattr(args, "overwrite", False):
-        overrides.append("train.overwrite=true")
-    return load_config(cls, args.config, overrides)

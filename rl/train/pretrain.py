@@ -16,26 +16,22 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from model.errors import ConfigError
-from model.typed import to_dict
-from rl.train.data import DataSource, PackedBatch, PackedLoader, load_records
-from rl.train.optim import OptimConfig, build_optimizer
-from rl.train.schedule import Schedule, ScheduleConfig
 from rl.args import stage_parser
-from rl.train.loop import (
-    LoopResult,
-    LoopSpec,
-    LossOut,
+from rl.train.data import DataSource, PackedBatch
+from rl.train.loop import LoopResult, LossOut, TrainConfig
+from rl.train.optim import OptimConfig
+from rl.train.schedule import ScheduleConfig
+from rl.train.stage import (
     ModelSpec,
     TokenizerSpec,
-    TrainConfig,
     build_model_from_spec,
     build_tokenizer_from_spec,
-    check_vocab,
+    load_sources,
     load_stage_config,
-    resolve_data_path,
-    run_loop,
+    open_stage,
+    packed_loader,
+    run_stage,
     seed_everything,
-    setup_output,
 )
 
 
@@ -72,10 +68,7 @@ def pretrain_loss(model: nn.Module, batch: PackedBatch) -> LossOut:
 
 def run(cfg: PretrainConfig, config_path: str | None = None) -> LoopResult:
     seed_everything(cfg.train.seed)
-    sources = []
-    for s in cfg.data.sources:
-        s.path = resolve_data_path(s.path, config_path)
-        sources.append((s, load_records(s)))
+    sources = load_sources(cfg.data.sources, config_path)
     texts = None
     if cfg.tokenizer.path is None and cfg.tokenizer.tiny_train_on_data:
         texts = []
@@ -84,23 +77,18 @@ def run(cfg: PretrainConfig, config_path: str | None = None) -> LoopResult:
             texts += [str(r[s.text_field]) for r in ds.take(per)] if hasattr(ds, "take") else []
     tokenizer = build_tokenizer_from_spec(cfg.tokenizer, cfg.model.init_from, texts)
     model = build_model_from_spec(cfg.model, config_path)
-    check_vocab(model, tokenizer, config_path)
-    out = setup_output(cfg.output_dir, to_dict(cfg), cfg.train)      # only once the data, tokenizer and model are checked
+    out = open_stage(cfg, model, tokenizer, config_path)      # only once the data, tokenizer and model are checked
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[pretrain] model {n_params:,} parameters, tokenizer {len(tokenizer)} tokens, output {out}",
           file=sys.stderr, flush=True)
-    schedule = Schedule(cfg.schedule, cfg.train.max_steps, base_seq_len=cfg.data.seq_len)
-    loader = PackedLoader(sources, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
-                          seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-    optimizer = build_optimizer(model, cfg.optim)
-    spec = LoopSpec(stage="pretrain", model=model, optimizer=optimizer, schedule=schedule, loader=loader,
-                    loss_fn=pretrain_loss, train=cfg.train, output_dir=out, run_config=to_dict(cfg),
-                    grad_clip=cfg.optim.grad_clip, tokenizer=tokenizer)
+    loader = packed_loader(sources, tokenizer, cfg.data, cfg.train)
+    hooks = {}
     if not cfg.data.keep_tokens_per_batch:
         def keep_batch(ph):
             loader.set_phase(ph.mixture, ph.seq_len or cfg.data.seq_len)
-        spec.phase_hook = keep_batch
-    result = run_loop(spec)
+        hooks["phase_hook"] = keep_batch
+    result = run_stage("pretrain", cfg, model, tokenizer, loader, pretrain_loss, out, base_seq_len=cfg.data.seq_len,
+                       **hooks)
     if result.final_dir is not None:
         print(f"[pretrain] done: final model in {result.final_dir} (loss {result.last_loss:.4f})",
               file=sys.stderr, flush=True)

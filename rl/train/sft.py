@@ -23,27 +23,26 @@ import datasets
 import torch
 from torch import nn
 
+from model.checkpoint import WEIGHTS_NAME
 from model.errors import ConfigError
 from model.lm import BitMambaLM
 from model.typed import to_dict
 from rl.train.chat import render_chat
 from rl.train.data import DataSource, SFTBatch, SFTLoader, load_records
 from rl.train.run_dir import read_resolved_config
-from rl.train.optim import OptimConfig, build_optimizer
-from rl.train.schedule import Schedule, ScheduleConfig
+from rl.train.optim import OptimConfig
+from rl.train.schedule import ScheduleConfig
 from rl.args import stage_parser
-from rl.train.loop import (
-    LoopSpec,
-    LossOut,
+from rl.train.loop import LossOut, TrainConfig
+from rl.train.stage import (
     ModelSpec,
     TokenizerSpec,
-    TrainConfig,
     build_model_from_spec,
     build_tokenizer_from_spec,
     check_vocab,
     load_stage_config,
     resolve_data_path,
-    run_loop,
+    run_stage,
     seed_everything,
     setup_output,
 )
@@ -151,7 +150,7 @@ def run(cfg: SFTConfig, config_path: str | None = None) -> Path:
     """Run every stage in order; return the directory of the final model."""
     seed_everything(cfg.train.seed)
     for k, stage in enumerate(cfg.stages):   # every stage still to run has readable data before anything is written
-        if not (cfg.train.resume and not cfg.train.overwrite and (Path(cfg.output_dir) / f"{k}_{stage.name}" / "final" / "model.safetensors").is_file()):
+        if not (cfg.train.resume and not cfg.train.overwrite and (Path(cfg.output_dir) / f"{k}_{stage.name}" / "final" / WEIGHTS_NAME).is_file()):
             _stage_dataset(stage, config_path)
     texts = None
     if cfg.tokenizer.path is None and cfg.tokenizer.tiny_train_on_data:
@@ -162,7 +161,7 @@ def run(cfg: SFTConfig, config_path: str | None = None) -> Path:
     prev_final: Path | None = None
     for k, stage in enumerate(cfg.stages):
         sdir = out / f"{k}_{stage.name}"
-        if cfg.train.resume and (sdir / "final" / "model.safetensors").is_file():
+        if cfg.train.resume and (sdir / "final" / WEIGHTS_NAME).is_file():
             print(f"[sft] stage {stage.name}: already finished ({sdir / 'final'}), skipping", file=sys.stderr)
             prev_final = sdir / "final"
             continue
@@ -186,10 +185,8 @@ def run(cfg: SFTConfig, config_path: str | None = None) -> Path:
               f"{mspec.init_from or 'preset ' + str(mspec.preset)}", file=sys.stderr, flush=True)
         run_config = {**to_dict(cfg), "stage": to_dict(stage), "stage_index": k,
                       "init_from": mspec.init_from, "max_steps": steps}
-        spec = LoopSpec(stage=f"sft/{stage.name}", model=model, optimizer=build_optimizer(model, optim),
-                        schedule=Schedule(cfg.schedule, steps), loader=loader, loss_fn=sft_loss, train=train,
-                        output_dir=sdir, run_config=run_config, grad_clip=optim.grad_clip, tokenizer=tokenizer)
-        result = run_loop(spec)
+        result = run_stage(f"sft/{stage.name}", cfg, model, tokenizer, loader, sft_loss, sdir, train=train,
+                           optim=optim, run_config=run_config)
         if result.final_dir is None:  # stop_after: this invocation ends inside the stage
             return sdir
         prev_final = result.final_dir
