@@ -42,6 +42,7 @@ from model.errors import BitMambaError, ConfigError
 from model.typed import to_dict
 from model.checkpoint import load_config as load_model_config
 from model.config import BitMambaConfig
+from model.seeds import job_seed
 from rewards import RewardPool, RewardSpec
 from rl.grpo import algo
 from rl.grpo import ds_ops
@@ -236,10 +237,6 @@ def rollout_metrics(rewards: list[float | None], results: list[GenResult], kept:
         "rollout/sample_crc32": float(sample_digest(kept)),
         "rollout/tokens": float(sum(lens)),
     }
-
-
-def job_seed(seed: int, index: int, salt: int = 0) -> int:
-    return (seed * 1_000_003 + index * 7919 + salt * 104_729) % (1 << 62)
 
 
 # ------------------------------------------------------------------------------------------------
