@@ -51,7 +51,7 @@ def size_summary(cfg, fp_dtypes: dict[str, str] | None = None) -> dict:
     fp_dtypes: stored dtype (safetensors name, e.g. "F32", "BF16") of each full-precision tensor;
     F32 where not given. Returns the "parameters" and "packed_bytes" parts of `checkpoint_info`.
     """
-    from model.checkpoint import TIED_KEY
+    from model.checkpoint import drop_tied
     from model.lm import BitMambaLM
 
     import torch
@@ -63,9 +63,7 @@ def size_summary(cfg, fp_dtypes: dict[str, str] | None = None) -> dict:
         if m.ternary:
             groups = 1 if m.group_size is None else m.out_features * (m.in_features // m.group_size)
             ternary[f"{name}.weight"] = (m.out_features, m.in_features, groups)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        shapes.pop(TIED_KEY, None)
+    shapes = drop_tied({k: tuple(v.shape) for k, v in model.state_dict().items()}, cfg.tie_embeddings)
     n_tern = n_fp = codes_bytes = scale_bytes = fp_bytes = 0
     by_dtype: dict[str, int] = {}
     for name, shape in shapes.items():

@@ -37,7 +37,6 @@ gradients over ranks), and the metrics are combined over the ranks. ZeRO-3 runs 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -51,8 +50,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from model.checkpoint import FORMAT as CKPT_FORMAT
-from model.checkpoint import FORMAT_VERSION as CKPT_FORMAT_VERSION
+from model.checkpoint import config_json
+from model.config import BitMambaConfig
 from model.errors import ConfigError
 from model.lm import BitMambaLM
 from rl.grpo import algo
@@ -799,8 +798,7 @@ class Learner:
         with self._full_params():
             if self.rank != 0:
                 return None
-            cfg_json = json.dumps({"format": CKPT_FORMAT, "format_version": CKPT_FORMAT_VERSION,
-                                   **self.model_config}, indent=1).encode()
+            cfg_json = config_json(BitMambaConfig.from_dict(self.model_config)).encode()
             extra = {**extra, "learner": {"version": self.version, "optimizer_steps": self.optimizer_steps}}
             path = CheckpointManager(root, keep=keep).save(
                 step, self.model, optimizer_state=opt, extra=extra, files={"config.json": cfg_json})

@@ -25,7 +25,8 @@ from model.errors import ConfigError
 from model.lm import BitMambaLM
 from model.typed import load_config
 from rl.grpo.config import ModelSection, build_model, build_tokenizer
-from rl.grpo.tasks import IM_END, BigMultiplyTask
+from rl.grpo.tasks import BigMultiplyTask
+from rollout.chatml import IM_END, TOOL_CALL_END, TOOL_CALL_START
 from rollout.agent.loop import ToolMessageFormat
 
 FIRST_ROW = 10_000_000      # warm-start rows: far beyond any train index a GRPO run draws
@@ -69,7 +70,7 @@ def demonstration(tok, fmt: ToolMessageFormat, row: dict, use_tool: bool) -> tup
         mask.extend([m] * len(piece))
     if use_tool:
         call = json.dumps({"name": "calculator", "arguments": {"expression": row["question"]}})
-        add(tok.encode(f"<tool_call>{call}</tool_call>", add_special_tokens=False), 1)
+        add(tok.encode(f"{TOOL_CALL_START}{call}{TOOL_CALL_END}", add_special_tokens=False), 1)
         add(fmt.ids(row["answer"]), 0)
     add(tok.encode(f"{row['answer']}{IM_END}", add_special_tokens=False), 1)
     return ids, mask
