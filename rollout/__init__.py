@@ -12,7 +12,7 @@ from importlib import import_module
 _EXPORTS = {
     "SamplingParams": "rollout.types", "GenRequest": "rollout.types", "GenResult": "rollout.types",
     "GenStats": "rollout.types",
-    "Engine": "rollout.engine", "PauseView": "rollout.engine",
+    "Engine": "rollout.engine", "PauseView": "rollout.pauses",
     "DecodeBackend": "rollout.backends.base", "TorchBackend": "rollout.backends.torch_backend",
     "make_backend": "rollout.backends",
     "naive_generate": "rollout.reference",
