@@ -29,16 +29,13 @@ import torch
 
 from model.config import BitMambaConfig
 from model.lm import BitMambaLM
-from rl.train.data import collate_sft
 from rl.grpo.driver import RAY_LOST, Driver, RunAborted, aborted_message
 from rl.grpo.config import GRPOConfig, load_grpo_config
-from rl.train.optim import OptimConfig, build_optimizer
 from rl.plot import plot_reward
 from rl.train.run_dir import DEMO_ENTRIES, check_run_dir, clear_run
-from rl.train.schedule import Schedule, ScheduleConfig
+from rl.train.warmstart import warm_start_steps
 from rl.grpo.tasks import make_task
 from rl.args import DEMO_CONFIG, WARM_LR, demo_parser  # noqa: F401 (DEMO_CONFIG: re-exported for callers of rl.demo)
-from rl.train.loop import LossOut, TrainConfig, Trainer
 from rollout.tokenizer import MIN_VOCAB, build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,27 +52,17 @@ def warm_start(cfg: GRPOConfig, out_dir: Path, steps: int, batch_size: int = WAR
     mcfg = BitMambaConfig.preset(cfg.model.preset or "tiny", **cfg.model.overrides)
     torch.manual_seed(cfg.model.init_seed + cfg.seed)
     model = BitMambaLM(mcfg).to(device)
-    opt = build_optimizer(model, OptimConfig(lr=lr, weight_decay=0.0, muon=False), verbose=False)
-    tcfg = TrainConfig(max_steps=max(steps, 1), batch_size=batch_size, precision="fp32", device=device,
-                       seed=cfg.seed)
-    trainer = Trainer(model, opt, Schedule(ScheduleConfig(kind="constant"), total_steps=max(steps, 1)), tcfg)
     eos = tok.eos_token_id
 
-    def loss_fn(m, mb) -> LossOut:
-        out = m(mb.input_ids, labels=mb.labels)
-        return LossOut(out.loss_sum, out.n_tokens)
-
-    pos = 0
-    for step in range(steps):
-        examples = []
-        for row in task.rows("train", 10_000_000 + pos, batch_size):   # a region GRPO never reaches
+    def examples(step: int) -> list[tuple[list[int], list[int]]]:
+        out = []
+        for row in task.rows("train", 10_000_000 + step * batch_size, batch_size):   # a region GRPO never reaches
             p = tok.encode(row["prompt"], add_special_tokens=False)
             a = tok.encode(row["answer"], add_special_tokens=False) + [eos]
-            examples.append((p + a, [0] * len(p) + [1] * len(a)))
-        pos += batch_size
-        res = trainer.step(step, [collate_sft(examples, pad=tok.pad_token_id)], loss_fn)
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            print(f"warm start {step + 1}/{steps}: loss {res.loss:.3f}", file=sys.stderr, flush=True)
+            out.append((p + a, [0] * len(p) + [1] * len(a)))
+        return out
+
+    warm_start_steps(model, tok, examples, steps, batch_size, lr, seed=cfg.seed, device=device)
     dst = out_dir / "warmstart"
     model.save_pretrained(dst)
     tok.save_pretrained(dst)

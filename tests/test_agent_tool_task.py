@@ -83,12 +83,14 @@ def test_warm_start_lowers_the_demonstration_loss():
     torch.manual_seed(0)
     cfg = ToolWarmStartConfig(steps=1, batch=8, digits=2, tool_fraction=1.0)
     from rl.grpo.config import build_model, build_tokenizer
-    from rl.grpo.tool_warmstart import _batch, warm_start
+    from rl.grpo.tool_warmstart import warm_start
+    from rl.train.data import collate_sft
 
     model, tok = build_model(cfg.model), build_tokenizer(cfg.model)
     fmt = ToolMessageFormat(tok)
     rows = BigMultiplyTask(seed=1, digits=2).rows("train", 0, 8)
-    ids, labels = _batch(tok, [demonstration(tok, fmt, r, True) for r in rows])
+    mb = collate_sft([demonstration(tok, fmt, r, True) for r in rows], pad=tok.pad_token_id)
+    ids, labels = mb.input_ids, mb.labels
     with torch.no_grad():
         before = model(ids, labels=labels).loss.item()
     warm_start(ToolWarmStartConfig(steps=30, batch=8, digits=2, tool_fraction=1.0), model, tok, log=lambda s: None)

@@ -5,7 +5,8 @@ saved as a model directory for a GRPO run with tools.
     bitmamba grpo --config configs/grpo_tools.yaml --init runs/tool_warm --output-dir runs/grpo_tools
 
 A random model never emits a well-formed `<tool_call>`, so GRPO with tools starts from this warm start.
-Demonstrations are built with the agent's exact message format (`rollout.agent.loop.ToolMessageFormat`):
+It runs the shared warm start (`rl.train.warmstart`, as the demo's). Demonstrations are built with the
+agent's exact message format (`rollout.agent.loop.ToolMessageFormat`):
 `tool_fraction` of them call the calculator, the rest answer directly; the injected tool message is
 never trained (loss mask 0). Rows come from far into the train split (index >= 10**7), which GRPO never
 reaches, so the warm start sees none of the RL prompts.
@@ -19,12 +20,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from model.errors import ConfigError
 from model.lm import BitMambaLM
 from model.typed import load_config
 from rl.grpo.config import ModelSection, build_model, build_tokenizer
+from rl.train.warmstart import warm_start_steps
 from rl.grpo.tasks import BigMultiplyTask
 from rollout.chatml import IM_END, TOOL_CALL_END, TOOL_CALL_START
 from rollout.agent.loop import ToolMessageFormat
@@ -76,34 +77,17 @@ def demonstration(tok, fmt: ToolMessageFormat, row: dict, use_tool: bool) -> tup
     return ids, mask
 
 
-def _batch(tok, ex: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and labels (-100 where the mask is 0 and on padding) of demonstrations."""
-    L = max(len(i) for i, _ in ex)
-    ids = torch.full((len(ex), L), tok.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(ex), L), -100, dtype=torch.long)
-    for r, (i, m) in enumerate(ex):
-        ids[r, :len(i)] = torch.tensor(i)
-        labels[r, :len(i) - 1] = torch.tensor([t if mm else -100 for t, mm in zip(i[1:], m[1:])])
-    return ids, labels
-
-
 def warm_start(cfg: ToolWarmStartConfig, model: BitMambaLM, tok, log=print) -> None:
-    """`cfg.steps` AdamW steps on demonstrations (gradient norm clipped to 1)."""
+    """`cfg.steps` steps of the shared warm start (`rl.train.warmstart`) on demonstrations."""
     task = BigMultiplyTask(seed=cfg.seed, digits=cfg.digits)
     fmt = ToolMessageFormat(tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(cfg.seed)
-    model.train()
-    for step in range(cfg.steps):
+
+    def examples(step: int) -> list[tuple[list[int], list[int]]]:
         rows = task.rows("train", FIRST_ROW + step * cfg.batch, cfg.batch)
-        ids, labels = _batch(tok, [demonstration(tok, fmt, r, rng.random() < cfg.tool_fraction) for r in rows])
-        out = model(ids, labels=labels)
-        opt.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % 20 == 0 or step + 1 == cfg.steps:
-            log(f"warm start {step + 1}/{cfg.steps}: loss {out.loss.item():.3f}")
+        return [demonstration(tok, fmt, r, rng.random() < cfg.tool_fraction) for r in rows]
+
+    warm_start_steps(model, tok, examples, cfg.steps, cfg.batch, cfg.lr, seed=cfg.seed, log_every=20, log=log)
     model.eval()
 
 
