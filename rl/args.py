@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+GEN_EVAL_MAX_NEW_TOKENS = 256    # generation evals (`bitmamba eval --gen`, rl.eval.gen) without sampling params
+
 STAGE_DESCRIPTIONS = {
     "pretrain": "Pretrain a ternary Mamba-2 LM on packed documents.",
     "sft": "Multi-stage supervised fine-tuning on ChatML conversations.",
@@ -113,7 +115,7 @@ def eval_parser() -> argparse.ArgumentParser:
     g.add_argument("--k", default="1", help="comma-separated k values for pass@k (each <= --samples)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=int, default=GEN_EVAL_MAX_NEW_TOKENS)
     g.add_argument("--correct-threshold", type=float, default=1.0, help="a sample is correct if reward >= this")
     g.add_argument("--prompt-key", default="prompt")
     g.add_argument("--reward-workers", type=int, default=2)

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from model.errors import BitMambaError
+from rollout.types import SamplingParams
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs a tokenizer in MODEL_DIR)")
     src.add_argument("--prompt-ids", help='prompt token ids, e.g. "1 2 3" (no tokenizer needed)')
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=SamplingParams.max_new_tokens)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")

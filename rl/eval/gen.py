@@ -23,6 +23,7 @@ from typing import Any
 from model.errors import ConfigError, DataError
 from model.jsonl import read_jsonl
 from model.seeds import index_seed
+from rl.args import GEN_EVAL_MAX_NEW_TOKENS
 from rl.grpo.algo import pass_at_k
 from rollout.types import GenRequest, SamplingParams
 
@@ -62,7 +63,7 @@ def evaluate_generation(engine, tokenizer, rows: Sequence[Mapping[str, Any]], re
         raise ConfigError(f"n_samples: must be >= 1, got {n_samples}")
     if not rows:
         raise DataError("evaluate_generation: no rows")
-    base = params if params is not None else SamplingParams(temperature=1.0, max_new_tokens=256)
+    base = params if params is not None else SamplingParams(temperature=1.0, max_new_tokens=GEN_EVAL_MAX_NEW_TOKENS)
     if base.eos_token_id is None and getattr(tokenizer, "eos_token_id", None) is not None:
         base = replace(base, eos_token_id=tokenizer.eos_token_id)
     t0 = time.perf_counter()
