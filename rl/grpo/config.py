@@ -20,6 +20,7 @@ from model.errors import ConfigError
 from model.lm import BitMambaLM
 from model.typed import load_config
 from rollout.agent.loop import AgentConfig
+from rollout.types import SamplingParams
 from rollout.tokenizer import build_tiny_tokenizer, load_tokenizer
 from rollout.agent.loader import load_tools
 
@@ -120,11 +121,15 @@ class RewardPoolSection:
 
 @dataclass
 class SamplingSection:
+    """The rollout's `SamplingParams` a GRPO config may set (defaults: SamplingParams', except the
+    completion budget, which a GRPO config sizes to its task: 32 fits the synthetic tasks' answers).
+    Repetition penalties are left out: the learner cannot score the distribution they sample from."""
+
     max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
+    temperature: float = SamplingParams.temperature
+    top_k: int = SamplingParams.top_k
+    top_p: float = SamplingParams.top_p
+    min_p: float = SamplingParams.min_p
     stop_strings: list[str] = field(default_factory=list)
 
     def __post_init__(self):
