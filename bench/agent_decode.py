@@ -143,7 +143,7 @@ def run_once(make_engine, reqs) -> tuple[float, list]:
     return time.perf_counter() - t0, out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="bitmamba2-255m")
     p.add_argument("--slots", type=int, default=64)
@@ -168,6 +168,11 @@ def main(argv=None) -> int:
     if a.quick:
         a.preset, a.slots, a.samples, a.new, a.prompt, a.repeats = "tiny", 16, 32, 192, 16, 1
         a.tool_latency_ms = [0.0, 5.0]
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tok = build_tiny_tokenizer(384)
     V = max(len(tok), BitMambaConfig.preset(a.preset).vocab_size)

@@ -97,7 +97,7 @@ def layout(b: TrainBatch, budget: int, packing: bool) -> dict[str, float]:
     return {"micro_batches": len(mbs), "positions_computed": computed, "padding_frac": 1.0 - real / computed}
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-small", action="store_true", help="the committed CPU configuration (small model)")
     ap.add_argument("--preset", default="mini-agent-scout")
@@ -122,6 +122,11 @@ def main() -> int:
     if args.cpu_small:
         for k, v in CPU_SMALL.items():
             setattr(args, k, json.dumps(v) if k == "overrides" else v)
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     on_gpu = torch.cuda.is_available()
