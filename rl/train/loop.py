@@ -270,6 +270,47 @@ def _phase_batch_size(base_bs: int, base_len: int, seq_len: int) -> int:
     return max(1, base_bs * base_len // seq_len) if base_len and seq_len else base_bs
 
 
+def _resume(spec: LoopSpec, ckpt: CheckpointManager, trainer: Trainer) -> int:
+    """The step to start at: the newest checkpoint's (model, optimizer, data position, scaler and RNG
+    restored) when resuming, else 0 with the seed set. Checkpoints without resume are refused."""
+    cfg = spec.train
+    if not cfg.resume and ckpt.checkpoints(verify=False):
+        raise BitMambaError(f"{ckpt.root} already holds checkpoints (newest: step {ckpt.checkpoints(verify=False)[0][0]}) "
+                            f"and train.resume is false: --overwrite to delete that run and start over, "
+                            f"or use another --output-dir")
+    latest = ckpt.latest() if cfg.resume else None
+    if latest is None:
+        torch.manual_seed(cfg.seed)
+        return 0
+    tensors, opt_state, extra = ckpt.load(latest, map_location="cpu")
+    load_model_state(spec.model, tensors)
+    if hasattr(spec.optimizer, "sync_from_model"):
+        spec.optimizer.sync_from_model()
+    spec.optimizer.load_state_dict(opt_state)
+    spec.loader.load_state_dict(extra["data"])
+    if trainer.scaler is not None and extra.get("scaler"):
+        trainer.scaler.load_state_dict(extra["scaler"])
+    restore_rng_state(extra["rng"])
+    start = int(extra["step"])
+    print(f"[{spec.stage}] resuming from {latest} (step {start})", file=sys.stderr, flush=True)
+    return start
+
+
+def _step_record(res, ph, model, tokens_per_s: float) -> dict:
+    """The metrics record of a logged step."""
+    rec = {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "tokens_per_s": tokens_per_s,
+           "tokens": res.n_tokens, "phase": ph.name, **res.metrics}
+    if ph.seq_len:
+        rec["seq_len"] = ph.seq_len
+    zr = mean_zero_ratio(model)
+    if zr is not None:
+        rec["zero_ratio"] = zr
+    if res.skipped:
+        rec["skipped"] = True
+        rec["skip_reason"] = res.reason
+    return rec
+
+
 def run_loop(spec: LoopSpec) -> LoopResult:
     """Resume if possible, train to max_steps (or stop_after), checkpoint, save the final model."""
     cfg, model, out = spec.train, spec.model, Path(spec.output_dir)
@@ -278,26 +319,7 @@ def run_loop(spec: LoopSpec) -> LoopResult:
     model.to(device)
     ckpt = CheckpointManager(out / "checkpoints", keep=cfg.keep_checkpoints)
     trainer = Trainer(model, spec.optimizer, spec.schedule, cfg)
-    start = 0
-    if not cfg.resume and ckpt.checkpoints(verify=False):
-        raise BitMambaError(f"{ckpt.root} already holds checkpoints (newest: step {ckpt.checkpoints(verify=False)[0][0]}) "
-                            f"and train.resume is false: --overwrite to delete that run and start over, "
-                            f"or use another --output-dir")
-    latest = ckpt.latest() if cfg.resume else None
-    if latest is not None:
-        tensors, opt_state, extra = ckpt.load(latest, map_location="cpu")
-        load_model_state(model, tensors)
-        if hasattr(spec.optimizer, "sync_from_model"):
-            spec.optimizer.sync_from_model()
-        spec.optimizer.load_state_dict(opt_state)
-        spec.loader.load_state_dict(extra["data"])
-        if trainer.scaler is not None and extra.get("scaler"):
-            trainer.scaler.load_state_dict(extra["scaler"])
-        restore_rng_state(extra["rng"])
-        start = int(extra["step"])
-        print(f"[{spec.stage}] resuming from {latest} (step {start})", file=sys.stderr, flush=True)
-    else:
-        torch.manual_seed(cfg.seed)
+    start = _resume(spec, ckpt, trainer)
     metrics = MetricsWriter(out, wandb=cfg.wandb, project=cfg.wandb_project,
                             run_name=f"{spec.stage}-{out.name}", config=spec.run_config,
                             console=not cfg.progress, resume_step=start)
@@ -339,17 +361,8 @@ def run_loop(spec: LoopSpec) -> LoopResult:
                 last_loss = res.loss
             done = step + 1
             if done % cfg.log_every == 0 or done == end or done == start + 1 or res.skipped:
-                dt = max(time.perf_counter() - window_t0, 1e-9)
-                rec = {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "tokens_per_s": window_tok / dt,
-                       "tokens": res.n_tokens, "phase": ph.name, **res.metrics}
-                if ph.seq_len:
-                    rec["seq_len"] = ph.seq_len
-                zr = mean_zero_ratio(model)
-                if zr is not None:
-                    rec["zero_ratio"] = zr
+                rec = _step_record(res, ph, model, window_tok / max(time.perf_counter() - window_t0, 1e-9))
                 if res.skipped:
-                    rec["skipped"] = True
-                    rec["skip_reason"] = res.reason
                     print(f"[{spec.stage}] step {done} skipped: {res.reason}", file=sys.stderr, flush=True)
                 if spec.log_hook is not None:
                     spec.log_hook(done, rec)
