@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-gpu
+.PHONY: install demo test test-long test-gpu
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,4 +22,12 @@ demo: install
 	$(BIN)/bitmamba demo --output-dir runs/demo --overwrite $(DEMO_ARGS)
 
 test: install
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests -m "not long"
+
+# the long end-to-end tests (README and docs recipes as written, kill-and-resume, multi-rank, clusters)
+test-long: install
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests -m long
+
+# the GPU tests, on a CUDA machine (skipped without one)
+test-gpu: install
+	$(BIN)/python -m pytest -q tests -m gpu

@@ -61,16 +61,16 @@ def test_plot_puts_heldout_pass1_beside_the_training_reward(tmp_path):
 
 @pytest.mark.slow
 def test_demo_raises_heldout_pass1(tmp_path):
-    """The demo, seed 0, end to end on CPU with GRPO cut to 200 of its 350 steps (CI's time budget):
+    """The demo, seed 0, end to end on CPU with GRPO cut to 100 of its 350 steps (CI's time budget):
     held-out pass@1 (the step-0 record is the warm start) rises by more than 1.5 standard errors of the
-    difference (seen: +0.06 to +0.12 at step 200; a broken update gives ~0). The full demo's goal (+0.25,
-    to 0.6) is measured by bench/demo_learning.py."""
+    difference (bench/demo_learning.py, seeds 0-2 on 2 CPU cores: +0.07, +0.08, +0.16 at step 100; a
+    broken update gives ~0). The full demo's numbers are bench/demo_learning.py's."""
     out = tmp_path / "demo"
-    assert demo.main(["--output-dir", str(out), "--steps", "200", "eval_every=100", "wandb=false"]) == 0
+    assert demo.main(["--output-dir", str(out), "--steps", "100", "eval_every=100", "wandb=false"]) == 0
     recs = read_metrics(out / "metrics.jsonl")
     evals = [r for r in recs if "eval/pass@1" in r]
     before, after = evals[0], evals[-1]
-    assert [r["step"] for r in evals] == [0, 100, 200]
+    assert [r["step"] for r in evals] == [0, 100]
     assert before["eval/pass@1"] < 0.5, before                  # the warm start leaves room to learn
     gain = after["eval/pass@1"] - before["eval/pass@1"]
     se = (before["eval/pass@1_stderr"] ** 2 + after["eval/pass@1_stderr"] ** 2) ** 0.5

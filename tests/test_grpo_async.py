@@ -154,6 +154,7 @@ def test_max_staleness_zero_is_on_policy(ray_local, tmp_path):
     assert [r["data/position"] for r in recs] == [4, 8, 12]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_max_staleness_runs_ahead_within_the_bound_and_resumes_the_same_prompts(ray_local, tmp_path):
     from rl.train.checkpoint import CheckpointManager, load_checkpoint

@@ -125,6 +125,7 @@ def test_group_larger_than_the_cluster_fails_at_once(ray_local):
         p["state"] == "REMOVED" for p in ray.util.placement_group_table().values())
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_zero3_two_ranks_trains_and_round_trips_a_checkpoint(ray_local, tmp_path):
     batch = make_batch(seed=1)
@@ -162,6 +163,7 @@ def test_zero3_two_ranks_trains_and_round_trips_a_checkpoint(ray_local, tmp_path
     assert opt["kind"] == "ranks" and len(opt["ranks"]) == 2
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_rank_that_dies_stops_the_group_and_keeps_the_checkpoint(ray_local, tmp_path):
     batch = make_batch(seed=2)
@@ -184,6 +186,7 @@ def test_a_rank_that_dies_stops_the_group_and_keeps_the_checkpoint(ray_local, tm
     assert extra["step"] == 1 and len(opt["ranks"]) == 2 and tensors
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_grpo_runs_and_resumes_with_a_learner_group(ray_local, tmp_path):
     """The driver with learner.num_ranks 2: updates, syncs the workers from rank 0, checkpoints (every

@@ -68,6 +68,7 @@ def _probe(env: dict, *overrides: str) -> dict:
     return json.loads(line[len("PROBE "):])
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_driver_starts_its_own_ray_beside_another_cluster_and_connects_when_told(other_cluster):
     address, env = other_cluster

@@ -38,36 +38,37 @@ MIRROR_SKIP = {".git", "runs", "outputs", "wandb", ".pytest_cache", "build", ".d
 COVERAGE = {
     "make demo": "test_make_demo_twice (slow); test_make_demo_starts_its_scratch_dir_over",
     "make test": "test_make_test_is_the_ci_command (not run: it is the suite this test is part of)",
+    "make test-long": "test_make_test_is_the_ci_command (not run: the long tests are run in their own tests)",
     "pip install torch==2.13.0": "test_install_pins_match_the_environment (not run: network install)",
     "pip install -e .[dev]": "test_install_pins_match_the_environment",
     "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu":
         "test_install_pins_match_the_environment",
     "MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation --no-deps "
     "mamba-ssm==2.3.2.post1": "test_install_pins_match_the_environment",
-    "export RAY_AUTH_MODE=disabled": "test_ray_job_submit_block (slow)",
-    "ray start --head --dashboard-host 127.0.0.1": "test_ray_job_submit_block (slow)",
+    "export RAY_AUTH_MODE=disabled": "test_ray_job_submit_block (long)",
+    "ray start --head --dashboard-host 127.0.0.1": "test_ray_job_submit_block (long)",
     "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m rl.demo --output-dir "
-    "/shared/runs/demo": "test_ray_job_submit_block (slow)",
+    "/shared/runs/demo": "test_ray_job_submit_block (long)",
     "ray stop": "test_ray_job_submit_block stops its own cluster by PID (not run: it ends every Ray "
                 "process of the user)",
     "bitmamba pretrain --config configs/pretrain_tiny.yaml [--output-dir DIR] [key=value ...]":
-        "test_training_recipes (slow)",
-    "bitmamba sft --config configs/sft_tiny.yaml [--output-dir DIR] [key=value ...]": "test_training_recipes (slow)",
+        "test_training_recipes (long)",
+    "bitmamba sft --config configs/sft_tiny.yaml [--output-dir DIR] [key=value ...]": "test_training_recipes (long)",
     "bitmamba distill --config configs/distill_tiny.yaml [--output-dir DIR] [key=value ...]":
-        "test_training_recipes (slow)",
+        "test_training_recipes (long)",
     "bitmamba pretrain --config configs/pretrain_tiny_fp.yaml --output-dir runs/pretrain_tiny_fp":
-        "test_training_recipes (slow)",
-    "bitmamba distill --config configs/distill_tiny.yaml": "test_training_recipes (slow)",
+        "test_training_recipes (long)",
+    "bitmamba distill --config configs/distill_tiny.yaml": "test_training_recipes (long)",
     "OMP_NUM_THREADS=2 python -m pytest -q tests/test_checkpoint.py tests/test_data.py "
     "tests/test_optim_schedule.py tests/test_stages_common.py tests/test_stages_pretrain.py "
     "tests/test_stages_sft.py tests/test_stages_distill.py tests/test_stages_resume.py":
         "test_listed_test_files_exist (not run: part of this suite)",
     "bitmamba demo --output-dir runs/demo": "test_make_demo_twice (slow; make demo runs it with --overwrite)",
-    "python -m rl.grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny": "test_grpo_quick_start (slow)",
+    "python -m rl.grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny": "test_grpo_quick_start (long)",
     "bitmamba grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_lr3e-4 learner.lr=3.0e-4 steps=50":
-        "test_grpo_quick_start (slow; parsed and its config loaded, not run: the same code as the line before)",
+        "test_grpo_quick_start (long; parsed and its config loaded, not run: the same code as the line before)",
     "python -m rl.grpo --config configs/grpo_tiny.yaml --output-dir runs/grpo_tiny --resume":
-        "test_grpo_quick_start (slow)",
+        "test_grpo_quick_start (long)",
     "bitmamba tool-warmstart --output-dir runs/tool_warm": "test_tool_use_recipe_arguments (not run: minutes)",
     "bitmamba grpo --config configs/grpo_tools.yaml --init runs/tool_warm --output-dir runs/grpo_tools":
         "test_tool_use_recipe_arguments",
@@ -286,7 +287,8 @@ def make_dry_run(target: str) -> list[str]:
 
 def test_make_test_is_the_ci_command():
     out = "\n".join(make_dry_run("test"))
-    assert "pytest -q tests" in out
+    assert "pytest -q tests -m \"not long\"" in out                 # CI: fast and slow, not long
+    assert "pytest -q tests -m long" in "\n".join(make_dry_run("test-long"))
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
@@ -328,6 +330,7 @@ def test_make_demo_twice(box, shell):
 
 
 # ------------------------------------------------------------------------------------------ training
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_training_recipes(box, shell):
@@ -353,6 +356,7 @@ def test_training_recipes(box, shell):
 
 
 # ------------------------------------------------------------------------------------------ GRPO
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_grpo_quick_start(box, shell):
@@ -394,6 +398,7 @@ def test_tool_use_recipe_arguments():
     assert load_grpo_config(ROOT / args.config).tools
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_ray_job_submit_block(tmp_path, shell):

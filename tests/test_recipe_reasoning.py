@@ -163,6 +163,7 @@ TOY = ["--corpus-size", "200", "--sft-steps", "8", "--budget-s", "1500",
        "--grpo", "workers.num_cpus=1", "--grpo", "learner.micro_batch_tokens=4096"]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_the_chain_runs_resumes_and_reports(tmp_path, capsys):
     """Invocation 1: corpus, SFT, held-out eval of the SFT model, GRPO to step 2. Invocation 2 (GRPO now

@@ -157,6 +157,7 @@ def test_worker_killed_mid_rollout_restarted_resynced_only_lost_prompts_regenera
 # ------------------------------------------------------------------ 2. the whole GRPO job SIGKILLed between checkpoints
 
 
+@pytest.mark.long
 def test_grpo_sigkill_between_checkpoints_then_resume_replays_exactly(ray_local, tmp_path):
     steps = ["steps=5", "checkpoint_every=2"]
     ref, run = tmp_path / "ref", tmp_path / "killed"
@@ -256,6 +257,7 @@ def test_checkpoint_save_killed_midway_previous_loads_partial_ignored(tmp_path):
 # ------------------------------------------------------------------ 4. disk full during a GRPO checkpoint
 
 
+@pytest.mark.long
 def test_grpo_disk_full_stops_cleanly_previous_checkpoint_intact(ray_local, tmp_path, capsys):
     out = tmp_path / "run"
     assert grpo.main(["--config", CONFIG, "--output-dir", str(out), "steps=2", "checkpoint_every=2", *FAST]) == 0
