@@ -41,16 +41,11 @@ _PERCENT = ("acc", "acc_norm", "exact_match")
 def load_task_file(path: str | Path) -> dict[str, Any]:
     """Read a local lm-eval task YAML into a task config dict; relative `dataset_kwargs.data_files`
     paths are resolved against the YAML's directory (lm-eval itself would resolve them against the cwd)."""
-    import yaml
+    from model.typed import read_mapping
 
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: no such task file")
-    try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("task"), str):
+    cfg = read_mapping(p)          # errors name the file (and line) as for every config
+    if not isinstance(cfg.get("task"), str):
         raise ConfigError(f"{p}: expected a mapping with a 'task' name")
     if "include" in cfg:
         raise ConfigError(f"{p}: 'include' is not supported in --task-file YAMLs; inline the settings")
