@@ -187,6 +187,7 @@ def test_max_staleness_runs_ahead_within_the_bound_and_resumes_the_same_prompts(
     assert again[2]["rollout/policy_version"] == 2 and again[2]["rollout/staleness"] == 0
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_one_step_off_policy_is_max_staleness_one(ray_local, tmp_path):
     recs = grpo_run(tmp_path / "off", "steps=3", "one_step_off_policy=true", length_reward(tmp_path))

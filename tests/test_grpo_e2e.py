@@ -67,6 +67,7 @@ def test_too_long_prompts_are_dropped_and_counted(ray_local, tmp_path):
     assert rec["data/prompts_dropped"] == 1 and rec["data/position"] == 3
 
 
+@pytest.mark.long
 def test_one_step_off_policy_generates_with_the_previous_weights(ray_local, tmp_path):
     out = tmp_path / "offpolicy"
     rew = tmp_path / "lenreward.py"        # varies within every group, so every update moves the policy

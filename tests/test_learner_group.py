@@ -69,6 +69,7 @@ def _params(ckpt: str) -> dict[str, torch.Tensor]:
     return load_file(f"{ckpt}/model.safetensors")
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_two_ranks_update_equals_one_rank(ray_local, tmp_path):
     batch = make_batch()

@@ -25,6 +25,7 @@ class _Driver(grpo.Driver):
         return path
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_dead_learner_ends_the_run_with_one_line_and_the_checkpoint_intact(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(grpo, "Driver", _Driver)

@@ -36,7 +36,7 @@ MIRROR_SKIP = {".git", "runs", "outputs", "wandb", ".pytest_cache", "build", ".d
 
 # every command of the three documents -> the test that runs (or, where it cannot run, checks) it
 COVERAGE = {
-    "make demo": "test_make_demo_twice (slow); test_make_demo_starts_its_scratch_dir_over",
+    "make demo": "test_make_demo (slow); test_make_demo_twice (long); test_make_demo_starts_its_scratch_dir_over",
     "make test": "test_make_test_is_the_ci_command (not run: it is the suite this test is part of)",
     "make test-long": "test_make_test_is_the_ci_command (not run: the long tests are run in their own tests)",
     "pip install torch==2.13.0": "test_install_pins_match_the_environment (not run: network install)",
@@ -312,10 +312,20 @@ def make_demo(box: Path) -> list[str]:
     pyproject.toml is newer than the venv (a test never installs packages)."""
     cmd = recipe("make demo", "README.md")
     fresh = subprocess.run(["make", "-q", ".venv/.installed"], cwd=box).returncode == 0
-    return cmd + ([] if fresh else ["-o", ".venv/.installed"]) + ["DEMO_ARGS=--warm-steps 2 --steps 1"]
+    return cmd + ([] if fresh else ["-o", ".venv/.installed"]) + ["DEMO_ARGS=--warm-steps 2 --steps 1 task.eval_size=8"]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_make_demo(box, shell):
+    """`make demo` as written (tiny: DEMO_ARGS) runs to the end and writes its metrics and curves."""
+    out = shell(make_demo(box), box)
+    assert metrics_steps(box / "runs" / "demo")[-1] == 1 and (box / "runs" / "demo" / "reward.png").is_file()
+    assert "held-out pass@1" in out
+
+
+@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(1800)
 def test_make_demo_twice(box, shell):
     cmd = make_demo(box)

@@ -107,6 +107,7 @@ class HeldWorker(GenerationWorker):
         return super().generate(jobs, params)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
 def test_worker_killed_mid_rollout_restarted_resynced_only_lost_prompts_regenerated(ray_local, tmp_path, how):
     cfg = load_grpo_config(data={"model": {"preset": "tiny", "overrides": {"vocab_size": 384}, "backend": "torch"}})
@@ -282,6 +283,7 @@ def test_grpo_disk_full_stops_cleanly_previous_checkpoint_intact(ray_local, tmp_
 # ------------------------------------------------------------------ 5. NaN/inf loss or gradient
 
 
+@pytest.mark.long
 def test_grpo_nan_loss_steps_skipped_then_run_stops_naming_step_and_cause(ray_local, tmp_path):
     from rl.train.loop import TrainingDiverged
 

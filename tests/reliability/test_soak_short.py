@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import ray
 
-pytestmark = [pytest.mark.slow, pytest.mark.soak]
+pytestmark = [pytest.mark.slow, pytest.mark.soak, pytest.mark.long]
 
 _spec = importlib.util.spec_from_file_location("reliability_soak", Path(__file__).with_name("soak.py"))
 soak = importlib.util.module_from_spec(_spec)
