@@ -21,15 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from model.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from model.errors import ConfigError
 from model.lm import BitMambaLM
 from model.typed import load_config
 from rl.grpo.config import ModelSection, build_model, build_tokenizer
+from rl.train.run_dir import clear_run, check_run_dir
 from rl.train.warmstart import warm_start_steps
 from rl.grpo.tasks import BigMultiplyTask
 from rollout.chatml import IM_END, TOOL_CALL_END, TOOL_CALL_START
 from rollout.agent.loop import ToolMessageFormat
 
+MODEL_DIR_ENTRIES = (CONFIG_NAME, WEIGHTS_NAME)   # what marks DIR as holding a saved model
 FIRST_ROW = 10_000_000      # warm-start rows: far beyond any train index a GRPO run draws
 
 
@@ -103,16 +106,14 @@ def save_warm_start(cfg: ToolWarmStartConfig, dst: str | Path | None = None, log
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.errors import BitMambaError
     from rl.args import tool_warmstart_parser
 
     args = tool_warmstart_parser().parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_config(ToolWarmStartConfig, args.config, overrides)
     dst = Path(cfg.output_dir)
-    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
-        raise BitMambaError(f"{dst}: the directory holds files already; pass --overwrite to save the warm "
-                            "start over them, or choose another --output-dir")
+    check_run_dir(dst, MODEL_DIR_ENTRIES, resume=False, overwrite=args.overwrite, resume_hint=None)
+    clear_run(dst, MODEL_DIR_ENTRIES)                 # --overwrite: the model files only, nothing else
     save_warm_start(cfg, dst, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(f"warm start saved to {dst}", file=sys.stderr)
     return 0
